@@ -1,0 +1,5 @@
+import sys
+
+from chemtwin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``chemtwin`` command line.
+
+Each command lives in its own module with a ``register(subparsers)`` function that
+adds its parser and sets ``func``.  Bad input raises ``InputError``: we print one
+line to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from chemtwin import __version__
+from chemtwin.errors import InputError
+
+# Modules in chemtwin.cli, in the order their commands appear in --help.
+COMMAND_MODULES = (
+    "info",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chemtwin",
+        description="Find chemically identical stars (chemical twins) from their spectra.",
+    )
+    parser.add_argument("--version", action="version", version=f"chemtwin {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"chemtwin.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"chemtwin {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chemtwin {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
