@@ -23,7 +23,7 @@ from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, check_in_range
 from chemtwin.spectral_models.lines import LineSynthesizer
 
-CHUNK_STARS = 4096
+CHUNK_STARS = 1024  # ~60 MB of flux per chunk: memory stays flat whatever N is
 SYNTH_BATCH = 32  # small batches keep the oversampled arrays in cache (measured fastest)
 
 

@@ -137,8 +137,8 @@ def resample(
 
     # Rest-frame lambda_out sits at observed lambda_out * (1 + v/c) on the input grid.
     query = wavelength_out[None, :] * (1.0 + rv[:, None] / SPEED_OF_LIGHT_KMS)
-    j = np.searchsorted(wavelength_in, query) - 1
-    inside = (j >= 0) & (j < wavelength_in.size - 1)
+    j = np.searchsorted(wavelength_in, query, side="right") - 1
+    inside = (j >= 0) & (query <= wavelength_in[-1])
     j = np.clip(j, 0, wavelength_in.size - 2)
     t = (query - wavelength_in[j]) / (wavelength_in[j + 1] - wavelength_in[j])
     rows = np.arange(flux2.shape[0])[:, None]

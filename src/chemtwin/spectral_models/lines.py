@@ -29,6 +29,7 @@ per-line physics is a handful of (batch x lines) tensor operations.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -186,7 +187,9 @@ class LineSynthesizer(torch.nn.Module):
         values = torch.as_tensor(np.concatenate(vals), dtype=torch.float32)
         with torch.sparse.check_sparse_tensor_invariants(True):
             matrix = torch.sparse_coo_tensor(index, values, (self.n_os, n_columns))
-        return matrix.coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only its matmul
+            warnings.simplefilter("ignore", UserWarning)
+            return matrix.coalesce().to_sparse_csr()
 
     # ---------------------------------------------------------------- physics
     @staticmethod

@@ -1,0 +1,397 @@
+"""Blind chemical tagging: density clustering of latents and how well it finds twin groups.
+
+Clustering uses scikit-learn's HDBSCAN (default) or DBSCAN on the latents, with the
+same metric as twin search (L1 by default).  Latents are **not standardized** by
+default: the latent's own geometry is the twin metric (docs/science.md section 2), a
+global scale does not change HDBSCAN's result, and rescaling every dimension to unit
+variance would blow up dimensions that carry little chemistry (collapsed or noise
+dimensions).  ``scale="standard"`` (zero mean, unit variance per dimension) is there
+for spaces whose dimensions have unrelated units.
+
+Metrics against known twin groups (``group`` >= 0; -1 = field star, no group) are
+defined in :func:`clustering_metrics` and docs/search.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chemtwin.errors import InputError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hdbscan", "dbscan")
+SCALES = ("none", "standard")
+SKLEARN_METRIC = {"l1": "manhattan", "l2": "euclidean"}
+
+
+@dataclass
+class ClusterResult:
+    """Cluster label per star (-1 = noise) and HDBSCAN's membership strength (0..1)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    params: dict = field(default_factory=dict)
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.labels.max() + 1) if self.labels.size and self.labels.max() >= 0 else 0
+
+    @property
+    def noise_fraction(self) -> float:
+        return float(np.mean(self.labels < 0)) if self.labels.size else 0.0
+
+
+def scale_latents(z: np.ndarray, scale: str = "none") -> np.ndarray:
+    """Return the latents to cluster: as they are, or standardized per dimension."""
+    if scale not in SCALES:
+        raise InputError(f"unknown scale '{scale}' (choose from {', '.join(SCALES)})")
+    z = np.asarray(z, dtype=np.float64)
+    if scale == "standard":
+        sd = z.std(axis=0)
+        sd[sd == 0] = 1.0
+        z = (z - z.mean(axis=0)) / sd
+    return z
+
+
+def knn_distance(z: np.ndarray, k: int, metric: str = "l1") -> np.ndarray:
+    """Distance of every star to its k-th nearest neighbour, the star itself counted first."""
+    from chemtwin.search.index import TwinIndex
+
+    index = TwinIndex.build(np.asarray(z, dtype=np.float32), metric=metric)
+    k = int(min(max(k, 1), len(z)))
+    dist, _ = index.search(np.asarray(z, dtype=np.float32), k)
+    return dist[:, k - 1].astype(np.float64)
+
+
+def auto_eps(z: np.ndarray, min_samples: int, metric: str = "l1", quantile: float | None = None) -> float:
+    """A DBSCAN radius from the data, from each star's distance d_k to its
+    ``min_samples``-th nearest neighbour (itself counted, as DBSCAN counts it).
+
+    Default: the knee of the sorted d_k curve, i.e. the d_k where the curve (both axes
+    scaled to 0..1) lies furthest below the straight line from its first to its last
+    point: stars left of the knee sit in dense groups, those right of it in the sparse
+    field.  With ``quantile`` given: that quantile of d_k instead.  A starting point for
+    --eps, not a tuned value."""
+    d = np.sort(knn_distance(z, min_samples, metric))
+    if quantile is not None:
+        eps = float(np.quantile(d, quantile))
+    elif d[-1] > d[0]:
+        x = np.linspace(0.0, 1.0, d.size)
+        y = (d - d[0]) / (d[-1] - d[0])
+        eps = float(d[np.argmax(x - y)])
+    else:
+        eps = float(d[-1])
+    if eps > 0:
+        return eps
+    return float(np.min(d[d > 0])) if np.any(d > 0) else 1e-12
+
+
+def cluster_latents(
+    z,
+    method: str = "hdbscan",
+    *,
+    min_cluster_size: int = 5,
+    min_samples: int | None = None,
+    eps: float | str | None = None,
+    metric: str = "l1",
+    scale: str = "none",
+    selection: str = "eom",
+    n_jobs: int | None = None,
+) -> ClusterResult:
+    """Cluster latents (N, d) with HDBSCAN or DBSCAN.
+
+    * hdbscan: ``min_cluster_size`` (smallest group reported), ``min_samples`` (density
+      smoothing; default = min_cluster_size), ``selection`` "eom" (excess of mass,
+      favours big clusters) or "leaf" (finest clusters; often better for many small
+      twin groups).
+    * dbscan: ``eps`` (radius, or "auto" = the knee of :func:`auto_eps`) and ``min_samples``
+      (default = min_cluster_size; points within eps, the star itself counted).
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown clustering method '{method}' (choose from {', '.join(METHODS)})")
+    if metric not in SKLEARN_METRIC:
+        raise InputError(f"unknown metric '{metric}' (choose from {', '.join(SKLEARN_METRIC)})")
+    z = np.asarray(z)
+    if z.ndim != 2 or len(z) == 0:
+        raise InputError(f"latents must be a non-empty 2-D array (stars, dims), got shape {z.shape}")
+    if not np.all(np.isfinite(z)):
+        row = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
+        raise InputError(f"latent row {row} holds NaN or inf")
+    if int(min_cluster_size) < 2:
+        raise InputError(f"min_cluster_size must be >= 2, got {min_cluster_size}")
+    if min_samples is not None and int(min_samples) < 1:
+        raise InputError(f"min_samples must be >= 1, got {min_samples}")
+    x = scale_latents(z, scale)
+    params = {"method": method, "metric": metric, "scale": scale, "min_cluster_size": int(min_cluster_size),
+              "min_samples": None if min_samples is None else int(min_samples)}
+    if method == "hdbscan":
+        from sklearn.cluster import HDBSCAN
+
+        if selection not in ("eom", "leaf"):
+            raise InputError(f"unknown cluster selection '{selection}' (choose eom or leaf)")
+        if len(x) < 2:
+            return ClusterResult(np.full(len(x), -1, np.int64), np.zeros(len(x), np.float32), params)
+        ms = None if min_samples is None else min(int(min_samples), len(x))
+        model = HDBSCAN(
+            min_cluster_size=int(min(min_cluster_size, max(len(x), 2))), min_samples=ms,
+            metric=SKLEARN_METRIC[metric], cluster_selection_method=selection, copy=False, n_jobs=n_jobs,
+        )
+        labels = model.fit_predict(x)
+        prob = np.asarray(model.probabilities_, dtype=np.float32)
+        params["selection"] = selection
+    else:
+        from sklearn.cluster import DBSCAN
+
+        ms = int(min_samples if min_samples is not None else min_cluster_size)
+        if eps is None:
+            raise InputError("dbscan needs --eps (a radius in latent units, or 'auto')")
+        if isinstance(eps, str):
+            if eps != "auto":
+                try:
+                    eps = float(eps)
+                except ValueError:
+                    raise InputError(f"--eps must be a positive number or 'auto', got '{eps}'") from None
+            else:
+                eps = auto_eps(x, ms, metric)
+        eps = float(eps)
+        if not np.isfinite(eps) or eps <= 0:
+            raise InputError(f"eps must be a positive number, got {eps}")
+        labels = DBSCAN(eps=eps, min_samples=ms, metric=SKLEARN_METRIC[metric], n_jobs=n_jobs).fit_predict(x)
+        # DBSCAN has no notion of minimum cluster size: drop clusters smaller than it.
+        labels = _drop_small(labels, int(min_cluster_size))
+        prob = (labels >= 0).astype(np.float32)
+        params.update(eps=eps, min_samples=ms)
+    return ClusterResult(np.asarray(labels, dtype=np.int64), prob, params)
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Mark clusters with fewer than ``min_size`` members as noise; renumber 0..n-1."""
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    ok = labels >= 0
+    if not ok.any():
+        return labels
+    ids, inverse, counts = np.unique(labels[ok], return_inverse=True, return_counts=True)
+    keep = counts >= min_size
+    new = np.full(ids.size, -1, np.int64)
+    new[keep] = np.arange(int(keep.sum()))
+    labels[ok] = new[inverse]
+    return labels
+
+
+def jsonable(obj):
+    """``obj`` with NaN/inf floats turned into None and NumPy scalars into Python ones (for JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _truth_ids(group: np.ndarray) -> np.ndarray:
+    """True group ids with every field star (group < 0) made its own singleton group."""
+    group = np.asarray(group, dtype=np.int64)
+    truth = group.copy()
+    field_rows = np.flatnonzero(group < 0)
+    if field_rows.size:
+        base = int(group.max()) + 1 if (group >= 0).any() else 0
+        truth[field_rows] = base + np.arange(field_rows.size)
+    return truth
+
+
+def clustering_metrics(
+    labels,
+    group,
+    min_purity: float = 0.5,
+    min_completeness: float = 0.5,
+    min_group_size: int = 2,
+) -> dict:
+    """Score found clusters against known twin groups.
+
+    Notation: a found cluster C is a set of stars with the same label >= 0 (noise, -1,
+    is no cluster); a true group G is a set of stars with the same ``group`` >= 0; a
+    field star (``group`` -1) counts as a group of its own.  Only groups with at least
+    ``min_group_size`` members are *evaluated*.
+
+    * ``purity`` of C: max_G |C ∩ G| / |C| (the share of its dominant group).
+      Reported: the member-weighted mean over found clusters,
+      sum_C max_G |C ∩ G| / sum_C |C| (``purity``), and the plain mean (``mean_cluster_purity``).
+    * ``completeness`` of G: max_C |C ∩ G| / |G| (the largest share of the group in a
+      single found cluster; 0 if all its stars are noise).  Reported: mean over
+      evaluated groups.
+    * G is **recovered** when some found cluster C has |C ∩ G| >= min_purity |C| and
+      |C ∩ G| >= min_completeness |G| (defaults 0.5 and 0.5: a cluster at least half
+      made of G, holding at least half of G).  ``recovered_fraction`` = recovered
+      evaluated groups / evaluated groups.  This follows the matching of Price-Jones &
+      Bovy (2019): a found cluster is judged by its dominant input group, by how
+      homogeneous it is and how complete it is.
+    * ``ari``: adjusted Rand index (noise stars and field stars as singletons).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    group = np.asarray(group, dtype=np.int64)
+    if labels.shape != group.shape or labels.ndim != 1:
+        raise InputError(f"labels {labels.shape} and groups {group.shape} must be 1-D and of equal length")
+    if not (0 < min_purity <= 1 and 0 < min_completeness <= 1):
+        raise InputError("min_purity and min_completeness must lie in (0, 1]")
+    n = labels.size
+    truth = _truth_ids(group)
+    _, t_inv, t_size = np.unique(truth, return_inverse=True, return_counts=True)
+    clustered = labels >= 0
+    out = {
+        "n_stars": int(n),
+        "n_clusters": int(np.unique(labels[clustered]).size),
+        "noise_fraction": float(1 - clustered.mean()) if n else 0.0,
+        "min_purity": float(min_purity),
+        "min_completeness": float(min_completeness),
+        "min_group_size": int(min_group_size),
+    }
+    evaluated = t_size >= min_group_size
+    # Field stars are singleton groups that are never evaluated, whatever min_group_size.
+    field_t = np.zeros(t_size.size, bool)
+    field_t[t_inv[group < 0]] = True
+    evaluated &= ~field_t
+    out["n_groups"] = int(evaluated.sum())
+
+    if clustered.any():
+        c_ids, c_inv, c_size = np.unique(labels[clustered], return_inverse=True, return_counts=True)
+        pair = c_inv.astype(np.int64) * t_size.size + t_inv[clustered]
+        pairs, counts = np.unique(pair, return_counts=True)
+        pc, pt = pairs // t_size.size, pairs % t_size.size
+        dominant = np.zeros(c_ids.size, np.int64)
+        np.maximum.at(dominant, pc, counts)
+        cluster_purity = dominant / c_size
+        out["purity"] = float(dominant.sum() / c_size.sum())
+        out["mean_cluster_purity"] = float(cluster_purity.mean())
+        best_share = np.zeros(t_size.size)
+        np.maximum.at(best_share, pt, counts / t_size[pt])
+        tol = 1e-9  # so that e.g. 2/3 of 3 members counts as 2
+        good = (counts >= min_purity * c_size[pc] - tol) & (counts >= min_completeness * t_size[pt] - tol)
+        recovered = np.zeros(t_size.size, bool)
+        recovered[pt[good]] = True
+    else:
+        out["purity"] = float("nan")
+        out["mean_cluster_purity"] = float("nan")
+        best_share = np.zeros(t_size.size)
+        recovered = np.zeros(t_size.size, bool)
+    if out["n_groups"]:
+        out["completeness"] = float(best_share[evaluated].mean())
+        out["n_recovered"] = int((recovered & evaluated).sum())
+        out["recovered_fraction"] = out["n_recovered"] / out["n_groups"]
+    else:
+        out["completeness"] = float("nan")
+        out["n_recovered"] = 0
+        out["recovered_fraction"] = float("nan")
+    from sklearn.metrics import adjusted_rand_score
+
+    found = labels.copy()
+    noise = np.flatnonzero(~clustered)
+    found[noise] = (labels.max() + 1 if clustered.any() else 0) + np.arange(noise.size)
+    out["ari"] = float(adjusted_rand_score(truth, found)) if n else float("nan")
+    return out
+
+
+def project_2d(z: np.ndarray, max_rows: int | None = None, seed: int = 0):
+    """First two principal components of ``z``: (xy (N, 2), explained variance fractions (2,))."""
+    z = np.asarray(z, dtype=np.float64)
+    centre = z.mean(axis=0)
+    fit = z
+    if max_rows is not None and len(z) > max_rows:
+        fit = z[np.random.default_rng(seed).choice(len(z), max_rows, replace=False)]
+    _, s, vt = np.linalg.svd(fit - centre, full_matrices=False)
+    comps = vt[:2] if vt.shape[0] >= 2 else np.vstack([vt, np.zeros_like(vt)])
+    var = s**2
+    explained = var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)
+    explained = np.pad(explained, (0, 2 - explained.size))
+    return (z - centre) @ comps.T, explained
+
+
+def plot_clusters(z, labels, path, group=None, title: str = "", max_points: int = 200_000, seed: int = 0) -> Path:
+    """Scatter the first two principal components, coloured by found cluster (and, when
+    ``group`` is given, a second panel coloured by true group).  Noise / field stars grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = np.asarray(z)
+    labels = np.asarray(labels)
+    rows = np.arange(len(z))
+    note = ""
+    if len(z) > max_points:
+        rows = np.sort(np.random.default_rng(seed).choice(len(z), max_points, replace=False))
+        note = f" ({max_points:,} of {len(z):,} stars shown)"
+    xy, explained = project_2d(z, max_rows=max_points, seed=seed)
+    xy = xy[rows]
+    panels = [("found clusters", labels[rows])]
+    if group is not None:
+        panels.append(("true groups", np.asarray(group)[rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.4), squeeze=False, sharex=True, sharey=True)
+    cmap = plt.get_cmap("tab20")
+    size = 6 if len(rows) <= 20_000 else 1
+    for ax, (name, lab) in zip(axes[0], panels):
+        bg = lab < 0
+        ax.scatter(xy[bg, 0], xy[bg, 1], s=size, c="0.8", lw=0, label="noise" if name.startswith("found") else "no group")
+        if (~bg).any():
+            ax.scatter(xy[~bg, 0], xy[~bg, 1], s=size, c=cmap((lab[~bg] % 20) / 19.999), lw=0)
+        n = np.unique(lab[~bg]).size
+        ax.set_title(f"{name}: {n}")
+        ax.set_xlabel(f"PC 1 of latents ({100 * explained[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC 2 of latents ({100 * explained[1]:.1f}% of variance)")
+        if bg.any():
+            ax.legend(loc="best", markerscale=3, fontsize=8)
+    fig.suptitle((title or "clusters") + note)
+    fig.tight_layout()
+    path = Path(path)
+    from chemtwin.data.dataset import temporary_path
+
+    tmp = temporary_path(path)
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_clusters(path, result: ClusterResult, star_id=None, group=None, metrics: dict | None = None,
+                   source: str | None = None, overwrite: bool = False) -> Path:
+    """Write CLUSTERS.h5: ``cluster`` int64 (N,) (-1 noise), ``probability`` float32 (N,),
+    ``star_id`` and ``group`` copied from the latent file when present; attributes
+    ``params`` and ``metrics`` (JSON), ``method``, ``n_clusters``, ``source``."""
+    import h5py
+
+    from chemtwin import __version__
+    from chemtwin.data.dataset import prepare_output, temporary_path
+
+    path = prepare_output(path, overwrite)
+    tmp = temporary_path(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("cluster", data=result.labels.astype(np.int64))
+            f.create_dataset("probability", data=result.probabilities.astype(np.float32))
+            if star_id is not None:
+                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
+            if group is not None:
+                f.create_dataset("group", data=np.asarray(group, dtype=np.int64))
+            f.attrs["method"] = result.params.get("method", "")
+            f.attrs["params"] = json.dumps(jsonable(result.params))
+            f.attrs["n_clusters"] = result.n_clusters
+            f.attrs["noise_fraction"] = result.noise_fraction
+            f.attrs["metrics"] = json.dumps(jsonable(metrics or {}))
+            f.attrs["source"] = source or ""
+            f.attrs["chemtwin_version"] = __version__
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

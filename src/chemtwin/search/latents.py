@@ -1,0 +1,154 @@
+"""Reading latent files (the layout ``chemtwin embed`` writes), in chunks.
+
+Layout of ``LATENTS.h5``:
+
+* ``z``        float32 (N, d): one latent vector per star (required)
+* ``group``    int (N,): twin-group id, >= 0 for stars of a known group, -1 unknown (optional)
+* ``labels``   float (N, L) with attribute ``names`` (optional; not used for search)
+* ``star_id``  str (N,): a unique name per star, e.g. APOGEE_ID (optional)
+
+Without ``star_id`` a star is named by its row number ("0", "1", ...).
+Every reader here raises :class:`chemtwin.errors.InputError` with a one-line message for
+a missing file, a file that is not HDF5, a missing/mis-shaped ``z`` or non-finite values
+(naming the first bad row).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from chemtwin.errors import InputError
+
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+def check_finite(z: np.ndarray, source: str, row0: int = 0) -> None:
+    """Raise InputError naming the first row of ``z`` holding NaN or inf."""
+    bad = ~np.isfinite(z)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise InputError(f"{source}: latent row {row0 + row} holds NaN or inf")
+
+
+class LatentFile:
+    """Lazy read-only view of a latent file; ``z`` is read in chunks when asked for."""
+
+    def __init__(self, path: str | os.PathLike, key: str = "z"):
+        self.path = Path(path)
+        self.key = key
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise InputError(f"{self.path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+        f = self._file
+        try:
+            if key not in f or not isinstance(f[key], h5py.Dataset):
+                raise InputError(f"{self.path}: no latent array '{key}' (expected the layout `chemtwin embed` writes)")
+            z = f[key]
+            if z.ndim != 2 or z.shape[1] < 1:
+                raise InputError(f"{self.path}: '{key}' must be 2-D (stars, dims), got shape {z.shape}")
+            if not np.issubdtype(z.dtype, np.number):
+                raise InputError(f"{self.path}: '{key}' is not numeric ({z.dtype})")
+            self.n_stars, self.dim = int(z.shape[0]), int(z.shape[1])
+            for name in ("group", "star_id"):
+                if name in f and f[name].shape != (self.n_stars,):
+                    raise InputError(f"{self.path}: '{name}' has shape {f[name].shape}, expected ({self.n_stars},)")
+        except InputError:
+            f.close()
+            raise
+
+    def __len__(self) -> int:
+        return self.n_stars
+
+    @property
+    def has_group(self) -> bool:
+        return "group" in self._file
+
+    @property
+    def has_star_id(self) -> bool:
+        return "star_id" in self._file
+
+    @property
+    def group(self) -> np.ndarray | None:
+        if not self.has_group:
+            return None
+        return self._file["group"][:].astype(np.int64)
+
+    def star_id(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Star ids of rows [start, stop) as a str array, or None when the file has none."""
+        if not self.has_star_id:
+            return None
+        return self._file["star_id"].asstr()[start:stop].astype(str)
+
+    def read(self, start: int = 0, stop: int | None = None, check: bool = True) -> np.ndarray:
+        """Rows [start, stop) of the latents as C-contiguous float32."""
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        z = np.ascontiguousarray(self._file[self.key][start:stop], dtype=np.float32)
+        if check:
+            check_finite(z, str(self.path), start)
+        return z
+
+    def iter_chunks(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, check: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, z[start:start+chunk_rows])`` over the whole file."""
+        for a in range(0, self.n_stars, chunk_rows):
+            yield a, self.read(a, a + chunk_rows, check=check)
+
+    def sample(self, n: int, seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+        """About ``n`` rows drawn uniformly without replacement, read chunk by chunk."""
+        if n >= self.n_stars:
+            return self.read()
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(self.n_stars, size=n, replace=False))
+        parts = []
+        for a in range(0, self.n_stars, chunk_rows):
+            sel = rows[(rows >= a) & (rows < a + chunk_rows)]
+            if sel.size:
+                parts.append(self.read(a, a + chunk_rows)[sel - a])
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "LatentFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_latents(path: str | os.PathLike, key: str = "z") -> LatentFile:
+    """Open a latent file lazily; InputError for anything that is not one."""
+    return LatentFile(path, key=key)
+
+
+def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False):
+    """Write a latent file in the layout above (atomic; used by tests and benchmarks)."""
+    from chemtwin.data.dataset import prepare_output, temporary_path
+
+    path = prepare_output(path, overwrite)
+    tmp = temporary_path(path)
+    z = np.asarray(z, dtype=np.float32)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("z", data=z, chunks=(min(max(len(z), 1), 65_536), z.shape[1]) if z.size else None)
+            if group is not None:
+                f.create_dataset("group", data=np.asarray(group, dtype=np.int64))
+            if star_id is not None:
+                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
+            if labels is not None:
+                ds = f.create_dataset("labels", data=np.asarray(labels, dtype=np.float32))
+                ds.attrs["names"] = np.array(list(label_names or []), dtype=h5py.string_dtype())
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
