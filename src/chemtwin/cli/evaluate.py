@@ -1,0 +1,141 @@
+"""``chemtwin evaluate``: twin-retrieval metrics of a model, a baseline or a latent file.
+
+    chemtwin evaluate MODEL_DIR DATA.h5 --json OUT.json [--plots DIR] [--metric l1|l2|cosine]
+    chemtwin evaluate DATA.h5 --method raw --json OUT.json
+    chemtwin evaluate DATA.h5 --method polyres --train TRAIN.h5 --json OUT.json
+    chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json
+
+The JSON holds ``method``, ``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstruction``,
+``mse_swapped`` (null without a decoder), ``frac_rank0``, ``frac_rank_lt_0p1pct``,
+``frac_rank_lt_1pct``, ``median_rank``, ``rank_cdf``, ``model`` and ``dataset``
+(path and file attributes); see ``chemtwin.evaluation.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+METHODS = ("model", "raw", "polyres")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="doppelganger ranks and spectral errors of a model or baseline",
+        usage="chemtwin evaluate MODEL_DIR DATA.h5 --json OUT.json [options]\n"
+              "       chemtwin evaluate DATA.h5 --method raw|polyres [--train TRAIN.h5] --json OUT.json [options]\n"
+              "       chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json [options]",
+        description="Evaluate twin retrieval on a dataset with twin groups: doppelganger-rank fractions "
+                    "(rank 0, < 0.1% and < 1% of N), median rank and, for a model, reconstruction and "
+                    "swapped-latent MSE. Writes a JSON file.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="model folder and dataset (--method model); only DATA.h5 for --method raw/polyres "
+                        "or (optionally) with --latents")
+    p.add_argument("--json", required=True, metavar="OUT.json", help="results file to write")
+    p.add_argument("--plots", metavar="DIR", help="also write the cumulative rank distribution (rank_cdf.png) here")
+    p.add_argument("--metric", default="l1", help="distance between tags: l1 (default), l2 or cosine")
+    p.add_argument("--method", default=None,
+                   help="model (default): a trained model folder; raw: the spectra themselves; "
+                        "polyres: polynomial residuals + PCA, fitted on --train")
+    p.add_argument("--train", metavar="TRAIN.h5", help="training dataset for --method polyres")
+    p.add_argument("--latents", metavar="LATENTS.h5",
+                   help="rank-only evaluation of a latent file (`chemtwin embed` output, with `z` and `group`)")
+    p.add_argument("--degree", type=int, default=4, help="polyres: polynomial degree (default 4)")
+    p.add_argument("--components", type=int, default=50, help="polyres: principal components kept (default 50)")
+    p.add_argument("--condition", default="TEFF,LOGG",
+                   help="polyres: comma-separated labels the polynomial uses (default TEFF,LOGG)")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N",
+                   help="rank only N randomly chosen query stars (each against all stars); default all")
+    p.add_argument("--seed", type=int, default=0, help="seed for --max-queries (default 0)")
+    p.add_argument("--batch-size", type=int, default=1024, help="spectra per batch (default 1024)")
+    p.add_argument("--device", default="cpu", help="model device: cpu (default), cuda or auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.json")
+    p.set_defaults(func=run)
+
+
+def _write_json(path: Path, result: dict) -> None:
+    from chemtwin.data.dataset import temporary_path
+
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> int:
+    from chemtwin.data.dataset import prepare_output
+    from chemtwin.errors import InputError
+    from chemtwin.evaluation import metrics
+
+    metrics.check_metric(args.metric)
+    if args.method is not None and args.method not in METHODS:
+        raise InputError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_queries is not None and args.max_queries < 1:
+        raise InputError(f"--max-queries must be positive, got {args.max_queries}")
+    out = prepare_output(args.json, args.overwrite)
+    plots = Path(args.plots) if args.plots else None
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise InputError(f"--plots {plots} is not a directory")
+    progress = logging.getLogger().level <= logging.INFO
+    common = dict(metric=args.metric, progress=progress, max_queries=args.max_queries, seed=args.seed,
+                  return_ranks=True)
+
+    if args.latents:
+        if args.method not in (None, "model"):
+            raise InputError("--latents cannot be combined with --method raw/polyres")
+        if len(args.inputs) > 1:
+            raise InputError("with --latents give at most one positional argument (DATA.h5)")
+        data = args.inputs[0] if args.inputs else None
+        result, ranks = metrics.evaluate_latent_file(args.latents, data, **common)
+    else:
+        method = args.method or "model"
+        if method == "model":
+            if len(args.inputs) != 2:
+                raise InputError("give MODEL_DIR and DATA.h5 (or --latents LATENTS.h5, or --method raw/polyres)")
+            model_dir, data = args.inputs
+            if not Path(model_dir).is_dir():
+                raise InputError(f"{model_dir}: not a model folder")
+            result, ranks = metrics.evaluate_model(model_dir, data, batch_size=args.batch_size, device=args.device,
+                                                   **common)
+        else:
+            if len(args.inputs) not in (1, 2):
+                raise InputError(f"give DATA.h5 for --method {method}")
+            if len(args.inputs) == 2:
+                log.warning("--method %s uses no model: ignoring %s", method, args.inputs[0])
+            data = args.inputs[-1]
+            if method == "raw":
+                result, ranks = metrics.evaluate_raw(data, **common)
+            else:
+                if not args.train:
+                    raise InputError("--method polyres needs --train TRAIN.h5 to fit the polynomials and the PCA")
+                condition = tuple(c.strip() for c in args.condition.split(",") if c.strip())
+                if not condition:
+                    raise InputError("--condition needs at least one label")
+                if args.degree < 0 or args.components < 1:
+                    raise InputError("--degree must be >= 0 and --components >= 1")
+                result, ranks = metrics.evaluate_polyres(args.train, data, degree=args.degree,
+                                                         n_components=args.components, condition=condition, **common)
+    if args.max_queries is not None:
+        result["max_queries"] = args.max_queries
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        png = plots / "rank_cdf.png"
+        metrics.plot_rank_cdf([(result["method"], ranks.rank, ranks.n_stars)], png,
+                              title=f"{result['method']} ({result['metric']}), N = {result['n_stars']}")
+        result["plots"] = [str(png)]
+    _write_json(out, result)
+    log.info("%s: rank 0 %.1f%%, < 0.1%% N %.1f%%, < 1%% N %.1f%%, median rank %g (%d pairs, N = %d) -> %s",
+             result["method"], 100 * result["frac_rank0"], 100 * result["frac_rank_lt_0p1pct"],
+             100 * result["frac_rank_lt_1pct"], result["median_rank"], result["n_pairs"], result["n_stars"], out)
+    return 0
