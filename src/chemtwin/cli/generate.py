@@ -6,6 +6,7 @@ import logging
 import math
 import time
 
+from chemtwin.cli.payne import add_generate_arguments, run_generate
 from chemtwin.data.generate import generate_dataset
 from chemtwin.data.grid import GRID_NAMES
 from chemtwin.data.population import RedGiantPrior
@@ -46,10 +47,13 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file (default 0)")
     p.add_argument("--threads", type=int, default=None, help="synthesis threads (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_generate_arguments(p)  # --emulator and its options (chemtwin.cli.payne)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.emulator:
+        return run_generate(args)
     prior = RedGiantPrior(teff=tuple(args.teff), logg=tuple(args.logg))
     start = time.perf_counter()
     generate_dataset(

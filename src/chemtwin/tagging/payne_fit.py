@@ -1,0 +1,573 @@
+"""Fitting spectra with a Payne emulator: all labels free, optional radial velocity.
+
+For every star we minimize chi2 = sum_p w_p (model_p(labels, rv) - flux_p)^2 with
+w = ivar (0 on masked pixels), batched over stars, by Levenberg-Marquardt in torch:
+
+1. **Screening.**  ``n_candidates`` label vectors (a scrambled Sobol set in the scaled
+   box plus its centre) are emulated once; chi2 of every star against every candidate
+   is then a matrix product.  With ``rv=True`` a grid of velocities is scanned first
+   with the centre spectrum and the spectra are moved to the rest frame for the
+   screening.  The ``n_starts`` best distinct candidates start the fits.
+2. **Levenberg-Marquardt** in the scaled label space (s in [-0.5, 0.5]; steps are
+   projected back into the box).  The gradient J^T W r always comes from reverse-mode
+   autodiff, so the minimum found is exact.  The Gauss-Newton matrix J^T W J comes from
+   forward-mode autodiff (``hessian="exact"``), or, for the MLP format, from
+   ``A^T (W2^T diag(w_bar) W2) A`` with A the (cheap) Jacobian of the last hidden layer
+   and w_bar the batch's mean pixel weights (``hessian="shared"``; exact when all stars
+   share their pixel weights up to a factor, e.g. noiseless or constant-SNR data, and a
+   good preconditioner otherwise).  Radial-velocity rows of the matrix are always exact.
+3. **Uncertainties.**  At the best of the starts, the full Jacobian (forward-mode
+   autodiff) gives the formal covariance (J^T W J)^-1 in physical units.  With
+   ``weighting="uniform"`` (noiseless spectra) it is scaled by chi2 / (n_pixels - n_par).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from chemtwin import __version__
+from chemtwin.data.dataset import open_dataset, prepare_output, temporary_path
+from chemtwin.errors import InputError
+from chemtwin.spectral_models.payne import PayneEmulator
+
+log = logging.getLogger(__name__)
+
+SPEED_OF_LIGHT_KMS = 299792.458
+RV_UNIT = 10.0  # km/s per unit of the fitted RV parameter (keeps it O(1) like the labels)
+WEIGHTINGS = ("ivar", "uniform")  # "ivar" turns to unit weights for noiseless (ivar inf) stars
+HESSIANS = ("auto", "exact", "shared")
+
+
+@dataclass
+class FitResult:
+    """Best-fit labels of N stars (physical units) and their formal uncertainties."""
+
+    label_names: list[str]
+    labels: np.ndarray  # (N, L)
+    labels_err: np.ndarray  # (N, L)
+    covariance: np.ndarray  # (N, n, n), n = L (+1 with RV), order = param_names
+    chi2: np.ndarray  # (N,)
+    n_pixels: np.ndarray  # (N,) pixels with weight > 0
+    n_iter: np.ndarray  # (N,) LM iterations of the best start
+    converged: np.ndarray  # (N,) bool
+    at_edge: np.ndarray  # (N,) bool: some label ended on the box's edge
+    rv: np.ndarray | None = None  # (N,) km/s
+    rv_err: np.ndarray | None = None
+    param_names: list[str] = field(default_factory=list)
+
+    @property
+    def reduced_chi2(self) -> np.ndarray:
+        dof = self.n_pixels - len(self.param_names)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(dof > 0, self.chi2 / dof, np.nan)
+
+    @staticmethod
+    def concatenate(parts: list["FitResult"]) -> "FitResult":
+        first = parts[0]
+        cat = {}
+        for name in ("labels", "labels_err", "covariance", "chi2", "n_pixels", "n_iter", "converged", "at_edge", "rv", "rv_err"):
+            values = [getattr(p, name) for p in parts]
+            cat[name] = None if values[0] is None else np.concatenate(values)
+        return FitResult(first.label_names, param_names=first.param_names, **cat)
+
+
+class PayneFitter:
+    """Batched least-squares fits of spectra with a :class:`PayneEmulator`.
+
+    ``fit(flux, ivar)`` takes NumPy arrays (N, P) on the emulator's pixels and returns a
+    :class:`FitResult`.  ``wavelength`` (P,) is needed for ``rv=True`` when the emulator
+    does not store one.
+    """
+
+    def __init__(
+        self,
+        emulator: PayneEmulator,
+        *,
+        wavelength: np.ndarray | None = None,
+        rv: bool = False,
+        rv_max: float = 200.0,
+        n_starts: int = 4,
+        n_candidates: int = 2048,
+        prune_after: int | None = 4,
+        max_iter: int = 50,
+        weighting: str = "ivar",
+        hessian: str = "auto",
+        batch_size: int = 128,
+        seed: int = 0,
+        xtol: float = 1e-7,
+        ftol: float = 1e-6,
+        chi2_tol: float = 1e-4,
+    ):
+        if weighting not in WEIGHTINGS:
+            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+        if hessian not in HESSIANS:
+            raise InputError(f"hessian must be one of {', '.join(HESSIANS)}, not {hessian!r}")
+        if hessian == "shared" and emulator.format != "mlp":
+            raise InputError("hessian='shared' needs an MLP-format emulator")
+        if n_starts < 1 or n_candidates < 1 or max_iter < 1 or batch_size < 1:
+            raise InputError("n_starts, n_candidates, max_iter and batch_size must be positive")
+        if not rv_max > 0:
+            raise InputError(f"rv_max must be positive, not {rv_max}")
+        self.emulator = emulator.eval()
+        self.rv = bool(rv)
+        self.rv_max = float(rv_max)
+        self.n_starts = int(n_starts)
+        self.n_candidates = max(int(n_candidates), self.n_starts)
+        self.max_iter = int(max_iter)
+        self.prune_after = -1 if prune_after is None else int(prune_after)
+        self.weighting = weighting
+        self.shared_hessian = hessian == "shared" or (hessian == "auto" and emulator.format == "mlp")
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.xtol, self.ftol, self.chi2_tol = float(xtol), float(ftol), float(chi2_tol)
+        self.n_labels = emulator.n_labels
+        self.n_par = self.n_labels + int(self.rv)
+        self.param_names = list(emulator.label_names) + (["RV"] if self.rv else [])
+        self.dtype = emulator.dtype
+        if wavelength is None:
+            wavelength = emulator.wavelength
+        elif emulator.wavelength is not None and (
+            np.shape(wavelength) != emulator.wavelength.shape
+            or not np.allclose(wavelength, emulator.wavelength, rtol=1e-7, atol=0)
+        ):
+            raise InputError("the spectra's wavelength grid differs from the emulator's; resample them first")
+        if wavelength is not None and np.size(wavelength) != emulator.n_pixels:
+            raise InputError(f"wavelength has {np.size(wavelength)} pixels, the emulator {emulator.n_pixels}")
+        if self.rv:
+            self._setup_shift(wavelength)
+        self._candidates = self._make_candidates()
+        with torch.no_grad():
+            self._candidate_flux = self._emulate(self._candidates)  # (K, P)
+        self._centre = self._candidate_flux.mean(0)
+        self._regression = self._linear_inverse()
+
+    # ------------------------------------------------------------------ model
+    def _make_candidates(self) -> torch.Tensor:
+        engine = torch.quasirandom.SobolEngine(self.n_labels, scramble=True, seed=self.seed)
+        points = (engine.draw(self.n_candidates - 1, dtype=torch.float64) - 0.5) * 0.9
+        return torch.cat([torch.zeros(1, self.n_labels, dtype=torch.float64), points])
+
+    def _linear_inverse(self, ridge: float = 1e-4) -> torch.Tensor:
+        """(P, L): ridge regression of the scaled labels on the candidates' spectra.
+
+        A crude inverse of the emulator: ``(flux - centre) @ matrix`` is the first
+        starting point of every star (masked pixels take the centre's flux).
+        """
+        x = (self._candidate_flux - self._centre).double()
+        gram = x @ x.T
+        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-300)
+        return (x.T @ torch.linalg.solve(gram, self._candidates)).to(self.dtype)
+
+    def _emulate(self, s: torch.Tensor) -> torch.Tensor:
+        return self.emulator.forward_scaled(s.to(self.dtype))
+
+    def _setup_shift(self, wavelength) -> None:
+        """Pixel geometry for radial-velocity shifts: log-uniform pixels, in one or more chips."""
+        if wavelength is None:
+            raise InputError("fitting RV needs a wavelength grid (the emulator stores none; give the spectra's)")
+        log_wl = np.log(np.asarray(wavelength, dtype=np.float64))
+        steps = np.diff(log_wl)
+        if log_wl.size < 4 or not np.all(np.isfinite(log_wl)) or not np.all(steps > 0):
+            raise InputError("fitting RV needs a finite, strictly increasing wavelength grid of at least 4 pixels")
+        dx = float(np.median(steps))
+        gap = steps > 1.5 * dx
+        if not np.all(gap | (np.abs(steps - dx) <= 1e-4 * dx)):
+            raise InputError("fitting RV needs pixels uniform in log wavelength (within each detector chip); resample first")
+        self._pixel_kms = dx * SPEED_OF_LIGHT_KMS
+        # each chip padded on both sides with copies of its edge pixels, wide enough for any shift
+        pad = int(math.ceil(self.rv_max / self._pixel_kms)) + 3
+        starts = np.flatnonzero(np.r_[True, gap])
+        stops = np.r_[starts[1:], log_wl.size]
+        source, self._pad_chips = [], []  # chips: (first pixel in the padded layout, pixels)
+        for a, b in zip(starts, stops):
+            self._pad_chips.append((sum(map(len, source)) + pad, int(b - a)))
+            source.append(np.r_[np.full(pad, a), np.arange(a, b), np.full(pad, b - 1)])
+        self._pad_source = torch.as_tensor(np.concatenate(source))
+        self._pad_arange = torch.arange(self._pad_source.numel())
+        n_half = int(math.ceil(self.rv_max / (0.5 * self._pixel_kms)))
+        self._rv_grid = torch.linspace(-self.rv_max, self.rv_max, 2 * n_half + 1, dtype=torch.float64)
+
+    def _shift(self, flux: torch.Tensor, rv_kms: torch.Tensor) -> torch.Tensor:
+        """Model flux (R, P) seen at radial velocity rv (R,): f(lambda / (1 + rv/c)).
+
+        On a log-uniform grid a velocity is the same shift k (in pixels) everywhere, so
+        observed pixel i shows the rest-frame flux at position i - k, interpolated by
+        cubic convolution (Catmull-Rom: continuous first derivative, so chi2 is smooth in
+        rv).  Neighbours beyond a chip's ends repeat its edge pixel.
+        """
+        position = -torch.log1p(rv_kms / SPEED_OF_LIGHT_KMS) * (SPEED_OF_LIGHT_KMS / self._pixel_kms)  # (R,)
+        whole = torch.floor(position.detach())
+        t = (position - whole).to(flux.dtype)[:, None]  # (R, 1)
+        t2, t3 = t * t, t * t * t
+        weights = (0.5 * (-t3 + 2 * t2 - t), 0.5 * (3 * t3 - 5 * t2 + 2), 0.5 * (-3 * t3 + 4 * t2 + t), 0.5 * (t3 - t2))
+        padded = flux[:, self._pad_source]
+        index = (self._pad_arange[None, :] + whole.long()[:, None]).clamp(0, self._pad_arange.numel() - 1)
+        moved = torch.gather(padded, 1, index)  # moved[r, q] = padded[r, q + whole_r]
+        return torch.cat(
+            [sum(w * moved[:, a + k : a + k + n] for k, w in zip(range(-1, 3), weights)) for a, n in self._pad_chips], 1
+        )
+
+    def _model(self, theta: torch.Tensor) -> torch.Tensor:
+        """theta (R, n): scaled labels (+ rv / RV_UNIT) -> model flux (R, P)."""
+        flux = self._emulate(theta[:, : self.n_labels])
+        if self.rv:
+            flux = self._shift(flux, theta[:, self.n_labels] * RV_UNIT)
+        return flux
+
+    def _full_jacobian(self, theta: torch.Tensor) -> torch.Tensor:
+        """Exact d model / d theta, (R, P, n), by forward-mode autodiff (one tangent per parameter)."""
+        tangents = torch.eye(self.n_par, dtype=theta.dtype)[:, None, :].expand(-1, theta.shape[0], -1)
+
+        def column(t):
+            return torch.func.jvp(self._model, (theta,), (t,))[1]
+
+        with torch.no_grad():
+            cols = torch.func.vmap(column)(tangents)  # (n, R, P)
+        return cols.permute(1, 2, 0)
+
+    def _normal_equations(self, theta, data, w, shared_g):
+        """chi2 (R,), gradient half J^T W r (R, n) and Gauss-Newton matrix (R, n, n), all float64."""
+        n_lab = self.n_labels
+        theta = theta.detach()
+        if not self.shared_hessian:
+            jac = self._full_jacobian(theta)
+            with torch.no_grad():
+                r = self._model(theta) - data
+                wj = jac * w[:, :, None]
+                g = torch.einsum("rpn,rp->rn", wj, r).double()
+                h = torch.bmm(wj.transpose(1, 2), jac).double()
+                chi2 = (w * r * r).sum(1, dtype=torch.float64)
+            return chi2, g, h
+        # shared Gauss-Newton matrix for the labels (MLP format); gradient and RV terms exact by autodiff
+        em = self.emulator
+        s = theta[:, :n_lab]
+        base, vjp_emulator = torch.func.vjp(self._emulate, s)
+        if self.rv:
+            v = theta[:, n_lab]
+
+            def shift(f, v_):
+                return self._shift(f, v_ * RV_UNIT)
+
+            flux, j_rv = torch.func.jvp(lambda v_: shift(base, v_), (v,), (torch.ones_like(v),))
+            _, vjp_shift = torch.func.vjp(lambda f: shift(f, v), base.detach())
+
+            def back(u):
+                return vjp_emulator(vjp_shift(u)[0])[0]
+        else:
+            flux = base
+
+            def back(u):
+                return vjp_emulator(u)[0]
+
+        with torch.no_grad():
+            r = flux - data
+            chi2 = (w * r * r).sum(1, dtype=torch.float64)
+            g = torch.zeros(theta.shape[0], self.n_par, dtype=torch.float64)
+            g[:, :n_lab] = back(w * r)
+            z0 = s.to(em.dtype) @ em.w_array_0.T + em.b_array_0
+            d0 = torch.where(z0 > 0, 1.0, 0.01).to(em.dtype)
+            z1 = torch.nn.functional.leaky_relu(z0, 0.01) @ em.w_array_1.T + em.b_array_1
+            d1 = torch.where(z1 > 0, 1.0, 0.01).to(em.dtype)
+            a = d1[:, :, None] * torch.matmul(em.w_array_1, d0[:, :, None] * em.w_array_0)  # (R, H2, L)
+            scale, g_bar = shared_g
+            h_lab = torch.matmul(a.transpose(1, 2), torch.matmul(g_bar, a)) * scale[:, None, None]
+            h = torch.zeros(theta.shape[0], self.n_par, self.n_par, dtype=torch.float64)
+            h[:, :n_lab, :n_lab] = h_lab.double()
+            if self.rv:
+                wj = w * j_rv
+                g[:, n_lab] = (wj * r).sum(1, dtype=torch.float64)
+                col = back(wj).double()
+                h[:, :n_lab, n_lab] = col
+                h[:, n_lab, :n_lab] = col
+                h[:, n_lab, n_lab] = (wj * j_rv).sum(1, dtype=torch.float64)
+        return chi2, g, h
+
+    def _shared_g(self, w: torch.Tensor):
+        """Per-row weight scale and W2^T diag(w_bar) W2 for the shared Gauss-Newton matrix."""
+        if not self.shared_hessian:
+            return None
+        scale = w.mean(1).clamp_min(1e-30)
+        w_bar = (w / scale[:, None]).mean(0)
+        w2 = self.emulator.w_array_2
+        return scale, w2.T @ (w2 * w_bar[:, None])
+
+    # ------------------------------------------------------------------ fitting
+    def _weights(self, flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flux with bad pixels zeroed, pixel weights, and which stars are fitted unweighted.
+
+        ivar 0 masks a pixel (its flux may be NaN).  ivar inf marks a noiseless pixel: a
+        star with any is fitted with unit weights on those pixels only (the limit of its
+        ivar weights), as is every star with ``weighting="uniform"``.
+        """
+        flux = np.asarray(flux, dtype=np.float64)
+        ivar = np.asarray(ivar, dtype=np.float64)
+        good = ivar > 0
+        noiseless = good & np.isposinf(ivar)
+        unweighted = noiseless.any(1) | (self.weighting == "uniform")
+        w = np.where(good & np.isfinite(ivar), ivar, 0.0)
+        w[unweighted] = np.where(noiseless.any(1, keepdims=True), noiseless, good)[unweighted]
+        return np.where(good, flux, 0.0), w, unweighted
+
+    def fit(self, flux, ivar=None, progress=None, row_offset: int = 0) -> FitResult:
+        """Fit spectra (N, P); ``ivar`` None means unit weights on every pixel.
+
+        Raises InputError for NaN or negative ivar and for non-finite flux where ivar > 0
+        (naming the star as row ``row_offset + i``).
+        """
+        flux = np.atleast_2d(np.asarray(flux))
+        if flux.ndim != 2 or flux.shape[1] != self.emulator.n_pixels:
+            raise InputError(f"spectra have shape {flux.shape}; the emulator needs (N, {self.emulator.n_pixels})")
+        if ivar is None:
+            ivar = np.ones_like(flux, dtype=np.float64)
+        ivar = np.atleast_2d(np.asarray(ivar))
+        if ivar.shape != flux.shape:
+            raise InputError(f"ivar has shape {ivar.shape}, flux {flux.shape}")
+        for bad, what in (
+            (np.isnan(ivar) | (ivar < 0), "ivar {value:g}: ivar must be >= 0 (0 masks a pixel)"),
+            (~np.isfinite(flux) & (ivar > 0), "flux {value:g} where ivar > 0 (mask it with ivar 0)"),
+        ):
+            if bad.any():
+                row, pixel = (int(i) for i in np.argwhere(bad)[0])
+                value = (ivar if "ivar must" in what else flux)[row, pixel]
+                raise InputError(f"star {row_offset + row}, pixel {pixel}: " + what.format(value=value))
+        parts = []
+        for a in range(0, flux.shape[0], self.batch_size):
+            parts.append(self._fit_batch(*self._weights(flux[a : a + self.batch_size], ivar[a : a + self.batch_size])))
+            if progress is not None:
+                progress.update(parts[-1].labels.shape[0])
+        if not parts:
+            empty = np.zeros((0, self.n_labels))
+            return FitResult(
+                self.emulator.label_names, empty, empty, np.zeros((0, self.n_par, self.n_par)), np.zeros(0),
+                np.zeros(0, int), np.zeros(0, int), np.zeros(0, bool), np.zeros(0, bool),
+                np.zeros(0) if self.rv else None, np.zeros(0) if self.rv else None, self.param_names,
+            )
+        return FitResult.concatenate(parts)
+
+    def _starts(self, data: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Starting points (B, S, n) from the screening."""
+        b = data.shape[0]
+        cand = self._candidate_flux  # (K, P)
+        centre = self._centre
+        rest = data
+        rv0 = None
+        if self.rv:
+            shifted = self._shift(cand[:1].expand(self._rv_grid.numel(), -1), self._rv_grid)  # (V, P)
+            rv0 = self._rv_grid[_chi2_matrix(data, w, shifted, centre).argmin(1)]
+            # move the spectra (and weights) to the rest frame for the label screening
+            rest = self._shift(data, -rv0)
+            w = self._shift(w, -rv0).clamp_min(0.0)
+        theta = torch.zeros(b, self.n_starts, self.n_par, dtype=torch.float64)
+        filled = torch.where(w > 0, rest, centre).to(self.dtype)
+        theta[:, 0, : self.n_labels] = ((filled - centre) @ self._regression).double().clamp(-0.5, 0.5)
+        if self.n_starts > 1:
+            chi = _chi2_matrix(rest, w, cand, centre)  # (B, K)
+            order = torch.topk(chi, self.n_starts - 1, dim=1, largest=False).indices
+            theta[:, 1:, : self.n_labels] = self._candidates[order]
+        if self.rv:
+            theta[:, :, self.n_labels] = (rv0 / RV_UNIT)[:, None]
+        return theta
+
+    def _fit_batch(self, flux_np: np.ndarray, w_np: np.ndarray, unweighted: np.ndarray) -> FitResult:
+        b, n_lab, n = flux_np.shape[0], self.n_labels, self.n_par
+        n_good = (w_np > 0).sum(1)
+        data64 = torch.from_numpy(flux_np)
+        w64 = torch.from_numpy(w_np)
+        theta0 = self._starts(data64, w64)  # (B, S, n)
+        s = self.n_starts
+        theta = theta0.reshape(b * s, n)
+        data = data64.to(self.dtype).repeat_interleave(s, 0)
+        w = w64.to(self.dtype).repeat_interleave(s, 0)
+        lo = torch.full((n,), -0.5, dtype=torch.float64)
+        hi = torch.full((n,), 0.5, dtype=torch.float64)
+        if self.rv:
+            lo[n_lab], hi[n_lab] = -self.rv_max / RV_UNIT, self.rv_max / RV_UNIT
+        shared_g = self._shared_g(w)
+        chi2, g, h = self._normal_equations(theta, data, w, shared_g)
+        # A star is done when a step changes chi2 by less than ftol * chi2 + atol (the model is
+        # float32: chi2 is not known better), atol = chi2_tol for ivar-weighted stars and
+        # about float32's resolution of the flux, squared, per pixel for unit-weight ones.
+        chi2_atol = torch.where(
+            torch.from_numpy(unweighted), torch.from_numpy(n_good * 1e-15), self.chi2_tol
+        ).double().repeat_interleave(s)
+        lam = torch.full((b * s,), 1e-3, dtype=torch.float64)
+        n_iter = torch.zeros(b * s, dtype=torch.int64)
+        active = torch.ones(b * s, dtype=torch.bool)
+        converged = torch.zeros(b * s, dtype=torch.bool)
+        for it in range(self.max_iter):
+            if it == self.prune_after and s > 1:  # keep only the best start of each star
+                keep = torch.zeros(b, s, dtype=torch.bool)
+                keep[torch.arange(b), chi2.reshape(b, s).argmin(1)] = True
+                active &= keep.reshape(-1)
+            idx = torch.nonzero(active).squeeze(1)
+            if idx.numel() == 0:
+                break
+            n_iter[idx] += 1
+            h_a, g_a = h[idx], g[idx]
+            diag = torch.diagonal(h_a, dim1=1, dim2=2)
+            floor = diag.amax(1, keepdim=True).clamp_min(1e-30) * 1e-12
+            damp = lam[idx, None] * diag.clamp_min(floor) + floor
+            step = torch.linalg.solve_ex(h_a + torch.diag_embed(damp), -g_a.unsqueeze(-1))[0].squeeze(-1)
+            step = torch.nan_to_num(step)
+            trial = torch.maximum(torch.minimum(theta[idx] + step, hi), lo)
+            sg = None if shared_g is None else (shared_g[0][idx], shared_g[1])
+            chi2_t, g_t, h_t = self._normal_equations(trial, data[idx], w[idx], sg)
+            better = chi2_t < chi2[idx]
+            moved = (trial - theta[idx]).abs().amax(1)
+            small_change = (chi2[idx] - chi2_t).abs() <= self.ftol * chi2[idx] + chi2_atol[idx]
+            acc = idx[better]
+            theta[acc], chi2[acc], g[acc], h[acc] = trial[better], chi2_t[better], g_t[better], h_t[better]
+            lam[acc] = (lam[acc] / 5).clamp_min(1e-9)
+            rej = idx[~better]
+            lam[rej] *= 8
+            done = small_change | (moved < self.xtol) | (~better & (lam[idx] > 1e9))
+            done |= chi2[idx] == 0
+            converged[idx[done]] = True
+            active[idx[done]] = False
+        # best start of each star
+        chi2_bs = chi2.reshape(b, s)
+        best = chi2_bs.argmin(1)
+        rows = torch.arange(b) * s + best
+        theta_best = theta[rows]
+        jac = self._full_jacobian(theta_best)  # (B, P, n) scaled params
+        w_best = w[rows]
+        with torch.no_grad():
+            fisher = torch.bmm((jac * w_best[:, :, None]).transpose(1, 2), jac).double()
+        units = torch.cat([torch.as_tensor(self.emulator.x_max - self.emulator.x_min), torch.full((n - n_lab,), RV_UNIT, dtype=torch.float64)])
+        cov = _inverse(fisher) * units[None, :, None] * units[None, None, :]
+        chi2_best = chi2[rows].numpy()
+        if unweighted.any():  # unit weights: the noise level is estimated from the residuals
+            dof = torch.as_tensor(n_good - n, dtype=torch.float64).clamp_min(1)
+            factor = torch.where(torch.from_numpy(unweighted), chi2[rows] / dof, torch.ones_like(dof))
+            cov = cov * factor[:, None, None]
+        cov_np = cov.numpy()
+        err = np.sqrt(np.clip(np.diagonal(cov_np, axis1=1, axis2=2), 0, None))
+        labels = self.emulator.unscale(theta_best[:, :n_lab]).numpy()
+        at_edge = (theta_best[:, :n_lab].abs() >= 0.5 - 1e-9).any(1).numpy()
+        no_data = n_good == 0
+        if no_data.any():
+            labels[no_data] = np.nan
+            err[no_data] = np.nan
+            cov_np[no_data] = np.nan
+        result = FitResult(
+            list(self.emulator.label_names), labels, err[:, :n_lab], cov_np, chi2_best, n_good.astype(np.int64),
+            n_iter[rows].numpy(), converged[rows].numpy() & ~no_data, at_edge,
+            param_names=list(self.param_names),
+        )
+        if self.rv:
+            result.rv = (theta_best[:, n_lab] * RV_UNIT).numpy()
+            result.rv_err = err[:, n_lab]
+            if no_data.any():
+                result.rv[no_data] = np.nan
+        return result
+
+
+def _chi2_matrix(data: torch.Tensor, w: torch.Tensor, models: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """chi2 of every spectrum (B, P) against every model (K, P): (B, K).
+
+    In float32 (only used to rank), after subtracting ``centre`` (P,) from both sides so
+    that the expanded sum keeps its precision.
+    """
+    d = (data - centre).float()
+    m = (models - centre).float()
+    wd = w.float() * d
+    return (wd * d).sum(1, keepdim=True) - 2 * wd @ m.T + w.float() @ (m * m).T
+
+
+def _inverse(m: torch.Tensor) -> torch.Tensor:
+    """Inverse of symmetric positive semi-definite matrices; NaN where singular."""
+    inv, info = torch.linalg.inv_ex(m)
+    bad = (info != 0) | ~torch.isfinite(inv).all(-1).all(-1)
+    if bad.any():
+        inv[bad] = torch.linalg.pinv(m[bad], hermitian=True)
+    return inv
+
+
+# ---------------------------------------------------------------------- datasets
+def fit_dataset(
+    emulator: PayneEmulator,
+    data_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    rows: slice | None = None,
+    **fitter_kwargs,
+) -> tuple[Path, FitResult, float]:
+    """Fit every spectrum of a chemtwin dataset and write the labels file (see docs/baselines.md).
+
+    Returns the output path, the result and the wall time of the fitting in seconds.
+    """
+    from tqdm.auto import tqdm
+
+    out_path = prepare_output(out_path, overwrite)
+    with open_dataset(data_path) as ds:
+        if ds.n_pixels != emulator.n_pixels:
+            raise InputError(f"{ds.path}: spectra have {ds.n_pixels} pixels, the emulator {emulator.n_pixels}")
+        fitter = PayneFitter(emulator, wavelength=ds.wavelength, **fitter_kwargs)
+        start, stop = (0, ds.n_stars) if rows is None else rows.indices(ds.n_stars)[:2]
+        chunk = max(fitter.batch_size, 1024)
+        parts = []
+        t0 = time.perf_counter()
+        with tqdm(total=stop - start, desc="payne fit", unit="star", disable=not progress, leave=False) as bar:
+            for batch in ds.iter_batches(chunk, start, stop):
+                parts.append(fitter.fit(batch.flux, batch.ivar, progress=bar, row_offset=batch.start))
+        seconds = time.perf_counter() - t0
+        result = FitResult.concatenate(parts) if parts else fitter.fit(np.zeros((0, ds.n_pixels)))
+        group = ds.group[start:stop]
+        star_id = ds.star_id
+        attrs = {
+            "method": "payne",
+            "model": str(emulator.source),
+            "data": str(ds.path),
+            "rows": f"{start}:{stop}",
+            "weighting": fitter.weighting,
+            "rv_fitted": fitter.rv,
+            "n_starts": fitter.n_starts,
+            "chemtwin_version": __version__,
+            "fit_seconds": seconds,
+        }
+    write_labels(out_path, result, group=group, star_id=None if star_id is None else star_id[start:stop], attrs=attrs)
+    return out_path, result, seconds
+
+
+def write_labels(path: Path, result: FitResult, group=None, star_id=None, attrs=None) -> Path:
+    """Write a FitResult to HDF5 atomically (layout in docs/baselines.md)."""
+    tmp = temporary_path(Path(path))
+    try:
+        with h5py.File(tmp, "w") as f:
+            names = np.array(result.label_names, dtype=h5py.string_dtype())
+            f.create_dataset("labels", data=result.labels.astype(np.float32)).attrs["names"] = names
+            f.create_dataset("labels_err", data=result.labels_err.astype(np.float32)).attrs["names"] = names
+            cov = f.create_dataset("covariance", data=result.covariance.astype(np.float32))
+            cov.attrs["names"] = np.array(result.param_names, dtype=h5py.string_dtype())
+            f["chi2"] = result.chi2
+            f["reduced_chi2"] = result.reduced_chi2
+            f["n_pixels"] = result.n_pixels
+            f["n_iter"] = result.n_iter
+            f["converged"] = result.converged
+            f["at_edge"] = result.at_edge
+            if result.rv is not None:
+                f["rv"] = result.rv
+                f["rv_err"] = result.rv_err
+                f["rv"].attrs["unit"] = "km/s"
+            if group is not None:
+                f["group"] = np.asarray(group, dtype=np.int64)
+            if star_id is not None:
+                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)
