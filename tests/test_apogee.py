@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +111,10 @@ def test_read_apstar_rows():
     with fits.open(APSTAR_3) as hdus:
         np.testing.assert_array_equal(visit.bitmask, hdus[3].data[4])
     assert not np.array_equal(combined.flux, visit.flux)
+    assert np.all(visit.ivar[:150] == 0)  # visit rows hold 0 +- 1e13 in the gaps: no data
+    flux, ivar = preprocess(visit)
+    good = ivar > 0
+    assert good.mean() > 0.8 and np.median(flux[good]) > 0.8
     with pytest.raises(InputError, match="NVISITS = 1"):
         read_apstar(APSTAR_1, row="visit2")
     with pytest.raises(InputError, match="single-visit"):

@@ -17,7 +17,19 @@ from chemtwin.errors import InputError
 
 # Modules in chemtwin.cli, in the order their commands appear in --help.
 COMMAND_MODULES = (
+    "generate",
     "info",
+    "plot",  # registers `plot-spectra`
+    "train",
+    "embed",
+    "evaluate",
+    "ingest",
+    "augment",
+    "plot_gap",  # registers `plot-gap`
+    "search",   # registers `index` and `search`
+    "cluster",
+    "payne",  # registers `payne train` and `payne fit`
+    "cannon",  # registers `cannon train` and `cannon test`
 )
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +14,6 @@ from chemtwin.data.grid import GRID_NAMES, get_grid
 from chemtwin.data.preprocess import CONTINUUM_MASKS, DEFAULT_DEGREE, preprocess
 from chemtwin.errors import InputError
 
-log = logging.getLogger(__name__)
 FLUSH_ROWS = 64
 
 

@@ -106,7 +106,8 @@ def _ivar(flux: np.ndarray, error: np.ndarray, bitmask: np.ndarray | None) -> tu
     """(flux with non-finite values set to 0, ivar with bad pixels set to 0)."""
     flux = np.asarray(flux, dtype=np.float64)
     error = np.asarray(error, dtype=np.float64)
-    good = np.isfinite(flux) & np.isfinite(error) & (error > 0)
+    # Exactly 0 flux means "no data" (apStar visit rows in the detector gaps carry 0 +- 1e13).
+    good = np.isfinite(flux) & (flux != 0) & np.isfinite(error) & (error > 0)
     if bitmask is not None:
         good &= (np.asarray(bitmask, dtype=np.int64) & BAD_PIXEL_MASK) == 0
     ivar = np.zeros_like(flux)
@@ -289,8 +290,6 @@ def _apstar(hdus, path: Path, row) -> Spectrum:
 
 
 def _aspcapstar(hdus, path: Path, row) -> Spectrum:
-    from chemtwin.data.grid import identify_grid
-
     header = hdus[0].header
     flux = _data(hdus, 1, path).astype(np.float64)
     error = _data(hdus, 2, path).astype(np.float64)
@@ -307,7 +306,6 @@ def _aspcapstar(hdus, path: Path, row) -> Spectrum:
     ivar[flux <= 0] = 0.0
     info = _common_header(header)
     nvisits = _as_int(header.get("NVISITS"), 0)
-    assert identify_grid(grid.wavelength) == grid_name
     return Spectrum(
         path=str(path), kind="aspcapStar", wavelength=grid.wavelength, flux=flux, ivar=ivar,
         bitmask=np.zeros(flux.size, dtype=np.int64), nvisits=nvisits, rest_frame=True, normalized=True,
@@ -383,6 +381,8 @@ class Catalog:
 
     def lookup(self, apogee_id: str, keep_flagged: bool = False) -> np.ndarray:
         """Label row of ``apogee_id``; InputError when absent, flagged or without TEFF/LOGG."""
+        if not apogee_id.strip():
+            raise InputError("the spectrum's header names no APOGEE ID (APOGEE_ID / OBJID)")
         row = self.row_of(apogee_id)
         if row is None:
             raise InputError(f"APOGEE_ID {apogee_id!r} is not in catalogue {self.path}")

@@ -1,0 +1,22 @@
+"""Models that turn spectra into chemical tags: the fader disentangling autoencoder.
+
+``ChemTwin``, ``FaderConfig``, ``FaderNet``, ``train`` and ``twin_ranks`` are imported on
+first use, so that ``import chemtwin.tagging.<module>`` does not load torch.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "ChemTwin": "chemtwin.tagging.estimator",
+    "FaderConfig": "chemtwin.tagging.fader",
+    "FaderNet": "chemtwin.tagging.fader",
+    "train": "chemtwin.tagging.training",
+    "twin_ranks": "chemtwin.tagging.training",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'chemtwin.tagging' has no attribute {name!r}")

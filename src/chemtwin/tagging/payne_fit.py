@@ -45,6 +45,7 @@ SPEED_OF_LIGHT_KMS = 299792.458
 RV_UNIT = 10.0  # km/s per unit of the fitted RV parameter (keeps it O(1) like the labels)
 WEIGHTINGS = ("ivar", "uniform")  # "ivar" turns to unit weights for noiseless (ivar inf) stars
 HESSIANS = ("auto", "exact", "shared")
+START_SPREAD = 0.05  # scatter of the starts around the linear guess (scaled labels; ~the guess's error)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class PayneFitter:
         rv_max: float = 200.0,
         n_starts: int = 4,
         n_candidates: int = 2048,
-        prune_after: int | None = 4,
+        prune_after: int | None = 6,
         max_iter: int = 50,
         weighting: str = "ivar",
         hessian: str = "auto",
@@ -149,6 +150,9 @@ class PayneFitter:
             self._candidate_flux = self._emulate(self._candidates)  # (K, P)
         self._centre = self._candidate_flux.mean(0)
         self._regression = self._linear_inverse()
+        # offsets of the starts from the regression's guess: 0, then random ones of ~its error
+        spread = torch.randn(self.n_starts, self.n_labels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        self._perturbations = torch.cat([torch.zeros(1, self.n_labels, dtype=torch.float64), START_SPREAD * spread[1:]])
 
     # ------------------------------------------------------------------ model
     def _make_candidates(self) -> torch.Tensor:
@@ -368,11 +372,10 @@ class PayneFitter:
             w = self._shift(w, -rv0).clamp_min(0.0)
         theta = torch.zeros(b, self.n_starts, self.n_par, dtype=torch.float64)
         filled = torch.where(w > 0, rest, centre).to(self.dtype)
-        theta[:, 0, : self.n_labels] = ((filled - centre) @ self._regression).double().clamp(-0.5, 0.5)
-        if self.n_starts > 1:
-            chi = _chi2_matrix(rest, w, cand, centre)  # (B, K)
-            order = torch.topk(chi, self.n_starts - 1, dim=1, largest=False).indices
-            theta[:, 1:, : self.n_labels] = self._candidates[order]
+        guess = ((filled - centre) @ self._regression).double()
+        theta[:, :, : self.n_labels] = (guess[:, None, :] + self._perturbations).clamp(-0.5, 0.5)
+        if self.n_starts >= 4:  # the last start: the best screened candidate, in case the regression is far off
+            theta[:, -1, : self.n_labels] = self._candidates[_chi2_matrix(rest, w, cand, centre).argmin(1)]
         if self.rv:
             theta[:, :, self.n_labels] = (rv0 / RV_UNIT)[:, None]
         return theta

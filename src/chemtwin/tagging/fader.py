@@ -1,0 +1,365 @@
+"""The disentangling model (docs/science.md section 2, docs/model.md).
+
+A conditional encoder E(x, u) -> z, a conditional decoder D(z, u) -> x_hat and an
+adversary A(z) -> logits over the joint bin of the conditioned labels u.  Losses:
+
+    L_AE = weighted MSE(D(E(x, u), u), x) - lambda * CE(A(E(x, u)), u_bin)   (E, D)
+    L_A  = CE(A(E(x, u)), u_bin)                                             (A)
+
+updated alternately, one step each (see ``training.py``).  ``model="cae"`` is the same
+network with lambda = 0 (the paper's baseline).  ``FaderConfig`` holds every knob; the
+``preset`` fills the architecture/optimiser knobs the caller leaves unset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chemtwin.errors import InputError
+
+# Architecture / optimiser knobs each preset fills in when the caller leaves them None.
+PRESETS = {
+    # CPU-friendly: standardized input, one wide projection layer each way (the P-sized
+    # layers dominate the cost), a Payne-like decoder, AdamW + warm-up + cosine.
+    "fast": dict(
+        encoder_hidden=(256, 128), decoder_hidden=(256, 256), adversary_hidden=(256, 256),
+        activation="silu", baseline_degree=3, pca_init=True, film=True, adversary_square=True,
+        latent_norm=True, standardize=True, normalize_loss=True, optimizer="adamw", lr=2e-3, weight_decay=1e-5,
+        schedule="cosine", batch_size=256, lambda_adv=1e-3, lambda_warmup_frac=0.3, epochs=500,
+    ),
+    # The published model: MLP encoder 2048-512-128-z, decoder z-512-2048-8192-P, SELU,
+    # Adam at lr 1e-5 and a small constant lambda (1e-5), raw (unstandardized) flux.
+    "paper": dict(
+        encoder_hidden=(2048, 512, 128), decoder_hidden=(512, 2048, 8192), adversary_hidden=(512, 512),
+        activation="selu", baseline_degree=0, pca_init=False, film=False, adversary_square=False,
+        latent_norm=False, standardize=False, normalize_loss=False, optimizer="adam", lr=1e-5, weight_decay=0.0,
+        schedule="constant", batch_size=128, lambda_adv=1e-5, lambda_warmup_frac=0.0, epochs=100,
+    ),
+}
+ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "relu": nn.ReLU}
+
+
+@dataclass
+class FaderConfig:
+    """Every knob of the model and its training.  ``None`` = take it from the preset."""
+
+    model: str = "fader"                      # "fader" | "cae" (cae: lambda forced to 0)
+    preset: str = "fast"                      # "fast" | "paper"
+    condition: tuple = ("TEFF", "LOGG")       # conditioned (non-chemical) labels u
+    latent_dim: int = 20
+    n_cat: int = 10                           # adversary bins per conditioned label
+    encoder_hidden: tuple | None = None
+    decoder_hidden: tuple | None = None
+    adversary_hidden: tuple | None = None
+    activation: str | None = None
+    baseline_degree: int | None = None        # per-pixel polynomial in u subtracted from x (0 = the mean spectrum)
+    encoder_direct_u: bool = True             # u also enters the encoder's first layer directly
+    film: bool | None = None                  # FiLM conditioning of every hidden layer on u
+    latent_norm: bool | None = None           # batch-normalise z (no affine): unit variance per dimension
+    adversary_square: bool | None = None      # the adversary also sees z*z (sees u-dependent scale)
+    pca_init: bool | None = None              # start the P-sized layers at the residuals' principal components
+    standardize: bool | None = None           # divide the input residual by its per-pixel std
+    normalize_loss: bool | None = None        # divide the reconstruction term by the mean residual variance
+    lambda_adv: float | None = None           # final lambda
+    lambda_warmup_frac: float | None = None   # linear warm-up from 0 over this fraction of training
+    lambda_warmup_steps: int | None = None    # ... or over this many steps (overrides the fraction)
+    optimizer: str | None = None              # "adamw" | "adam"
+    lr: float | None = None
+    adversary_lr: float | None = None         # None = lr
+    weight_decay: float | None = None
+    schedule: str | None = None               # "cosine" (linear warm-up, cosine decay) | "constant"
+    lr_warmup_frac: float = 0.03
+    min_lr_frac: float = 0.02                 # cosine decays to lr * min_lr_frac
+    batch_size: int | None = None
+    epochs: int | None = None
+    time_limit: float | None = None           # seconds of training in all (across resumes)
+    seed: int = 0
+    val_fraction: float = 0.1                 # of the groups, when no separate validation set
+    eval_max_stars: int = 2000                # validation stars used for the per-epoch metrics
+    max_memory_gb: float = 4.0                # train in memory below this, stream from HDF5 above
+    device: str = "auto"                      # "auto" | "cpu" | "cuda"
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise InputError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.condition = tuple(str(c) for c in ([self.condition] if isinstance(self.condition, str) else self.condition))
+        for key in ("encoder_hidden", "decoder_hidden", "adversary_hidden"):
+            setattr(self, key, tuple(int(h) for h in getattr(self, key)))
+        if self.model not in ("fader", "cae"):
+            raise InputError(f"unknown model {self.model!r}; choose fader or cae")
+        if self.model == "cae":
+            self.lambda_adv = 0.0
+        if int(self.latent_dim) < 1:
+            raise InputError(f"latent dimension must be at least 1, got {self.latent_dim}")
+        if not self.condition or len(set(self.condition)) != len(self.condition):
+            raise InputError(f"condition labels must be distinct and not empty, got {','.join(self.condition) or 'none'}")
+        checks = {
+            "n_cat": self.n_cat >= 2, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 1,
+            "lr": self.lr > 0, "lambda_adv": self.lambda_adv >= 0, "val_fraction": 0 <= self.val_fraction < 1,
+            "time_limit": self.time_limit is None or self.time_limit > 0,
+            "activation": self.activation in ACTIVATIONS, "optimizer": self.optimizer in ("adam", "adamw"),
+            "schedule": self.schedule in ("cosine", "constant"), "device": self.device in ("auto", "cpu", "cuda"),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise InputError(f"invalid {key}: {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FaderConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def lambda_at(self, progress: float, step: int) -> float:
+        """lambda after ``step`` steps at training ``progress`` in [0, 1]: linear warm-up, then constant."""
+        if self.lambda_warmup_steps:
+            ramp = step / self.lambda_warmup_steps
+        else:
+            ramp = progress / self.lambda_warmup_frac if self.lambda_warmup_frac > 0 else 1.0
+        return self.lambda_adv * min(1.0, ramp)
+
+    def lr_factor(self, progress: float) -> float:
+        """Multiplier of the learning rate at training ``progress`` in [0, 1]."""
+        if self.schedule == "constant":
+            return 1.0
+        if progress < self.lr_warmup_frac:
+            return (progress + 1e-3) / (self.lr_warmup_frac + 1e-3)
+        t = min(1.0, (progress - self.lr_warmup_frac) / max(1e-9, 1 - self.lr_warmup_frac))
+        return self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def pixel_weights(ivar: np.ndarray) -> np.ndarray:
+    """Per-pixel weights of the reconstruction loss, normalised to mean 1 over good pixels.
+
+    weight = ivar / mean(ivar of that star's good pixels); ivar = 0 gives 0.  A star whose
+    ivar holds +inf (noiseless pixels) weighs those pixels 1 and its finite ones 0, so
+    noiseless data trains exactly like unit weights.  Rows without a good pixel are all 0.
+    NaN or negative ivar is the caller's to reject (``check_spectra``).
+    """
+    ivar = np.asarray(ivar, dtype=np.float64)
+    inf = np.isposinf(ivar)
+    w = np.where(np.isfinite(ivar) & (ivar > 0), ivar, 0.0)
+    rows = inf.any(axis=1)
+    w[rows] = inf[rows]
+    good = (w > 0).sum(axis=1, keepdims=True)
+    mean = w.sum(axis=1, keepdims=True) / np.maximum(good, 1)
+    return (w / np.where(mean > 0, mean, 1.0)).astype(np.float32)
+
+
+def check_spectra(flux: np.ndarray, ivar: np.ndarray, row0: int = 0, source: str = "input") -> np.ndarray:
+    """Validate a batch; return the mask of usable rows (False = ivar all zero).
+
+    Raises InputError naming the first row with NaN/inf flux where ivar > 0, or with NaN or
+    negative ivar.
+    """
+    if flux.ndim != 2 or ivar.shape != flux.shape:
+        raise InputError(f"{source}: flux {flux.shape} and ivar {ivar.shape} must both be (stars, pixels)")
+    bad_ivar = np.isnan(ivar) | (ivar < 0)
+    if bad_ivar.any():
+        row = int(np.flatnonzero(bad_ivar.any(axis=1))[0])
+        raise InputError(f"{source}: row {row0 + row} has NaN or negative ivar")
+    bad_flux = ~np.isfinite(flux) & (ivar > 0)
+    if bad_flux.any():
+        row = int(np.flatnonzero(bad_flux.any(axis=1))[0])
+        raise InputError(f"{source}: row {row0 + row} has NaN/inf flux at pixels with ivar > 0")
+    return (ivar > 0).any(axis=1)
+
+
+def _mlp(sizes, act: str) -> nn.Sequential:
+    layers = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if k < len(sizes) - 2:
+            layers.append(ACTIVATIONS[act]())
+    return nn.Sequential(*layers)
+
+
+class CondMLP(nn.Module):
+    """MLP conditioned on u: u is concatenated to the input (``concat``) and, with ``film``,
+    each hidden activation h becomes h * (1 + gamma(u)) + beta(u) (FiLM; starts as identity),
+    which lets the network scale its features by functions of u."""
+
+    def __init__(self, sizes: tuple, n_cond: int, act: str, concat: bool = True, film: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.cond = nn.Linear(n_cond, sizes[1], bias=False) if concat else None
+        self.film = nn.ModuleList(_mlp((n_cond, 64, 2 * h), act) for h in sizes[1:-1]) if film else None
+        for f in self.film or ():
+            nn.init.zeros_(f[-1].weight)
+            nn.init.zeros_(f[-1].bias)
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, x, u):
+        h = self.layers[0](x)
+        if self.cond is not None:
+            h = h + self.cond(u)
+        for i, layer in enumerate(self.layers[1:]):
+            h = self.act(h)
+            if self.film is not None:
+                gamma, beta = self.film[i](u).chunk(2, dim=1)
+                h = h * (1 + gamma) + beta
+            h = layer(h)
+        return h
+
+
+class Adversary(nn.Module):
+    """A(z) -> logits over the joint u bins.  With ``square`` its input is [z, z*z], so that a
+    latent whose spread (not only its mean) changes with u is as plain to it as a shift."""
+
+    def __init__(self, latent_dim: int, hidden: tuple, n_classes: int, act: str, square: bool = False):
+        super().__init__()
+        self.square = square
+        self.net = _mlp((latent_dim * (2 if square else 1),) + tuple(hidden) + (n_classes,), act)
+
+    def forward(self, z):
+        return self.net(torch.cat([z, z * z], dim=1) if self.square else z)
+
+
+def poly_exponents(k: int, degree: int) -> np.ndarray:
+    """Exponents (F, k) of every monomial of total degree <= ``degree`` in k variables."""
+    exps = [e for e in itertools.product(range(degree + 1), repeat=k) if sum(e) <= degree]
+    return np.array(sorted(exps, key=lambda e: (sum(e), [-x for x in e])), dtype=np.int64).reshape(-1, k)
+
+
+def poly_features(s, exponents):
+    """Monomials (N, F) of scaled labels ``s`` (N, k); NumPy or torch."""
+    if isinstance(s, torch.Tensor):
+        e = torch.as_tensor(exponents, device=s.device)
+        return torch.prod(s[:, None, :] ** e[None], dim=2)
+    return np.prod(np.asarray(s)[:, None, :] ** exponents[None], axis=2)
+
+
+class FaderNet(nn.Module):
+    """Encoder, decoder, adversary and the fixed preprocessing (buffers saved with the weights).
+
+    The spectrum is modelled around a baseline b(u): per pixel, a polynomial of degree
+    ``baseline_degree`` in the scaled conditioned labels, least-squares fitted to the
+    training set (degree 0 = the mean spectrum).  The encoder sees (x - b(u)) / scale and
+    the decoder returns b(u) + scale * MLP(z, u), so the networks only model what the
+    labels u do not explain in that simple way; the loss is still on x itself.
+
+    Buffers: ``u_lo``/``u_hi`` (k,) training range of the conditioned labels (u is scaled
+    to [-0.5, 0.5] over it); ``bin_edges`` (k, n_cat + 1) equal-width adversary bins over
+    the same range; ``poly_coef`` (F, P) the baseline; ``scale`` (P,) the per-pixel std of
+    the training residual (floored at its median; 1 without ``standardize``);
+    ``loss_scale`` () the factor of the reconstruction term in L_AE (1 / mean residual
+    variance with ``normalize_loss``, else 1), which makes lambda dimensionless.
+    """
+
+    def __init__(self, cfg: FaderConfig, n_pixels: int):
+        super().__init__()
+        k, d = len(cfg.condition), cfg.latent_dim
+        self.n_cat, self.n_pixels = cfg.n_cat, n_pixels
+        self.exponents = poly_exponents(k, cfg.baseline_degree)
+        self.encoder = CondMLP((n_pixels,) + cfg.encoder_hidden + (d,), k, cfg.activation, cfg.encoder_direct_u, cfg.film)
+        self.decoder = CondMLP((d,) + cfg.decoder_hidden + (n_pixels,), k, cfg.activation, True, cfg.film)
+        self.latent_norm = nn.BatchNorm1d(d, affine=False, momentum=0.01) if cfg.latent_norm else None
+        self.adversary = Adversary(d, cfg.adversary_hidden, cfg.n_cat**k, cfg.activation, cfg.adversary_square)
+        with torch.no_grad():  # start the decoder at the baseline
+            self.decoder.layers[-1].weight.mul_(0.1)
+            self.decoder.layers[-1].bias.zero_()
+        for name, size in (("u_lo", (k,)), ("u_hi", (k,)), ("bin_edges", (k, cfg.n_cat + 1)),
+                           ("poly_coef", (len(self.exponents), n_pixels)), ("scale", (n_pixels,)), ("loss_scale", ())):
+            self.register_buffer(name, torch.zeros(size))
+        self.poly_coef[0] = 1.0
+        self.scale.fill_(1.0)
+        self.u_hi.fill_(1.0)
+        self.loss_scale.fill_(1.0)
+
+    def set_statistics(self, u_lo, u_hi, coef, resid_std, standardize: bool, normalize_loss: bool) -> None:
+        """Fix the preprocessing from training-set statistics (NumPy arrays, see ``fit_baseline``)."""
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+        self.u_lo.copy_(t(u_lo))
+        self.u_hi.copy_(t(u_hi))
+        lo, hi = np.asarray(u_lo, np.float64), np.asarray(u_hi, np.float64)
+        self.bin_edges.copy_(t(np.linspace(lo, hi, self.n_cat + 1).T))
+        self.poly_coef.copy_(t(coef))
+        std = np.asarray(resid_std, dtype=np.float64)
+        if standardize:
+            floor = np.median(std[std > 0]) if (std > 0).any() else 1.0
+            self.scale.copy_(t(np.sqrt(std**2 + floor**2)))
+        if normalize_loss:
+            var = float(np.mean(std**2))
+            self.loss_scale.fill_(1.0 / var if var > 0 else 1.0)
+
+    def scale_u(self, u):
+        return (u - self.u_lo) / (self.u_hi - self.u_lo) - 0.5
+
+    def baseline(self, u):
+        return poly_features(self.scale_u(u), self.exponents) @ self.poly_coef
+
+    def u_bins(self, u):
+        """Joint bin index sum_k b_k * n_cat**k of the conditioned labels (clipped to the range)."""
+        b = torch.stack([torch.bucketize(u[:, k].contiguous(), self.bin_edges[k, 1:-1], right=True)
+                         for k in range(u.shape[1])], dim=1)
+        return (b * self.n_cat ** torch.arange(u.shape[1], device=u.device)).sum(dim=1)
+
+    def residual(self, x, w, u):
+        """The encoder's input: (x - b(u)) / scale, 0 at masked pixels (w = 0)."""
+        r = (x - self.baseline(u)) / self.scale
+        return r if w is None else torch.where(w > 0, r, 0.0)
+
+    def encode(self, x, w, u):
+        """z from flux x (N, P), pixel weights w (N, P or None; 0 = masked) and raw labels u (N, k)."""
+        z = self.encoder(self.residual(x, w, u), self.scale_u(u))
+        return z if self.latent_norm is None else self.latent_norm(z)
+
+    @torch.no_grad()
+    def init_from_pca(self, r) -> None:
+        """Aim the encoder's first layer and the decoder's last layer at the leading principal
+        components of training residuals ``r`` (N, P): a head start, both stay trainable."""
+        first, last = self.encoder.layers[0], self.decoder.layers[-1]
+        q = min(max(first.out_features, last.in_features), *r.shape)
+        _, s, v = torch.svd_lowrank(r, q=q, niter=3)
+        sd = (s / math.sqrt(len(r))).clamp_min(1e-12)
+        k = min(first.out_features, q)
+        first.weight[:k] = (v[:, :k] / sd[:k]).T
+        first.bias[:k] = 0
+        k = min(last.in_features, q)
+        last.weight[:, :k] = 0.1 * v[:, :k] * sd[:k]
+
+    def decode(self, z, u):
+        return self.baseline(u) + self.scale * self.decoder(z, self.scale_u(u))
+
+
+def fit_baseline(A: np.ndarray, b: np.ndarray, sxx: np.ndarray, count: np.ndarray):
+    """Per-pixel weighted least squares from accumulated normal equations.
+
+    A (P, F, F) = sum_n w phi phi^T, b (P, F) = sum_n w x phi, sxx (P,) = sum_n w x^2,
+    count (P,) = sum_n w.  Returns (coef (F, P), residual std (P,)).  A tiny ridge keeps
+    poorly covered pixels solvable; pixels never observed get the continuum (1).
+    """
+    F_ = A.shape[1]
+    ridge = 1e-9 * np.trace(A, axis1=1, axis2=2)[:, None, None] / F_ + 1e-12
+    beta = np.linalg.solve(A + ridge * np.eye(F_), b[..., None])[..., 0]
+    beta[count <= 0] = 0.0
+    beta[count <= 0, 0] = 1.0
+    rss = sxx - 2 * (beta * b).sum(1) + np.einsum("pf,pfg,pg->p", beta, A, beta)
+    var = np.clip(rss, 0, None) / np.maximum(count, 1e-12)
+    return beta.T, np.sqrt(var)
+
+
+def recon_loss(x_hat, x, w=None):
+    """Mean over stars of sum_p w (x_hat - x)^2 / sum_p w (plain MSE when w is None)."""
+    if w is None:
+        return (x_hat - x).pow(2).mean()
+    w = w.to(x.dtype)
+    return ((w * (x_hat - torch.nan_to_num(x)).pow(2)).sum(1) / w.sum(1).clamp_min(1e-12)).mean()
+
+
+def adversary_loss(model: FaderNet, z, u_bin):
+    """(cross-entropy, accuracy) of the adversary on latents z."""
+    logits = model.adversary(z)
+    return F.cross_entropy(logits, u_bin), (logits.argmax(1) == u_bin).float().mean()
