@@ -279,6 +279,16 @@ def test_fit_noisy_uncertainties_and_masks():
     assert (np.abs(exact.labels - result.labels) < 1e-3 * (X_MAX - X_MIN)).all()
 
 
+def test_fit_threads_and_batches_agree():
+    emu = PayneEmulator.from_arrays(mlp_arrays(p=200), NAMES, wavelength=wavelength(200))
+    truth = random_labels(40, seed=8)
+    flux = emu.predict(truth)
+    serial = PayneFitter(emu, hessian="exact").fit(flux)
+    threaded = PayneFitter(emu, hessian="exact", threads=2, batch_size=7).fit(flux)
+    assert (np.abs(threaded.labels - serial.labels) < 1e-4 * (X_MAX - X_MIN)).all()
+    assert (np.abs(serial.labels - truth) <= TOLERANCE).all()
+
+
 def test_fit_bad_input():
     emu = PayneEmulator.from_arrays(mlp_arrays(), NAMES)
     fitter = PayneFitter(emu)

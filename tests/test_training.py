@@ -16,7 +16,7 @@ import torch
 from chemtwin.cli import main
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.errors import InputError
-from chemtwin.tagging.training import Loader, read_history, split_by_group, twin_ranks
+from chemtwin.tagging.training import Loader, read_history, split_by_group
 from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 torch.set_num_threads(1)
@@ -39,15 +39,6 @@ def test_split_by_group_never_straddles():
             assert len(set(val[group == g])) == 1
         assert 0.15 < val.mean() < 0.25
     assert not split_by_group(group, 0.0, 0).any()
-
-
-def test_twin_ranks_counts_ties_as_closer():
-    z = np.array([[0.0], [1.0], [1.0], [5.0], [9.0], [20.0]])
-    group = np.array([0, 0, 1, 1, -1, 2])
-    r = twin_ranks(z, group, chunk=4)
-    # star 0: twin at 1, star 2 also at 1 (a tie counts as closer) => 1; star 1: star 2 at 0 => 1
-    # star 2: twin at 4, stars 0 and 1 closer => 2; star 3: twin at 4, stars 1 and 4 tie => 2; no twin => -1
-    assert r.tolist() == [1, 1, 2, 2, -1, -1]
 
 
 def test_streaming_loader_visits_every_training_row_once(data):
@@ -221,3 +212,14 @@ def test_existing_output_needs_overwrite(data, tmp_path, capsys):
         from chemtwin.tagging import ChemTwin
 
         ChemTwin.load(out)
+
+
+def test_fit_arrays_without_validation_or_groups(tmp_path):
+    from chemtwin.tagging import ChemTwin
+
+    flux, ivar, labels, _ = fake_twins(60, 200, seed=7)
+    ct = ChemTwin(epochs=2, latent_dim=4, val_fraction=0.0).fit(
+        flux, None, {"TEFF": labels[:, 0], "LOGG": labels[:, 1]}, progress=False, out_dir=tmp_path / "m")
+    assert len(ct.history) == 2 and np.isnan(ct.history[-1]["val_rank0"])
+    assert ct.transform(flux[:3], None, labels[:3, :2]).shape == (3, 4)
+    assert ChemTwin.load(tmp_path / "m").transform(flux[:3], None, labels[:3, :2]).shape == (3, 4)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -21,9 +20,6 @@ import numpy as np
 
 from chemtwin.data.dataset import prepare_output, temporary_path
 from chemtwin.errors import InputError
-
-log = logging.getLogger(__name__)
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -108,7 +104,8 @@ def register(subparsers) -> None:
                    help="names of the emulator's labels, in order (needed when the .npz has no label_names array)")
     f.add_argument("--rv", action="store_true", help="also fit a radial velocity (km/s) by shifting the model spectrum")
     f.add_argument("--rv-max", type=_positive_float, default=200.0, help="largest |RV| searched, km/s (default 200)")
-    f.add_argument("--starts", type=_positive_int, default=4, help="starting points per star (default 4)")
+    f.add_argument("--starts", type=_positive_int, default=4,
+                   help="starting points per star (default 4: two linear guesses, one near them, the best screened candidate)")
     f.add_argument("--candidates", type=_positive_int, default=2048,
                    help="label vectors screened to pick the starting points (default 2048)")
     f.add_argument("--max-iter", type=_positive_int, default=50, help="Levenberg-Marquardt iterations per start (default 50)")
@@ -117,7 +114,8 @@ def register(subparsers) -> None:
                    help="Gauss-Newton matrix during the iterations: exact, or shared across the batch (MLP only; "
                         "auto = shared for MLP). Uncertainties always use the exact Jacobian")
     f.add_argument("--batch-size", type=_positive_int, default=128, help="stars fitted together (default 128)")
-    f.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    f.add_argument("--threads", type=_positive_int, default=None,
+                   help="batches of stars fitted in parallel, one torch thread each (default: up to 2)")
     f.add_argument("--seed", type=int, default=0, help="seed of the screening candidates (default 0)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     f.set_defaults(func=run_fit)
@@ -175,20 +173,16 @@ def run_train(args) -> int:
 
 
 def run_fit(args) -> int:
-    import torch
-
     from chemtwin.spectral_models.payne import PayneEmulator
     from chemtwin.tagging.payne_fit import fit_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     prepare_output(args.out, args.overwrite)
     emulator = PayneEmulator.load(args.emulator, _names(args.label_names))
     path, result, seconds = fit_dataset(
         emulator, args.data, args.out, overwrite=args.overwrite, progress=_progress(args), rv=args.rv,
         rv_max=args.rv_max, n_starts=args.starts, n_candidates=args.candidates, max_iter=args.max_iter,
         weighting="uniform" if args.unweighted else "ivar", hessian=args.hessian, batch_size=args.batch_size,
-        seed=args.seed,
+        threads=args.threads or min(2, os.cpu_count() or 1), seed=args.seed,
     )
     n = result.labels.shape[0]
     rate = n / seconds if seconds > 0 else float("nan")

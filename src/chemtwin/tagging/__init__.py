@@ -1,6 +1,6 @@
 """Models that turn spectra into chemical tags: the fader disentangling autoencoder.
 
-``ChemTwin``, ``FaderConfig``, ``FaderNet``, ``train`` and ``twin_ranks`` are imported on
+``ChemTwin``, ``FaderConfig``, ``FaderNet`` and ``train`` are imported on
 first use, so that ``import chemtwin.tagging.<module>`` does not load torch.
 """
 
@@ -11,7 +11,6 @@ _EXPORTS = {
     "FaderConfig": "chemtwin.tagging.fader",
     "FaderNet": "chemtwin.tagging.fader",
     "train": "chemtwin.tagging.training",
-    "twin_ranks": "chemtwin.tagging.training",
 }
 __all__ = list(_EXPORTS)
 

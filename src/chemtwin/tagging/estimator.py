@@ -99,7 +99,6 @@ class ChemTwin:
 
     @torch.no_grad()
     def _run(self, flux, ivar, cond, batch_size, fn, width) -> np.ndarray:
-        self._check()
         flux, ivar, ok = self._inputs(flux, ivar)
         cond = self._cond(cond, len(flux))
         out = np.full((len(flux), width), np.nan, np.float32)
@@ -117,10 +116,12 @@ class ChemTwin:
 
     def transform(self, flux, ivar=None, cond=None, batch_size: int = 1024) -> np.ndarray:
         """Latents z (N, latent_dim) float32; rows whose ivar is all zero give NaN."""
+        self._check()
         return self._run(flux, ivar, cond, batch_size, self.model.encode, self.config.latent_dim)
 
     def reconstruct(self, flux, ivar=None, cond=None, batch_size: int = 1024) -> np.ndarray:
         """D(E(x, u), u): the model's rebuild of each spectrum (N, P)."""
+        self._check()
         fn = lambda x, w, u: self.model.decode(self.model.encode(x, w, u), u)  # noqa: E731
         return self._run(flux, ivar, cond, batch_size, fn, self.model.n_pixels)
 

@@ -26,21 +26,27 @@ from chemtwin.errors import InputError
 
 # Architecture / optimiser knobs each preset fills in when the caller leaves them None.
 PRESETS = {
-    # CPU-friendly: standardized input, one wide projection layer each way (the P-sized
-    # layers dominate the cost), a Payne-like decoder, AdamW + warm-up + cosine.
+    # CPU-friendly (docs/model.md): the input is the residual from a per-pixel polynomial
+    # baseline in u; a linear encoder started at its whitened principal components; a FiLM
+    # decoder with a linear path; a small, regularised, fast adversary; AdamW + cosine.
     "fast": dict(
-        encoder_hidden=(256, 128), decoder_hidden=(256, 256), adversary_hidden=(256, 256),
-        activation="silu", baseline_degree=3, pca_init=True, film=True, adversary_square=True,
-        latent_norm=True, standardize=True, normalize_loss=True, optimizer="adamw", lr=2e-3, weight_decay=1e-5,
-        schedule="cosine", batch_size=256, lambda_adv=1e-3, lambda_warmup_frac=0.3, epochs=500,
+        baseline_degree=4, standardize=True, normalize_loss=True, pca_init=True,
+        encoder_hidden=(), encoder_direct_u=False, latent_norm=True,
+        decoder_hidden=(256, 256), film=True, linear_skip=True, activation="silu",
+        adversary_hidden=(64, 64), adversary_square=True, adversary_factorized=True, adversary_dropout=0.3,
+        optimizer="adamw", lr=3e-4, adversary_lr_factor=5.0, weight_decay=1e-5, schedule="cosine",
+        batch_size=64, lambda_adv=1e-2, lambda_warmup_frac=0.3, epochs=200,
     ),
-    # The published model: MLP encoder 2048-512-128-z, decoder z-512-2048-8192-P, SELU,
-    # Adam at lr 1e-5 and a small constant lambda (1e-5), raw (unstandardized) flux.
+    # The published model: MLP encoder [x; u] 2048-512-128-z, decoder [z; u] 512-2048-8192-P,
+    # SELU, Adam at lr 1e-5, a small constant lambda (1e-5), raw flux.  (The adversary's
+    # size and the batch size are not published; ours.)
     "paper": dict(
-        encoder_hidden=(2048, 512, 128), decoder_hidden=(512, 2048, 8192), adversary_hidden=(512, 512),
-        activation="selu", baseline_degree=0, pca_init=False, film=False, adversary_square=False,
-        latent_norm=False, standardize=False, normalize_loss=False, optimizer="adam", lr=1e-5, weight_decay=0.0,
-        schedule="constant", batch_size=128, lambda_adv=1e-5, lambda_warmup_frac=0.0, epochs=100,
+        baseline_degree=0, standardize=False, normalize_loss=False, pca_init=False,
+        encoder_hidden=(2048, 512, 128), encoder_direct_u=True, latent_norm=False,
+        decoder_hidden=(512, 2048, 8192), film=False, linear_skip=False, activation="selu",
+        adversary_hidden=(512, 512), adversary_square=False, adversary_factorized=False, adversary_dropout=0.0,
+        optimizer="adam", lr=1e-5, adversary_lr_factor=1.0, weight_decay=0.0, schedule="constant",
+        batch_size=128, lambda_adv=1e-5, lambda_warmup_frac=0.0, epochs=100,
     ),
 }
 ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "relu": nn.ReLU}
@@ -60,9 +66,12 @@ class FaderConfig:
     adversary_hidden: tuple | None = None
     activation: str | None = None
     baseline_degree: int | None = None        # per-pixel polynomial in u subtracted from x (0 = the mean spectrum)
-    encoder_direct_u: bool = True             # u also enters the encoder's first layer directly
+    encoder_direct_u: bool | None = None      # u also enters the encoder's first layer directly
     film: bool | None = None                  # FiLM conditioning of every hidden layer on u
+    linear_skip: bool | None = None           # linear encoder/decoder paths beside the MLPs (PCA-initialised)
     latent_norm: bool | None = None           # batch-normalise z (no affine): unit variance per dimension
+    adversary_factorized: bool | None = None  # joint logits = per-label heads + a joint head
+    adversary_dropout: float | None = None    # dropout after each hidden layer of the adversary
     adversary_square: bool | None = None      # the adversary also sees z*z (sees u-dependent scale)
     pca_init: bool | None = None              # start the P-sized layers at the residuals' principal components
     standardize: bool | None = None           # divide the input residual by its per-pixel std
@@ -72,7 +81,7 @@ class FaderConfig:
     lambda_warmup_steps: int | None = None    # ... or over this many steps (overrides the fraction)
     optimizer: str | None = None              # "adamw" | "adam"
     lr: float | None = None
-    adversary_lr: float | None = None         # None = lr
+    adversary_lr_factor: float | None = None  # the adversary's learning rate is lr times this
     weight_decay: float | None = None
     schedule: str | None = None               # "cosine" (linear warm-up, cosine decay) | "constant"
     lr_warmup_frac: float = 0.03
@@ -215,16 +224,43 @@ class CondMLP(nn.Module):
 
 
 class Adversary(nn.Module):
-    """A(z) -> logits over the joint u bins.  With ``square`` its input is [z, z*z], so that a
-    latent whose spread (not only its mean) changes with u is as plain to it as a shift."""
+    """A(z) -> logits over the joint bin of the k conditioned labels (n_cat**k classes).
 
-    def __init__(self, latent_dim: int, hidden: tuple, n_classes: int, act: str, square: bool = False):
+    ``square``: the input is [z, z*z], so a latent whose spread (not only its mean) changes
+    with u is as plain to the adversary as a shift.  ``factorized``: the joint logit of bins
+    (b_1..b_k) is sum_k a_k(z)[b_k] + j(z)[b]: per-label heads (which learn fast: 10 classes,
+    not 100) plus a joint head (starts at 0) for what the labels do together.  The loss is
+    the cross-entropy of these joint logits either way.
+    """
+
+    def __init__(self, latent_dim: int, hidden: tuple, n_cat: int, k: int, act: str, square=False, factorized=False,
+                 dropout: float = 0.0):
         super().__init__()
-        self.square = square
-        self.net = _mlp((latent_dim * (2 if square else 1),) + tuple(hidden) + (n_classes,), act)
+        self.square, self.n_cat, self.k = square, n_cat, k
+        n_out = n_cat**k + (k * n_cat if factorized else 0)
+        self.net = _mlp((latent_dim * (2 if square else 1),) + tuple(hidden) + (n_out,), act)
+        self.dropout = dropout
+        self.factorized = factorized
+        if factorized:
+            with torch.no_grad():
+                self.net[-1].weight[: n_cat**k].zero_()
+                self.net[-1].bias[: n_cat**k].zero_()
+            # joint index b = sum_k b_k n_cat**k -> the bin of label k in class b
+            b = torch.arange(n_cat**k)
+            self.register_buffer("label_bin", torch.stack([(b // n_cat**i) % n_cat + i * n_cat for i in range(k)]),
+                                 persistent=False)
 
     def forward(self, z):
-        return self.net(torch.cat([z, z * z], dim=1) if self.square else z)
+        h = torch.cat([z, z * z], dim=1) if self.square else z
+        for layer in self.net:
+            h = layer(h)
+            if self.dropout and not isinstance(layer, nn.Linear):  # after each hidden activation
+                h = F.dropout(h, self.dropout, self.training)
+        out = h
+        if not self.factorized:
+            return out
+        joint, per_label = out[:, : self.n_cat**self.k], out[:, self.n_cat**self.k :]
+        return joint + per_label[:, self.label_bin].sum(dim=1)
 
 
 def poly_exponents(k: int, degree: int) -> np.ndarray:
@@ -265,8 +301,15 @@ class FaderNet(nn.Module):
         self.exponents = poly_exponents(k, cfg.baseline_degree)
         self.encoder = CondMLP((n_pixels,) + cfg.encoder_hidden + (d,), k, cfg.activation, cfg.encoder_direct_u, cfg.film)
         self.decoder = CondMLP((d,) + cfg.decoder_hidden + (n_pixels,), k, cfg.activation, True, cfg.film)
+        self.latent_dim = d
+        self.enc_skip = nn.Linear(n_pixels, d, bias=False) if cfg.linear_skip and cfg.encoder_hidden else None
+        self.dec_skip = nn.Linear(d, n_pixels, bias=False) if cfg.linear_skip else None
+        for layer in (self.enc_skip, self.dec_skip):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
         self.latent_norm = nn.BatchNorm1d(d, affine=False, momentum=0.01) if cfg.latent_norm else None
-        self.adversary = Adversary(d, cfg.adversary_hidden, cfg.n_cat**k, cfg.activation, cfg.adversary_square)
+        self.adversary = Adversary(d, cfg.adversary_hidden, cfg.n_cat, k, cfg.activation, cfg.adversary_square,
+                                   cfg.adversary_factorized, cfg.adversary_dropout)
         with torch.no_grad():  # start the decoder at the baseline
             self.decoder.layers[-1].weight.mul_(0.1)
             self.decoder.layers[-1].bias.zero_()
@@ -313,7 +356,10 @@ class FaderNet(nn.Module):
 
     def encode(self, x, w, u):
         """z from flux x (N, P), pixel weights w (N, P or None; 0 = masked) and raw labels u (N, k)."""
-        z = self.encoder(self.residual(x, w, u), self.scale_u(u))
+        r = self.residual(x, w, u)
+        z = self.encoder(r, self.scale_u(u))
+        if self.enc_skip is not None:
+            z = z + self.enc_skip(r)
         return z if self.latent_norm is None else self.latent_norm(z)
 
     @torch.no_grad()
@@ -321,17 +367,32 @@ class FaderNet(nn.Module):
         """Aim the encoder's first layer and the decoder's last layer at the leading principal
         components of training residuals ``r`` (N, P): a head start, both stay trainable."""
         first, last = self.encoder.layers[0], self.decoder.layers[-1]
-        q = min(max(first.out_features, last.in_features), *r.shape)
+        wanted = max(first.out_features, self.latent_dim if self.dec_skip is not None else last.in_features)
+        q = min(wanted, *r.shape)
         _, s, v = torch.svd_lowrank(r, q=q, niter=3)
         sd = (s / math.sqrt(len(r))).clamp_min(1e-12)
         k = min(first.out_features, q)
         first.weight[:k] = (v[:, :k] / sd[:k]).T
         first.bias[:k] = 0
-        k = min(last.in_features, q)
-        last.weight[:, :k] = 0.1 * v[:, :k] * sd[:k]
+        if self.dec_skip is None:
+            k = min(last.in_features, q)
+            last.weight[:, :k] = 0.1 * v[:, :k] * sd[:k]
+            return
+        # linear paths = whitened PCA (the linear autoencoder); the MLPs start as corrections
+        k = min(self.latent_dim, q)
+        self.dec_skip.weight.zero_()
+        self.dec_skip.weight[:, :k] = v[:, :k] * sd[:k]
+        if self.enc_skip is not None:
+            self.enc_skip.weight.zero_()
+            self.enc_skip.weight[:k] = (v[:, :k] / sd[:k]).T
+            self.encoder.layers[-1].weight.zero_()
+            self.encoder.layers[-1].bias.zero_()
 
     def decode(self, z, u):
-        return self.baseline(u) + self.scale * self.decoder(z, self.scale_u(u))
+        out = self.decoder(z, self.scale_u(u))
+        if self.dec_skip is not None:
+            out = out + self.dec_skip(z)
+        return self.baseline(u) + self.scale * out
 
 
 def fit_baseline(A: np.ndarray, b: np.ndarray, sxx: np.ndarray, count: np.ndarray):

@@ -3,30 +3,41 @@
 For every star we minimize chi2 = sum_p w_p (model_p(labels, rv) - flux_p)^2 with
 w = ivar (0 on masked pixels), batched over stars, by Levenberg-Marquardt in torch:
 
-1. **Screening.**  ``n_candidates`` label vectors (a scrambled Sobol set in the scaled
-   box plus its centre) are emulated once; chi2 of every star against every candidate
-   is then a matrix product.  With ``rv=True`` a grid of velocities is scanned first
-   with the centre spectrum and the spectra are moved to the rest frame for the
-   screening.  The ``n_starts`` best distinct candidates start the fits.
+1. **Starting points.**  ``n_candidates`` label vectors (a scrambled Sobol set in the
+   scaled box plus its centre) are emulated once.  Ridge regressions of their labels on
+   their spectra are crude inverses of the emulator; the starts of a star are the guess
+   of a strongly regularized one (robust to noise, shifts and model error), that of a
+   weakly regularized one (closer on clean spectra), then the candidate with the lowest
+   chi2 (one matrix product for all stars and candidates) and, beyond three starts,
+   random offsets (0.05 of the box) from the first guess.  Masked pixels take the flux
+   emulated at the best candidate, then at the guess, before a regression is applied.
+   With ``rv=True`` a grid of velocities is scanned first with the centre spectrum and
+   the spectra are moved to the rest frame for all this.
 2. **Levenberg-Marquardt** in the scaled label space (s in [-0.5, 0.5]; steps are
-   projected back into the box).  The gradient J^T W r always comes from reverse-mode
-   autodiff, so the minimum found is exact.  The Gauss-Newton matrix J^T W J comes from
-   forward-mode autodiff (``hessian="exact"``), or, for the MLP format, from
-   ``A^T (W2^T diag(w_bar) W2) A`` with A the (cheap) Jacobian of the last hidden layer
-   and w_bar the batch's mean pixel weights (``hessian="shared"``; exact when all stars
-   share their pixel weights up to a factor, e.g. noiseless or constant-SNR data, and a
-   good preconditioner otherwise).  Radial-velocity rows of the matrix are always exact.
+   projected back into the box), all starts of all stars in one batch.  The gradient
+   J^T W r always comes from reverse-mode autodiff, so the minimum found is exact.  The
+   Gauss-Newton matrix J^T W J comes from forward-mode autodiff (``hessian="exact"``),
+   or, for the MLP format, from ``A^T (W2^T diag(w_bar) W2) A`` with A the (cheap)
+   Jacobian of the last hidden layer and w_bar the batch's mean pixel weights
+   (``hessian="shared"``; exact when all stars share their pixel weights up to a factor,
+   e.g. noiseless or constant-SNR data, and a good preconditioner otherwise).
+   Radial-velocity rows of the matrix are always exact.  A start stops when chi2 stops
+   changing (``ftol`` relative; ``chi2_tol`` absolute for ivar-weighted stars), when it
+   runs into a better start of the same star, or when another start converged to a
+   chi2 ten times lower.
 3. **Uncertainties.**  At the best of the starts, the full Jacobian (forward-mode
-   autodiff) gives the formal covariance (J^T W J)^-1 in physical units.  With
-   ``weighting="uniform"`` (noiseless spectra) it is scaled by chi2 / (n_pixels - n_par).
+   autodiff) gives the formal covariance (J^T W J)^-1 in physical units.  For stars
+   fitted with unit weights (noiseless: ivar inf, or ``weighting="uniform"``) it is
+   scaled by chi2 / (n_pixels - n_par).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,16 +47,17 @@ import torch
 
 from chemtwin import __version__
 from chemtwin.data.dataset import open_dataset, prepare_output, temporary_path
+from chemtwin.data.generate import _torch_threads
+from chemtwin.data.grid import SPEED_OF_LIGHT_KMS
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import PayneEmulator
 
-log = logging.getLogger(__name__)
-
-SPEED_OF_LIGHT_KMS = 299792.458
+# torch's forward-mode autodiff keeps global state: one thread at a time may use it
+_FORWARD_AD = threading.Lock()
 RV_UNIT = 10.0  # km/s per unit of the fitted RV parameter (keeps it O(1) like the labels)
 WEIGHTINGS = ("ivar", "uniform")  # "ivar" turns to unit weights for noiseless (ivar inf) stars
 HESSIANS = ("auto", "exact", "shared")
-START_SPREAD = 0.05  # scatter of the starts around the linear guess (scaled labels; ~the guess's error)
+START_SPREAD = 0.05  # scatter of extra starts around the linear guess (scaled labels; ~the guess's error)
 
 
 @dataclass
@@ -86,7 +98,9 @@ class PayneFitter:
 
     ``fit(flux, ivar)`` takes NumPy arrays (N, P) on the emulator's pixels and returns a
     :class:`FitResult`.  ``wavelength`` (P,) is needed for ``rv=True`` when the emulator
-    does not store one.
+    does not store one.  Stars go in batches of up to ``batch_size``; with ``threads`` > 1
+    the batches run in that many threads with one torch thread each (the operations are
+    too small for torch's own threading to pay off).
     """
 
     def __init__(
@@ -98,11 +112,11 @@ class PayneFitter:
         rv_max: float = 200.0,
         n_starts: int = 4,
         n_candidates: int = 2048,
-        prune_after: int | None = 6,
         max_iter: int = 50,
         weighting: str = "ivar",
         hessian: str = "auto",
         batch_size: int = 128,
+        threads: int = 1,
         seed: int = 0,
         xtol: float = 1e-7,
         ftol: float = 1e-6,
@@ -114,8 +128,8 @@ class PayneFitter:
             raise InputError(f"hessian must be one of {', '.join(HESSIANS)}, not {hessian!r}")
         if hessian == "shared" and emulator.format != "mlp":
             raise InputError("hessian='shared' needs an MLP-format emulator")
-        if n_starts < 1 or n_candidates < 1 or max_iter < 1 or batch_size < 1:
-            raise InputError("n_starts, n_candidates, max_iter and batch_size must be positive")
+        if min(n_starts, n_candidates, max_iter, batch_size, threads) < 1:
+            raise InputError("n_starts, n_candidates, max_iter, batch_size and threads must be positive")
         if not rv_max > 0:
             raise InputError(f"rv_max must be positive, not {rv_max}")
         self.emulator = emulator.eval()
@@ -124,10 +138,10 @@ class PayneFitter:
         self.n_starts = int(n_starts)
         self.n_candidates = max(int(n_candidates), self.n_starts)
         self.max_iter = int(max_iter)
-        self.prune_after = -1 if prune_after is None else int(prune_after)
         self.weighting = weighting
         self.shared_hessian = hessian == "shared" or (hessian == "auto" and emulator.format == "mlp")
         self.batch_size = int(batch_size)
+        self.threads = int(threads)
         self.seed = seed
         self.xtol, self.ftol, self.chi2_tol = float(xtol), float(ftol), float(chi2_tol)
         self.n_labels = emulator.n_labels
@@ -149,7 +163,9 @@ class PayneFitter:
         with torch.no_grad():
             self._candidate_flux = self._emulate(self._candidates)  # (K, P)
         self._centre = self._candidate_flux.mean(0)
-        self._regression = self._linear_inverse()
+        # two linear inverses: a robust one (strong ridge: for noisy, shifted or imperfect
+        # spectra) and a sharp one (weak ridge: closer for spectra the emulator reproduces)
+        self._regressions = [self._linear_inverse(1e-2), self._linear_inverse(1e-4)]
         # offsets of the starts from the regression's guess: 0, then random ones of ~its error
         spread = torch.randn(self.n_starts, self.n_labels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         self._perturbations = torch.cat([torch.zeros(1, self.n_labels, dtype=torch.float64), START_SPREAD * spread[1:]])
@@ -160,7 +176,7 @@ class PayneFitter:
         points = (engine.draw(self.n_candidates - 1, dtype=torch.float64) - 0.5) * 0.9
         return torch.cat([torch.zeros(1, self.n_labels, dtype=torch.float64), points])
 
-    def _linear_inverse(self, ridge: float = 1e-4) -> torch.Tensor:
+    def _linear_inverse(self, ridge: float) -> torch.Tensor:
         """(P, L): ridge regression of the scaled labels on the candidates' spectra.
 
         A crude inverse of the emulator: ``(flux - centre) @ matrix`` is the first
@@ -234,7 +250,7 @@ class PayneFitter:
         def column(t):
             return torch.func.jvp(self._model, (theta,), (t,))[1]
 
-        with torch.no_grad():
+        with _FORWARD_AD, torch.no_grad():
             cols = torch.func.vmap(column)(tangents)  # (n, R, P)
         return cols.permute(1, 2, 0)
 
@@ -261,7 +277,8 @@ class PayneFitter:
             def shift(f, v_):
                 return self._shift(f, v_ * RV_UNIT)
 
-            flux, j_rv = torch.func.jvp(lambda v_: shift(base, v_), (v,), (torch.ones_like(v),))
+            with _FORWARD_AD:
+                flux, j_rv = torch.func.jvp(lambda v_: shift(base, v_), (v,), (torch.ones_like(v),))
             _, vjp_shift = torch.func.vjp(lambda f: shift(f, v), base.detach())
 
             def back(u):
@@ -281,9 +298,10 @@ class PayneFitter:
             d0 = torch.where(z0 > 0, 1.0, 0.01).to(em.dtype)
             z1 = torch.nn.functional.leaky_relu(z0, 0.01) @ em.w_array_1.T + em.b_array_1
             d1 = torch.where(z1 > 0, 1.0, 0.01).to(em.dtype)
-            a = d1[:, :, None] * torch.matmul(em.w_array_1, d0[:, :, None] * em.w_array_0)  # (R, H2, L)
+            # A = D1 W1 D0 W0 (R, H2, L), with each product as one matrix product over all rows
+            a = _left_multiply(em.w_array_1, d0[:, :, None] * em.w_array_0) * d1[:, :, None]
             scale, g_bar = shared_g
-            h_lab = torch.matmul(a.transpose(1, 2), torch.matmul(g_bar, a)) * scale[:, None, None]
+            h_lab = torch.bmm(a.transpose(1, 2), _left_multiply(g_bar, a)) * scale[:, None, None]
             h = torch.zeros(theta.shape[0], self.n_par, self.n_par, dtype=torch.float64)
             h[:, :n_lab, :n_lab] = h_lab.double()
             if self.rv:
@@ -343,11 +361,20 @@ class PayneFitter:
                 row, pixel = (int(i) for i in np.argwhere(bad)[0])
                 value = (ivar if "ivar must" in what else flux)[row, pixel]
                 raise InputError(f"star {row_offset + row}, pixel {pixel}: " + what.format(value=value))
-        parts = []
-        for a in range(0, flux.shape[0], self.batch_size):
-            parts.append(self._fit_batch(*self._weights(flux[a : a + self.batch_size], ivar[a : a + self.batch_size])))
+        n = flux.shape[0]
+        size = max(1, min(self.batch_size, math.ceil(n / self.threads)))
+
+        def run(a: int) -> FitResult:
+            part = self._fit_batch(*self._weights(flux[a : a + size], ivar[a : a + size]))
             if progress is not None:
-                progress.update(parts[-1].labels.shape[0])
+                progress.update(part.labels.shape[0])
+            return part
+
+        if self.threads > 1 and n > size:  # batches in parallel, one torch thread each
+            with _torch_threads(1), ThreadPoolExecutor(self.threads) as pool:
+                parts = list(pool.map(run, range(0, n, size)))
+        else:
+            parts = [run(a) for a in range(0, n, size)]
         if not parts:
             empty = np.zeros((0, self.n_labels))
             return FitResult(
@@ -370,15 +397,40 @@ class PayneFitter:
             # move the spectra (and weights) to the rest frame for the label screening
             rest = self._shift(data, -rv0)
             w = self._shift(w, -rv0).clamp_min(0.0)
+        best = self._candidates[_chi2_matrix(rest, w, cand, centre).argmin(1)]  # (B, L)
+        # masked pixels take the flux emulated at the current guess (twice: screened best, then the regression's)
+        masked = bool((w <= 0).any())
+        guesses = []
+        with torch.no_grad():
+            for matrix in self._regressions:
+                guess = best
+                for _ in range(2 if masked else 1):
+                    filled = torch.where(w > 0, rest.to(self.dtype), self._emulate(guess)) if masked else rest.to(self.dtype)
+                    guess = ((filled - centre) @ matrix).double().clamp(-0.5, 0.5)
+                guesses.append(guess)
+        # robust guess, sharp guess, then random offsets from the robust one; the best candidate last
         theta = torch.zeros(b, self.n_starts, self.n_par, dtype=torch.float64)
-        filled = torch.where(w > 0, rest, centre).to(self.dtype)
-        guess = ((filled - centre) @ self._regression).double()
-        theta[:, :, : self.n_labels] = (guess[:, None, :] + self._perturbations).clamp(-0.5, 0.5)
-        if self.n_starts >= 4:  # the last start: the best screened candidate, in case the regression is far off
-            theta[:, -1, : self.n_labels] = self._candidates[_chi2_matrix(rest, w, cand, centre).argmin(1)]
+        theta[:, :, : self.n_labels] = (guesses[0][:, None, :] + self._perturbations).clamp(-0.5, 0.5)
+        if self.n_starts >= 2:
+            theta[:, 1, : self.n_labels] = guesses[1]
+        if self.n_starts >= 3:
+            theta[:, -1, : self.n_labels] = best
         if self.rv:
             theta[:, :, self.n_labels] = (rv0 / RV_UNIT)[:, None]
         return theta
+
+    @staticmethod
+    def _redundant(theta: torch.Tensor, chi2: torch.Tensor, converged: torch.Tensor) -> torch.Tensor:
+        """(B, S) starts not worth iterating further.
+
+        A start is dropped when another start of the same star with a lower chi2 is
+        within 1e-3 of it (same basin), or when another start has converged to a chi2
+        below a tenth of its own (a different, much better minimum).
+        """
+        lower = chi2[:, None, :] < chi2[:, :, None]  # [b, i, j]: start j is better than start i
+        close = (theta[:, :, None, :] - theta[:, None, :, :]).abs().amax(-1) < 1e-3
+        best_done = torch.where(converged, chi2, torch.full_like(chi2, math.inf)).amin(1, keepdim=True)
+        return (lower & close).any(2) | (chi2 > 10 * best_done)
 
     def _fit_batch(self, flux_np: np.ndarray, w_np: np.ndarray, unweighted: np.ndarray) -> FitResult:
         b, n_lab, n = flux_np.shape[0], self.n_labels, self.n_par
@@ -406,11 +458,9 @@ class PayneFitter:
         n_iter = torch.zeros(b * s, dtype=torch.int64)
         active = torch.ones(b * s, dtype=torch.bool)
         converged = torch.zeros(b * s, dtype=torch.bool)
-        for it in range(self.max_iter):
-            if it == self.prune_after and s > 1:  # keep only the best start of each star
-                keep = torch.zeros(b, s, dtype=torch.bool)
-                keep[torch.arange(b), chi2.reshape(b, s).argmin(1)] = True
-                active &= keep.reshape(-1)
+        for _ in range(self.max_iter):
+            if s > 1:
+                active &= ~self._redundant(theta.reshape(b, s, n), chi2.reshape(b, s), converged.reshape(b, s)).reshape(-1)
             idx = torch.nonzero(active).squeeze(1)
             if idx.numel() == 0:
                 break
@@ -472,6 +522,12 @@ class PayneFitter:
             if no_data.any():
                 result.rv[no_data] = np.nan
         return result
+
+
+def _left_multiply(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """m (H2, H) times every x[r] (H, L) -> (R, H2, L), as one large matrix product."""
+    r, h, n = x.shape
+    return (m @ x.permute(1, 0, 2).reshape(h, r * n)).reshape(m.shape[0], r, n).permute(1, 0, 2)
 
 
 def _chi2_matrix(data: torch.Tensor, w: torch.Tensor, models: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:

@@ -144,12 +144,18 @@ class Loader:
         self.source, self.rows, self.columns, self.uniform = source, np.sort(rows), columns, uniform
         self.in_memory, self.n = in_memory, len(rows)
         self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
-        if in_memory:
-            parts = [self._read(a, min(a + READ_ROWS, source.n_stars)) for a in range(0, source.n_stars, READ_ROWS)]
-            parts = [p for p in parts if p[0].shape[0]]
-            self.x = torch.cat([p[0] for p in parts])
-            self.w = None if uniform else torch.cat([p[1] for p in parts])
-            self.u = torch.cat([p[2] for p in parts])
+        if in_memory:  # filled chunk by chunk: peak memory is the arrays themselves
+            p = source.n_pixels
+            self.x = torch.empty((self.n, p))
+            self.w = None if uniform else torch.empty((self.n, p))
+            self.u = torch.empty((self.n, len(columns)))
+            k = 0
+            for a in range(0, source.n_stars, READ_ROWS):
+                x, w, u = self._read(a, min(a + READ_ROWS, source.n_stars))
+                self.x[k : k + len(x)], self.u[k : k + len(x)] = x, u
+                if w is not None:
+                    self.w[k : k + len(x)] = w
+                k += len(x)
         else:
             starts = np.arange(0, source.n_stars, block_rows)
             counts = np.diff(np.searchsorted(self.rows, np.append(starts, source.n_stars)))
@@ -191,25 +197,6 @@ class Loader:
             carry = [None if t is None else t[n_full:] for t in buf]
 
 
-def twin_ranks(z, group, chunk: int = 2048) -> np.ndarray:
-    """Doppelganger rank of every star: the number of stars outside its group whose latent
-    is at least as close (L1) as its nearest groupmate's; -1 for stars without a groupmate."""
-    z = torch.as_tensor(np.asarray(z, dtype=np.float32))
-    g = torch.as_tensor(np.asarray(group, dtype=np.int64))
-    ranks = np.full(len(g), -1, np.int64)
-    for a in range(0, len(g), chunk):
-        d = torch.cdist(z[a : a + chunk], z, p=1)
-        rows = torch.arange(a, a + d.shape[0])
-        same = (g[a : a + chunk, None] == g[None, :]) & (g[a : a + chunk, None] >= 0)
-        same[torch.arange(d.shape[0]), rows] = False
-        twin = torch.where(same, d, torch.inf).min(1).values
-        other = ~same
-        other[torch.arange(d.shape[0]), rows] = False
-        r = ((d <= twin[:, None]) & other).sum(1)
-        ranks[a : a + d.shape[0]] = torch.where(torch.isfinite(twin), r, -1).numpy()
-    return ranks
-
-
 class EvalSet:
     """Up to ``max_stars`` validation stars (whole groups), held in memory, with a twin for each."""
 
@@ -246,6 +233,18 @@ class EvalSet:
         return len(self.group)
 
 
+def _nearest_twin_ranks(z: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Each star's doppelganger rank against its closest group-mate (empty without twins)."""
+    from chemtwin.evaluation.ranks import doppelganger_ranks
+
+    if not np.isfinite(z).all():
+        return np.zeros(0, np.int64)
+    try:
+        return doppelganger_ranks(z, group, progress=False).nearest()[1]
+    except InputError:  # no group with two members
+        return np.zeros(0, np.int64)
+
+
 @torch.no_grad()
 def evaluate(model: FaderNet, ev: EvalSet, device, batch: int = 1024) -> dict:
     """Reconstruction and swapped-latent MSE, adversary accuracy and twin ranks on ``ev``."""
@@ -265,8 +264,7 @@ def evaluate(model: FaderNet, ev: EvalSet, device, batch: int = 1024) -> dict:
             j = ev.partner[i]
             x_j, w_j, u_j = ev.flux[j].to(device), ev.w[j].to(device), ev.u[j].to(device)
             swap += recon_loss(model.decode(z[i.to(device)], u_j), x_j, w_j).item() * len(i)
-    ranks = twin_ranks(z.cpu().numpy(), ev.group)
-    ranks = ranks[ranks >= 0]
+    ranks = _nearest_twin_ranks(z.cpu().numpy(), ev.group)
     model.train()
     return {
         "val_recon": rec / max(n, 1), "val_swap": swap / max(n_swap, 1) if n_swap else float("nan"),
@@ -397,7 +395,7 @@ def read_history(model_dir) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def _truncate_history(path: Path, step: int) -> None:
@@ -443,12 +441,11 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
                 raise InputError(f"{out} is not empty; pass --overwrite to replace it or --resume to continue")
             if not (out / "config.json").exists():
                 raise InputError(f"{out} is not empty and holds no chemtwin model; refusing to overwrite it")
-            for name in MODEL_FILES:
-                (out / name).unlink(missing_ok=True)
         if not out.parent.is_dir():
             raise InputError(f"output folder {out.parent} does not exist")
-        out.mkdir(exist_ok=True)
     device = pick_device(cfg.device)
+    if source.n_stars == 0:
+        raise InputError(f"{source.path}: the dataset holds no spectra")
 
     # ---- data: split by group, validate, statistics
     columns = label_columns(source, cfg.condition)
@@ -485,6 +482,12 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
     loader = Loader(source, train_rows, columns, sc.uniform, in_memory)
     ev = EvalSet(vsrc, val_rows, vcols, cfg.eval_max_stars, cfg.seed) if val_rows.size else None
 
+    # ---- the data are fine: (re)create the model folder
+    if not resume:
+        for name in MODEL_FILES:
+            (out / name).unlink(missing_ok=True)
+        out.mkdir(exist_ok=True)
+
     # ---- model and optimisers
     torch.manual_seed(cfg.seed)
     model = FaderNet(cfg, source.n_pixels)
@@ -493,10 +496,10 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
         model.init_from_pca(_residual_sample(loader, model, cfg.seed))
     model.to(device).train()
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    ae_params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    ae_params = [p for name, p in model.named_parameters() if not name.startswith("adversary.")]
     opts = {
         "opt_ae": opt_cls(ae_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "opt_adv": opt_cls(model.adversary.parameters(), lr=cfg.adversary_lr or cfg.lr, weight_decay=cfg.weight_decay),
+        "opt_adv": opt_cls(model.adversary.parameters(), lr=cfg.lr * cfg.adversary_lr_factor, weight_decay=cfg.weight_decay),
     }
     bins = model.u_bins(torch.from_numpy(u_train).to(device))
     adv_chance = float(torch.bincount(bins).max()) / len(bins)
@@ -557,7 +560,7 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
                 p = progress_now()
                 lr, lam = cfg.lr * cfg.lr_factor(p), cfg.lambda_at(p, st["step"])
                 for name, opt in opts.items():
-                    base = cfg.lr if name == "opt_ae" else (cfg.adversary_lr or cfg.lr)
+                    base = cfg.lr if name == "opt_ae" else cfg.lr * cfg.adversary_lr_factor
                     for group in opt.param_groups:
                         group["lr"] = base * cfg.lr_factor(p)
                 x, u = x.to(device, non_blocking=True), u.to(device)
