@@ -17,6 +17,7 @@ from chemtwin.errors import InputError
 
 # Modules in chemtwin.cli, in the order their commands appear in --help.
 COMMAND_MODULES = (
+    "bench",  # the whole protocol: generate, train, evaluate every method, report
     "generate",
     "info",
     "plot",  # registers `plot-spectra`

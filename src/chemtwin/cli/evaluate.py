@@ -3,6 +3,7 @@
     chemtwin evaluate MODEL_DIR DATA.h5 --json OUT.json [--plots DIR] [--metric l1|l2|cosine]
     chemtwin evaluate DATA.h5 --method raw --json OUT.json
     chemtwin evaluate DATA.h5 --method polyres --train TRAIN.h5 --json OUT.json
+    chemtwin evaluate DATA.h5 --method oracle --json OUT.json [--jacobians FILE]
     chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json
 
 The JSON holds ``method``, ``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstruction``,
@@ -20,14 +21,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-METHODS = ("model", "raw", "polyres")
+METHODS = ("model", "raw", "polyres", "oracle")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="doppelganger ranks and spectral errors of a model or baseline",
         usage="chemtwin evaluate MODEL_DIR DATA.h5 --json OUT.json [options]\n"
-              "       chemtwin evaluate DATA.h5 --method raw|polyres [--train TRAIN.h5] --json OUT.json [options]\n"
+              "       chemtwin evaluate DATA.h5 --method raw|polyres|oracle [--train TRAIN.h5] --json OUT.json [options]\n"
               "       chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json [options]",
         description="Evaluate twin retrieval on a dataset with twin groups: doppelganger-rank fractions "
                     "(rank 0, < 0.1% and < 1% of N), median rank and, for a model, reconstruction and "
@@ -37,11 +38,17 @@ def register(subparsers) -> None:
                         "or (optionally) with --latents")
     p.add_argument("--json", required=True, metavar="OUT.json", help="results file to write")
     p.add_argument("--plots", metavar="DIR", help="also write the cumulative rank distribution (rank_cdf.png) here")
-    p.add_argument("--metric", default="l1", help="distance between tags: l1 (default), l2 or cosine")
+    p.add_argument("--metric", default=None,
+                   help="distance between tags: l1 (default), l2 or cosine; --method oracle defaults to l2 "
+                        "(Mahalanobis in its whitened abundance space)")
     p.add_argument("--method", default=None,
                    help="model (default): a trained model folder; raw: the spectra themselves; "
-                        "polyres: polynomial residuals + PCA, fitted on --train")
+                        "polyres: polynomial residuals + PCA, fitted on --train; oracle: true abundances plus "
+                        "Cramer-Rao noise (datasets made by `chemtwin generate` only)")
     p.add_argument("--train", metavar="TRAIN.h5", help="training dataset for --method polyres")
+    p.add_argument("--jacobians", metavar="FILE",
+                   help="oracle: HDF5 cache of the synthesizer's Fisher matrices, reused by datasets with the same "
+                        "labels (e.g. one validation set at several SNRs); written if missing or stale")
     p.add_argument("--latents", metavar="LATENTS.h5",
                    help="rank-only evaluation of a latent file (`chemtwin embed` output, with `z` and `group`)")
     p.add_argument("--degree", type=int, default=4, help="polyres: polynomial degree (default 4)")
@@ -76,6 +83,7 @@ def run(args) -> int:
     from chemtwin.errors import InputError
     from chemtwin.evaluation import metrics
 
+    args.metric = args.metric or ("l2" if args.method == "oracle" else "l1")
     metrics.check_metric(args.metric)
     if args.method is not None and args.method not in METHODS:
         raise InputError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
@@ -116,6 +124,10 @@ def run(args) -> int:
             data = args.inputs[-1]
             if method == "raw":
                 result, ranks = metrics.evaluate_raw(data, **common)
+            elif method == "oracle":
+                from chemtwin.evaluation.oracle import evaluate_oracle
+
+                result, ranks = evaluate_oracle(data, jacobian_file=args.jacobians, **common)
             else:
                 if not args.train:
                     raise InputError("--method polyres needs --train TRAIN.h5 to fit the polynomials and the PCA")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
+import hashlib
 import os
 import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -12,6 +17,7 @@ from chemtwin.data.apogee import read_catalog, read_spectrum
 from chemtwin.data.dataset import DatasetWriter, prepare_output
 from chemtwin.data.grid import GRID_NAMES, get_grid
 from chemtwin.data.preprocess import CONTINUUM_MASKS, DEFAULT_DEGREE, preprocess
+from chemtwin.data.shards import add_cluster_options, dask_client, wants_cluster
 from chemtwin.errors import InputError
 
 FLUSH_ROWS = 64
@@ -30,18 +36,24 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="spectrum files or quoted glob patterns (e.g. 'spectra/apStar-*.fits')")
-    p.add_argument("--file-list", metavar="TXT", help="a text file with one spectrum path per line (for very many files)")
     p.add_argument("--catalog", required=True, metavar="CAT.fits", help="allStar-style FITS table with APOGEE_ID, TEFF, LOGG (+ other labels)")
     p.add_argument("--out", required=True, metavar="DATA.h5", help="dataset file to write")
-    p.add_argument("--grid", default="aspcap", choices=GRID_NAMES, help="output wavelength grid (default: aspcap, 7,214 px)")
     p.add_argument("--labels", metavar="A,B,...", help="catalogue columns to store (default: TEFF, LOGG and every other chemtwin label the catalogue has)")
+    add_spectrum_options(p, grid_default="aspcap", grid_help="output wavelength grid (default: aspcap, 7,214 px)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_cluster_options(p, "spectrum files", 1024)
+    p.set_defaults(func=run)
+
+
+def add_spectrum_options(p, grid_default, grid_help) -> None:
+    """Options of reading and preprocessing spectrum files, shared by ingest and embed."""
+    p.add_argument("--file-list", metavar="TXT", help="a text file with one spectrum path per line (for very many files)")
+    p.add_argument("--grid", default=grid_default, choices=GRID_NAMES, help=grid_help)
     p.add_argument("--continuum", default="dr17", choices=CONTINUUM_MASKS, help="continuum-pixel mask for the normalization (default: dr17)")
     p.add_argument("--degree", type=int, default=DEFAULT_DEGREE, help=f"Chebyshev degree of the per-chip continuum (default: {DEFAULT_DEGREE})")
     p.add_argument("--row", default="combined", help="apStar row: combined (default), global, visitK, or an index")
     p.add_argument("--min-good", type=float, default=0.5, help="skip spectra with a smaller fraction of usable pixels (default: 0.5)")
     p.add_argument("--keep-flagged", action="store_true", help="keep stars flagged STAR_BAD (ASPCAPFLAG bit 23) in the catalogue")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=run)
 
 
 def expand_inputs(patterns: list[str], file_list: str | None) -> list[str]:
@@ -75,28 +87,37 @@ def _row_arg(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def run(args) -> int:
-    from tqdm import tqdm
-
+def check_spectrum_options(args) -> None:
     if not 0.0 <= args.min_good <= 1.0:
         raise InputError("--min-good must lie in [0, 1]")
     if args.degree < 0 or args.degree > 10:
         raise InputError("--degree must lie in 0..10")
-    labels = [s for s in args.labels.split(",") if s.strip()] if args.labels else None
-    catalog = read_catalog(args.catalog, labels)
-    files = expand_inputs(args.files, args.file_list)
-    prepare_output(args.out, args.overwrite)
-    grid = get_grid(args.grid)
-    row = _row_arg(args.row)
 
-    errors: list[tuple[str, str]] = []
-    snrs: list[float] = []
+
+@dataclass
+class IngestResult:
+    n_rows: int
+    errors: list[tuple[str, str]]  # (file, message) of every skipped file
+    snrs: list[float]              # header SNR of each written row
+    files: list[str]               # source file of each written row
+
+
+def ingest_files(files: list[str], out, label_names, labels_of: Callable, args, attrs: dict,
+                 overwrite: bool = False, progress: bool = True) -> IngestResult:
+    """Read, preprocess (the ``add_spectrum_options`` settings in ``args``) and write every
+    usable file to the dataset ``out`` (group -1, star_id = APOGEE ID); ``labels_of(spectrum)``
+    gives a file's label row in ``label_names`` order or raises InputError.  A file that fails
+    is recorded and skipped; with no usable file nothing is written."""
+    from tqdm import tqdm
+
+    row = _row_arg(args.row)
+    result = IngestResult(0, [], [], [])
     buffer: dict[str, list] = {"flux": [], "ivar": [], "labels": [], "star_id": []}
     writer = DatasetWriter(
-        args.out, grid.wavelength, catalog.label_names, overwrite=args.overwrite, with_star_id=True,
-        # snr NaN: real spectra have one SNR each (median printed at the end); seed -1: no randomness.
+        out, get_grid(args.grid).wavelength, label_names, overwrite=overwrite, with_star_id=True,
+        # snr NaN: real spectra have one SNR each; seed -1: no randomness.
         attrs={"generator": "chemtwin ingest", "grid": args.grid, "seed": -1, "snr": float("nan"), "continuum": args.continuum,
-               "continuum_degree": args.degree, "catalog": os.path.basename(args.catalog)},
+               "continuum_degree": args.degree, **attrs},
     )
 
     def flush() -> None:
@@ -108,26 +129,28 @@ def run(args) -> int:
                 value.clear()
 
     try:
-        for path in tqdm(files, desc="ingest", unit="file", disable=args.quiet or None, file=sys.stderr):
+        for path in tqdm(files, desc="ingest", unit="file", disable=not progress or None, file=sys.stderr):
             try:
                 spectrum = read_spectrum(path, row=row)
-                values = catalog.lookup(spectrum.apogee_id, keep_flagged=args.keep_flagged)
+                values = labels_of(spectrum)
                 flux, ivar = preprocess(spectrum, grid=args.grid, continuum=args.continuum, degree=args.degree,
                                         min_good_fraction=args.min_good)
             except InputError as exc:
-                errors.append((path, str(exc)))
+                result.errors.append((path, str(exc)))
                 continue
             except Exception as exc:  # one broken file must not stop thousands of good ones
-                errors.append((path, f"unexpected {exc.__class__.__name__}: {exc}"))
+                result.errors.append((path, f"unexpected {exc.__class__.__name__}: {exc}"))
                 continue
             buffer["flux"].append(flux)
             buffer["ivar"].append(ivar)
             buffer["labels"].append(values)
             buffer["star_id"].append(spectrum.apogee_id)
-            snrs.append(spectrum.snr)
+            result.snrs.append(spectrum.snr)
+            result.files.append(path)
             if len(buffer["flux"]) >= FLUSH_ROWS:
                 flush()
         flush()
+        result.n_rows = writer.n_rows
         if writer.n_rows == 0:
             writer.abort()
         else:
@@ -135,16 +158,77 @@ def run(args) -> int:
     except BaseException:
         writer.abort()
         raise
+    return result
 
+
+def report_errors(command: str, errors: list[tuple[str, str]], n_files: int) -> None:
+    """The per-file list of skipped files, to stderr."""
     if errors:
-        print(f"chemtwin ingest: {len(errors)} of {len(files)} file(s) skipped:", file=sys.stderr)
+        print(f"chemtwin {command}: {len(errors)} of {n_files} file(s) skipped:", file=sys.stderr)
     for path, message in errors:
         message = message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
         print(f"  {path}: {message}", file=sys.stderr)
-    if writer.n_rows == 0:
+
+
+SPECTRUM_OPTIONS = ("grid", "continuum", "degree", "row", "min_good")
+
+
+@lru_cache(maxsize=2)
+def _catalog(path: str, labels: tuple | None):
+    """The catalogue, read once per Dask worker process."""
+    return read_catalog(path, list(labels) if labels else None)
+
+
+def ingest_shard(spec: dict, path: str) -> dict:
+    """Dask task: ``spec["files"]`` into the dataset shard ``path`` (nothing written if none is usable)."""
+    catalog = _catalog(spec["catalog"], spec["labels"])
+    result = ingest_files(spec["files"], path, catalog.label_names,
+                          lambda spectrum: catalog.lookup(spectrum.apogee_id, keep_flagged=spec["keep_flagged"]),
+                          argparse.Namespace(**spec["options"]), {"catalog": os.path.basename(spec["catalog"])},
+                          overwrite=True, progress=False)
+    return {"rows": result.n_rows, "errors": result.errors, "snrs": result.snrs}
+
+
+def _ingest_sharded(args, files: list[str], labels: list[str] | None) -> IngestResult:
+    """Shards of ``--shard-size`` files on the Dask cluster of ``--workers``/``--scheduler``."""
+    from chemtwin.data.dataset import grid_hash
+    from chemtwin.data.shards import run_shards, shard_ranges
+
+    files = [os.path.abspath(f) for f in files]  # the workers' working folder may differ
+    options = {k: getattr(args, k) for k in SPECTRUM_OPTIONS}
+    common = {"catalog": os.path.abspath(args.catalog), "labels": tuple(labels) if labels else None,
+              "keep_flagged": args.keep_flagged, "options": options}
+    plan = {"command": "ingest", "n_files": len(files), "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+            **common, "files_per_shard": args.shard_size}
+    specs = [{"files": files[a:b], **common} for a, b in shard_ranges(len(files), args.shard_size)]
+    wavelength = get_grid(args.grid).wavelength
+    with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
+        manifest, records = run_shards(args.out, "dataset", plan, specs, ingest_shard, client,
+                                       header={"pixel_grid": grid_hash(wavelength), "n_pixels": int(wavelength.size)},
+                                       overwrite=args.overwrite, progress=not args.quiet, desc="ingest")
+    return IngestResult(sum(r["rows"] for r in records), [tuple(e) for r in records for e in r["errors"]],
+                        [s for r in records for s in r["snrs"]], [])
+
+
+def run(args) -> int:
+    check_spectrum_options(args)
+    labels = [s for s in args.labels.split(",") if s.strip()] if args.labels else None
+    catalog = read_catalog(args.catalog, labels)
+    files = expand_inputs(args.files, args.file_list)
+    grid = get_grid(args.grid)
+    if wants_cluster(args):
+        result = _ingest_sharded(args, files, labels)
+    else:
+        prepare_output(args.out, args.overwrite)
+        result = ingest_files(files, args.out, catalog.label_names,
+                              lambda spectrum: catalog.lookup(spectrum.apogee_id, keep_flagged=args.keep_flagged),
+                              args, {"catalog": os.path.basename(args.catalog)}, overwrite=args.overwrite,
+                              progress=not args.quiet)
+    report_errors("ingest", result.errors, len(files))
+    if result.n_rows == 0:
         raise InputError(f"no usable spectrum among {len(files)} file(s); nothing written")
-    finite = [s for s in snrs if np.isfinite(s)]
+    finite = [s for s in result.snrs if np.isfinite(s)]
     median_snr = f"{np.median(finite):.0f}" if finite else "unknown"
-    print(f"wrote {args.out}: {writer.n_rows} spectra on grid {args.grid} ({grid.n_pixels} px), median header SNR "
-          f"{median_snr}, labels {', '.join(catalog.label_names)}; {len(errors)} of {len(files)} file(s) skipped")
-    return 1 if errors else 0
+    print(f"wrote {args.out}: {result.n_rows} spectra on grid {args.grid} ({grid.n_pixels} px), median header SNR "
+          f"{median_snr}, labels {', '.join(catalog.label_names)}; {len(result.errors)} of {len(files)} file(s) skipped")
+    return 1 if result.errors else 0

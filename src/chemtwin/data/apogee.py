@@ -397,6 +397,30 @@ class Catalog:
 
 REQUIRED_LABELS = ("TEFF", "LOGG")
 
+# Header keywords that may hold a label, in order of preference: the label's own name (files
+# written by other tools), then DR17 apStar's Doppler fit (RV_TEFF, "Effective temperature
+# from RV fit"), then apVisit's mini-grid cross-correlation (RVTEFF).  The last two are the
+# RV pipeline's template parameters -- coarse (apVisit values sit on a 500 K / 1 dex grid)
+# and sometimes pinned at a grid edge -- not ASPCAP labels.
+HEADER_LABEL_KEYS = {
+    "TEFF": ("TEFF", "RV_TEFF", "RVTEFF"),
+    "LOGG": ("LOGG", "RV_LOGG", "RVLOGG"),
+    "FE_H": ("FE_H", "FEH", "RV_FEH", "RVFEH"),
+}
+
+
+def header_labels(spectrum: Spectrum, names) -> np.ndarray:
+    """Values of labels ``names`` from the spectrum's primary header (``HEADER_LABEL_KEYS``);
+    InputError naming the file when one has no finite value."""
+    values = []
+    for name in names:
+        keys = HEADER_LABEL_KEYS.get(name, (name,))
+        found = [v for v in (_as_float(spectrum.header.get(k)) for k in keys if k in spectrum.header) if np.isfinite(v)]
+        if not found:
+            raise InputError(f"{spectrum.path}: no {name} in the header (looked for {', '.join(keys)}); use a catalogue")
+        values.append(found[0])
+    return np.array(values, dtype=np.float64)
+
 
 def _decode(values) -> np.ndarray:
     out = np.asarray(values)

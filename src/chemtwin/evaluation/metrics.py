@@ -384,9 +384,8 @@ def evaluate_latent_file(latents, data=None, metric: str = "l1", *, progress: bo
                          max_queries: int | None = None, seed: int = 0, return_ranks: bool = False):
     """Rank-only evaluation of a latent file (``z`` and ``group``, as ``chemtwin embed``
     writes).  With ``data`` the groups come from the dataset: through the latent file's
-    ``row`` array when it has one, else row by row (the lengths must then agree)."""
-    import h5py
-
+    ``row`` array when it has one, else row by row (the lengths must then agree).
+    ``latents`` may be a folder of latent shards (``chemtwin embed --workers``)."""
     from chemtwin.search.latents import open_latents
 
     check_metric(metric)
@@ -394,9 +393,7 @@ def evaluate_latent_file(latents, data=None, metric: str = "l1", *, progress: bo
         z = lf.read(check=False)
         group = lf.group
         lat_path = os.path.abspath(str(lf.path))
-    with h5py.File(lat_path, "r") as f:
-        rows = f["row"][:].astype(np.int64) if isinstance(f.get("row"), h5py.Dataset) else None
-        attrs = json_safe(dict(f.attrs))
+        rows, attrs = lf.rows, json_safe(lf.attrs)
     ds_info = None
     if data is not None:
         ds, close = _open(data)
@@ -429,15 +426,9 @@ def evaluate_latent_file(latents, data=None, metric: str = "l1", *, progress: bo
 
 
 # ---------------------------------------------------------------------- figure
-def plot_rank_cdf(curves, path, title: str | None = None):
-    """Cumulative rank distribution, log x axis: ``curves`` is a list of
-    ``(label, ranks, n_stars)``; writes a PNG to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+def draw_rank_cdf(ax, curves, title: str | None = None) -> None:
+    """Cumulative rank distributions on a log x axis into ``ax``: ``curves`` is a list
+    of ``(label, ranks, n_stars)``."""
     n_max = 1
     for label, ranks, n_stars in curves:
         r, f = rank_cdf(ranks)
@@ -454,7 +445,18 @@ def plot_rank_cdf(curves, path, title: str | None = None):
     ax.grid(alpha=0.3, which="both")
     if title:
         ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def plot_rank_cdf(curves, path, title: str | None = None):
+    """:func:`draw_rank_cdf` as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    draw_rank_cdf(ax, curves, title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

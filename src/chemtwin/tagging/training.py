@@ -319,7 +319,21 @@ def read_model_dir(model_dir) -> dict:
         raise InputError(f"{d}: not a chemtwin model (no readable config.json)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{d}: not a chemtwin model (config.json has no format {FORMAT!r})")
+    try:
+        FaderConfig.from_dict(meta["config"])
+        if int(meta["n_pixels"]) < 1:
+            raise ValueError("n_pixels < 1")
+    except InputError as exc:
+        raise InputError(f"{d}: config.json is invalid ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{d}: config.json is invalid ({exc.__class__.__name__}: {exc})") from None
     return meta
+
+
+def _describe(exc: BaseException) -> str:
+    """First line of an exception, short enough for a one-line error."""
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
 def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | None]:
@@ -330,10 +344,16 @@ def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | No
     if not path.is_file():
         raise InputError(f"{model_dir}: not a chemtwin model (no model.safetensors; training never reached a checkpoint)")
     model = FaderNet(cfg, int(meta["n_pixels"]))
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error type for truncated/garbled files
+        raise InputError(f"{model_dir}: model.safetensors is unreadable ({_describe(exc)})") from None
     wavelength = tensors.pop("data.wavelength", None)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise InputError(f"{model_dir}: model.safetensors does not match config.json ({_describe(exc)})") from None
     return model.to(device).eval(), meta, None if wavelength is None else wavelength.numpy()
 
 
@@ -358,10 +378,16 @@ def _save_checkpoint(path: Path, model, opts: dict, shuffle_state, state: dict) 
 
 
 def _load_checkpoint(path: Path, model, opts: dict, device) -> tuple[torch.Tensor, dict]:
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["chemtwin"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["chemtwin"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # truncated or garbled file, or no chemtwin metadata
+        raise InputError(f"{path}: unreadable checkpoint ({_describe(exc)})") from None
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:  # e.g. resumed on data with another number of pixels
+        raise InputError(f"{path}: the checkpoint does not fit this data and model ({_describe(exc)})") from None
     for name, opt in opts.items():
         m = meta["optim"][name]
         state: dict = {}

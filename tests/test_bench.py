@@ -1,0 +1,101 @@
+"""``chemtwin bench``: the whole protocol end to end, its report, restart and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from chemtwin.cli import main
+from chemtwin.evaluation.bench import BASELINES, MODELS, BenchConfig, Scenario
+from chemtwin.evaluation.report import anchor_text
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
+    """The README's demo: every method x scenario in results.json and report.md, figures
+    written, and a rerun skips every finished step and reproduces the table."""
+    out = tmp_path / "bench"
+    assert main(["-q", "bench", str(out), "--quick"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    cfg = BenchConfig.quick_config()
+    expected = {(m, sc.name) for sc in cfg.scenarios() for m in MODELS + BASELINES
+                if not (m == "oracle" and sc.mismatch)}
+    got = {(r["method"], r["scenario"]) for r in results["rows"]}
+    assert got == expected
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ") and "SNR" in line]
+    assert len(table) == len(expected)
+    for r in results["rows"]:
+        assert r["n_stars"] == 2 * cfg.n_val_pairs
+        assert 0.0 <= r["frac_rank0"] <= r["frac_rank_lt_1pct"] <= 1.0
+        if r["method"] in MODELS:
+            assert r["train_s"] > 0 and r["mse_swapped"] > 0
+    by = {(r["method"], r["scenario"]): r for r in results["rows"]}
+    # noiseless, the model is known: the oracle finds every twin; noise can only hurt it
+    assert by[("oracle", "snrinf")]["frac_rank0"] == 1.0
+    assert by[("oracle", "snr30")]["frac_rank0"] <= by[("oracle", "snr100")]["frac_rank0"]
+    # raw spectra are dominated by TEFF/LOGG: the trained fader must beat them at SNR inf
+    assert by[("fader", "snrinf")]["frac_rank0"] > by[("raw", "snrinf")]["frac_rank0"]
+    for name in ("reconstruction", "rank_cdf", "latent_map", "training_curves"):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"figures/{name}.png" in report
+
+    assert main(["-q", "bench", str(out), "--quick"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == results["rows"]
+    assert again["step_seconds"] == {}, "a rerun of a finished bench must redo nothing"
+
+
+def test_scenarios_and_names():
+    cfg = BenchConfig(snrs=("inf", 50), mismatch_snr=100)
+    assert [sc.name for sc in cfg.scenarios()] == ["snrinf", "snr50", "snr100_mismatch"]
+    assert Scenario(math.inf, False).label == "SNR inf"
+    assert BenchConfig(mismatch_snr=None).scenarios()[-1] == Scenario(30.0, False)
+
+
+def test_anchor_text_uses_the_published_numbers():
+    assert anchor_text("fader", 50.0, False) == "FaderDis 2021: 64.4 / 92.7 / 98.9"
+    assert anchor_text("polyres", math.inf, False) == "polyres 2021: 52.1 / 69.2 / 80.2"
+    assert anchor_text("fader", 100.0, True) == ""
+    assert anchor_text("raw", 30.0, False) == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "fader,magic"], "unknown method"),
+    (["--snr", "100,loud"], "--snr takes"),
+    (["--snr", "0"], "SNR must be positive"),
+    (["--n-val-pairs", "1"], "at least 2"),
+    (["--time-limit", "0"], "time limit must be positive"),
+    (["--metric", "l3"], "metric"),
+])
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert main(["bench", str(tmp_path / "b"), "--quick", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_refuses_a_foreign_folder_and_other_settings(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    assert main(["bench", str(foreign), "--quick"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "bench_config.json").write_text(json.dumps({"n_train_pairs": 7}))
+    assert main(["bench", str(run), "--quick"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_quick_config_is_small():
+    cfg = BenchConfig.quick_config()
+    assert cfg.quick and cfg.n_train_pairs * cfg.time_limit < BenchConfig().n_train_pairs * BenchConfig().time_limit
+    assert np.isinf(cfg.snrs[0]) and cfg.mismatch_snr == 100
