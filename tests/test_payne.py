@@ -289,6 +289,42 @@ def test_fit_threads_and_batches_agree():
     assert (np.abs(serial.labels - truth) <= TOLERANCE).all()
 
 
+def test_shared_fisher_is_exact():
+    """Stars sharing their pixel weights up to a factor get J^T W J from the shared matrix: it must
+    equal the full-Jacobian one (and stars with other weights still get the full one)."""
+    emu = PayneEmulator.from_arrays(mlp_arrays(p=150), NAMES, wavelength=wavelength(150))
+    fitter = PayneFitter(emu)
+    theta = torch.from_numpy(np.random.default_rng(3).uniform(-0.45, 0.45, (6, len(NAMES))))
+    w = torch.full((6, 150), 4.0)
+    w[:, 20:30] = 0.0  # one mask for all
+    w[1] *= 9.0  # another SNR
+    w[5, 100:] = 0.5  # a star with its own weights: the general path
+    fisher = fitter._fisher(theta, w)
+    jac = fitter._full_jacobian(theta).double()
+    exact = torch.einsum("rpi,rp,rpj->rij", jac, w.double(), jac)
+    assert torch.allclose(fisher, exact, rtol=1e-4, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_suspects_and_restarts():
+    emu = PayneEmulator.from_arrays(mlp_arrays(p=200), NAMES, wavelength=wavelength(200))
+    fitter = PayneFitter(emu)
+    n = 8
+    result = PayneFitter(emu).fit(np.ones((n, 200)) * 0.99)  # any result of the right shape
+    result.n_pixels[:] = 200 + len(NAMES)  # dof = 200
+    unweighted = np.array([True] * 4 + [False] * 4)
+    # unit weights: float32 noise (1e-15 per pixel) is no failure, 1e-6 is; ivar weights: 10x the median
+    result.chi2[:] = 200 * np.array([1e-16, 1e-15, 3e-16, 1e-6, 0.9, 1.0, 1.1, 15.0])
+    assert fitter._suspects(result, unweighted).tolist() == [3, 7]
+    # restarts only replace a star's fit by a better one
+    rng = np.random.default_rng(12)
+    truth = random_labels(40, seed=13, margin=0.1)
+    flux = emu.predict(truth) + rng.normal(0, 0.002, (40, 200))
+    ivar = np.full_like(flux, 0.002**-2)
+    once = PayneFitter(emu, n_retries=0, n_starts=1).fit(flux, ivar)
+    again = PayneFitter(emu, n_starts=1).fit(flux, ivar)
+    assert np.all(again.chi2 <= once.chi2 * (1 + 1e-9))
+
+
 def test_fit_bad_input():
     emu = PayneEmulator.from_arrays(mlp_arrays(), NAMES)
     fitter = PayneFitter(emu)

@@ -4,6 +4,7 @@
     chemtwin evaluate DATA.h5 --method raw --json OUT.json
     chemtwin evaluate DATA.h5 --method polyres --train TRAIN.h5 --json OUT.json
     chemtwin evaluate DATA.h5 --method oracle --json OUT.json [--jacobians FILE]
+    chemtwin evaluate DATA.h5 --method cannon|payne --train TRAIN.h5 [--emulator EMU.npz] --json OUT.json
     chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json
 
 The JSON holds ``method``, ``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstruction``,
@@ -21,14 +22,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-METHODS = ("model", "raw", "polyres", "oracle")
+METHODS = ("model", "raw", "polyres", "oracle", "cannon", "payne")
+L2_METHODS = ("oracle", "cannon", "payne")  # whitened abundances: L2 is the Mahalanobis distance
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="doppelganger ranks and spectral errors of a model or baseline",
         usage="chemtwin evaluate MODEL_DIR DATA.h5 --json OUT.json [options]\n"
-              "       chemtwin evaluate DATA.h5 --method raw|polyres|oracle [--train TRAIN.h5] --json OUT.json [options]\n"
+              "       chemtwin evaluate DATA.h5 --method raw|polyres|oracle|cannon|payne [--train TRAIN.h5] --json OUT.json "
+              "[options]\n"
               "       chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json [options]",
         description="Evaluate twin retrieval on a dataset with twin groups: doppelganger-rank fractions "
                     "(rank 0, < 0.1% and < 1% of N), median rank and, for a model, reconstruction and "
@@ -39,13 +42,23 @@ def register(subparsers) -> None:
     p.add_argument("--json", required=True, metavar="OUT.json", help="results file to write")
     p.add_argument("--plots", metavar="DIR", help="also write the cumulative rank distribution (rank_cdf.png) here")
     p.add_argument("--metric", default=None,
-                   help="distance between tags: l1 (default), l2 or cosine; --method oracle defaults to l2 "
-                        "(Mahalanobis in its whitened abundance space)")
+                   help="distance between tags: l1 (default), l2 or cosine; --method oracle, cannon and payne "
+                        "default to l2 (Mahalanobis in their whitened abundance space)")
     p.add_argument("--method", default=None,
                    help="model (default): a trained model folder; raw: the spectra themselves; "
                         "polyres: polynomial residuals + PCA, fitted on --train; oracle: true abundances plus "
-                        "Cramer-Rao noise (datasets made by `chemtwin generate` only)")
-    p.add_argument("--train", metavar="TRAIN.h5", help="training dataset for --method polyres")
+                        "Cramer-Rao noise (datasets made by `chemtwin generate` only); cannon: The Cannon trained on "
+                        "--train's true labels; payne: The Payne (--emulator, or one trained on --train); both rank "
+                        "their abundances whitened by their errors on held-out --train stars (docs/baselines.md)")
+    p.add_argument("--train", metavar="TRAIN.h5",
+                   help="training dataset for --method polyres, cannon and payne (labelled: for payne with --emulator "
+                        "its stars only measure the fit errors used for the whitening)")
+    p.add_argument("--emulator", metavar="EMU.npz",
+                   help="payne: the emulator to fit with (default: train one on --train, see --time-limit)")
+    p.add_argument("--train-stars", type=int, default=5000, metavar="N",
+                   help="cannon / payne: training stars used at most (default 5000; plus 1000 held out for the whitening)")
+    p.add_argument("--time-limit", type=float, default=300.0, metavar="S",
+                   help="payne without --emulator: seconds of emulator training (default 300)")
     p.add_argument("--jacobians", metavar="FILE",
                    help="oracle: HDF5 cache of the synthesizer's Fisher matrices, reused by datasets with the same "
                         "labels (e.g. one validation set at several SNRs); written if missing or stale")
@@ -83,7 +96,7 @@ def run(args) -> int:
     from chemtwin.errors import InputError
     from chemtwin.evaluation import metrics
 
-    args.metric = args.metric or ("l2" if args.method == "oracle" else "l1")
+    args.metric = args.metric or ("l2" if args.method in L2_METHODS else "l1")
     metrics.check_metric(args.metric)
     if args.method is not None and args.method not in METHODS:
         raise InputError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
@@ -128,6 +141,26 @@ def run(args) -> int:
                 from chemtwin.evaluation.oracle import evaluate_oracle
 
                 result, ranks = evaluate_oracle(data, jacobian_file=args.jacobians, **common)
+            elif method in ("cannon", "payne"):
+                from chemtwin.evaluation import label_baselines
+
+                if not args.train:
+                    raise InputError(f"--method {method} needs --train TRAIN.h5 (labelled stars: "
+                                     f"{'its training set' if method == 'cannon' else 'to measure its errors'})")
+                if args.emulator and method == "cannon":
+                    raise InputError("--emulator is for --method payne")
+                if args.train_stars < 2 or not args.time_limit > 0:
+                    raise InputError("--train-stars must be at least 2 and --time-limit positive")
+                if method == "cannon":
+                    result, ranks = label_baselines.evaluate_cannon(args.train, data, max_train_stars=args.train_stars,
+                                                                    **common)
+                else:
+                    from chemtwin.spectral_models.payne import PayneEmulator
+
+                    source = PayneEmulator.load(args.emulator) if args.emulator else args.train
+                    result, ranks = label_baselines.evaluate_payne(
+                        source, data, calibration=args.train if args.emulator else None,
+                        max_train_stars=args.train_stars, time_limit=args.time_limit, **common)
             else:
                 if not args.train:
                     raise InputError("--method polyres needs --train TRAIN.h5 to fit the polynomials and the PCA")

@@ -7,9 +7,11 @@ import math
 import time
 
 from chemtwin.cli.payne import add_generate_arguments, run_generate
-from chemtwin.data.generate import generate_dataset
+from chemtwin.data.dataset import MANIFEST
+from chemtwin.data.generate import generate_dataset, generate_sharded
 from chemtwin.data.grid import GRID_NAMES
 from chemtwin.data.population import RedGiantPrior
+from chemtwin.data.shards import add_cluster_options, dask_client, wants_cluster
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,37 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file (default 0)")
     p.add_argument("--threads", type=int, default=None, help="synthesis threads (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--mismatch", action="store_true",
+                   help="'observed-like' spectra: the synthesizer with wrong atomic data (log gf jitter of 0.1 dex "
+                        "per line, 10%% of the lines removed); same labels as without it")
+    p.add_argument("--mismatch-seed", type=int, default=None, metavar="N",
+                   help="seed of the perturbed line list (default 0: every --mismatch file shares one list)")
+    add_cluster_options(p, "stars", 8192)
     add_generate_arguments(p)  # --emulator and its options (chemtwin.cli.payne)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.mismatch_seed is not None and not args.mismatch:
+        raise InputError("--mismatch-seed needs --mismatch")
+    if args.mismatch and args.emulator:
+        raise InputError("--mismatch perturbs the embedded synthesizer's line list; it cannot be used with --emulator")
     if args.emulator:
+        if wants_cluster(args):
+            raise InputError("--workers/--scheduler run the embedded synthesizer; not with --emulator")
         return run_generate(args)
     prior = RedGiantPrior(teff=tuple(args.teff), logg=tuple(args.logg))
     start = time.perf_counter()
-    generate_dataset(
-        args.out, n_groups=args.n_groups, group_size=args.group_size, snr=args.snr, seed=args.seed,
-        grid=args.grid, prior=prior, overwrite=args.overwrite, progress=not args.quiet, threads=args.threads,
-    )
+    settings = dict(n_groups=args.n_groups, group_size=args.group_size, snr=args.snr, seed=args.seed, grid=args.grid,
+                    prior=prior, overwrite=args.overwrite, progress=not args.quiet,
+                    mismatch=args.mismatch if args.mismatch_seed is None else args.mismatch_seed)
+    if wants_cluster(args):
+        with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
+            manifest = generate_sharded(args.out, client=client, shard_stars=args.shard_size, threads=args.threads or 1,
+                                        **settings)
+        log.info("%d shards + %s", len(manifest["shards"]), MANIFEST)
+    else:
+        generate_dataset(args.out, threads=args.threads, **settings)
     n = args.n_groups * args.group_size
     elapsed = time.perf_counter() - start
     log.info("wrote %d spectra to %s in %.1f s (%.0f spectra/s)", n, args.out, elapsed, n / elapsed)

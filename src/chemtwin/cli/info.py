@@ -1,19 +1,47 @@
-"""``chemtwin info FILE``: summary of a dataset file."""
+"""``chemtwin info FILE``: summary of a dataset file, or a validated folder of shards."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset import MANIFEST, open_dataset
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="summarize a dataset file", description="Print counts, label ranges, SNR and grid of a chemtwin dataset.")
-    p.add_argument("file", help="chemtwin dataset (.h5)")
+    p = subparsers.add_parser("info", help="summarize a dataset file or validate a folder of shards",
+                              description="Print counts, label ranges, SNR and grid of a chemtwin dataset. For a folder of "
+                                          "shards, first check its manifest: every shard present, its sha256 checksum, "
+                                          "row count and pixel grid (exit code 2 naming the first bad shard).")
+    p.add_argument("file", help="chemtwin dataset (.h5, or a folder with manifest.json; also a folder of latent shards)")
     p.set_defaults(func=run)
 
 
+def _shards(folder: Path, quiet: bool) -> bool:
+    """Validate a shard folder; print a latent folder's summary (True: nothing more to say)."""
+    kind = "dataset"
+    try:
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind", kind)
+    except (OSError, ValueError, AttributeError):
+        pass  # open_dataset names the problem
+    if kind == "latents":
+        from chemtwin.search.latents import ShardedLatents
+
+        with ShardedLatents(folder) as lf:
+            lf.validate(progress=not quiet)
+            print(f"latents     {folder}: {lf.n_stars} x {lf.dim}, {len(lf.shard_names)} shards, checksums verified")
+        return True
+    with open_dataset(folder) as ds:
+        ds.validate(progress=not quiet)
+        print(f"shards      {len(ds.shard_names)} ({MANIFEST} valid, checksums verified)")
+    return False
+
+
 def run(args) -> int:
+    if Path(args.file).is_dir() and _shards(Path(args.file), args.quiet):
+        return 0
     with open_dataset(args.file) as ds:
         group = ds.group
         known = group[group >= 0]

@@ -104,8 +104,11 @@ def register(subparsers) -> None:
                    help="names of the emulator's labels, in order (needed when the .npz has no label_names array)")
     f.add_argument("--rv", action="store_true", help="also fit a radial velocity (km/s) by shifting the model spectrum")
     f.add_argument("--rv-max", type=_positive_float, default=200.0, help="largest |RV| searched, km/s (default 200)")
-    f.add_argument("--starts", type=_positive_int, default=4,
-                   help="starting points per star (default 4: two linear guesses, one near them, the best screened candidate)")
+    f.add_argument("--starts", type=_positive_int, default=2,
+                   help="starting points per star (default 2: two linear guesses; a third is the best screened "
+                        "candidate, more are random offsets from the first guess)")
+    f.add_argument("--retries", type=int, default=3,
+                   help="rounds of restarts for stars whose reduced chi2 is over 10x the median (default 3; 0: none)")
     f.add_argument("--candidates", type=_positive_int, default=2048,
                    help="label vectors screened to pick the starting points (default 2048)")
     f.add_argument("--max-iter", type=_positive_int, default=50, help="Levenberg-Marquardt iterations per start (default 50)")
@@ -180,7 +183,7 @@ def run_fit(args) -> int:
     emulator = PayneEmulator.load(args.emulator, _names(args.label_names))
     path, result, seconds = fit_dataset(
         emulator, args.data, args.out, overwrite=args.overwrite, progress=_progress(args), rv=args.rv,
-        rv_max=args.rv_max, n_starts=args.starts, n_candidates=args.candidates, max_iter=args.max_iter,
+        rv_max=args.rv_max, n_starts=args.starts, n_retries=args.retries, n_candidates=args.candidates, max_iter=args.max_iter,
         weighting="uniform" if args.unweighted else "ivar", hessian=args.hessian, batch_size=args.batch_size,
         threads=args.threads or min(2, os.cpu_count() or 1), seed=args.seed,
     )

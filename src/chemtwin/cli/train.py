@@ -3,12 +3,14 @@
     chemtwin train train.h5 --out runs/fader --time-limit 300
     chemtwin train train.h5 --out runs/cae --model cae --val-data val.h5
     chemtwin train train.h5 --out runs/fader --resume --time-limit 600   # continue, longer
+    torchrun --nproc-per-node 4 --no-python chemtwin train train.h5 --out runs/fader   # DDP, docs/distributed.md
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 from chemtwin.errors import InputError
@@ -91,6 +93,8 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone reports
+        logging.getLogger().setLevel(logging.WARNING)
     given = {OPTIONS[k]: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
     if args.condition is not None:
         given["condition"] = tuple(c.strip().upper() for c in args.condition.split(",") if c.strip())

@@ -13,11 +13,19 @@ Layout (``LAYOUT_VERSION`` 1; see docs/dataset.md):
 
 Files are written under a temporary name and renamed when complete, so a killed
 writer never leaves a file that looks finished.
+
+A dataset may also be a **folder of shards**: HDF5 files of this layout plus
+``manifest.json`` (shard paths relative to the folder, row counts, sha256 checksums,
+the pixel grid's hash), written last by the sharded writers (``chemtwin.data.shards``).
+``open_dataset`` opens either; ``ShardedDataset`` reads the shards as one dataset.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +39,9 @@ from chemtwin.errors import InputError
 LAYOUT_VERSION = 1
 REQUIRED = ("flux", "ivar", "wavelength", "labels", "group")
 DEFAULT_CHUNK_ROWS = 64
+MANIFEST = "manifest.json"
+SHARDS_FORMAT = "chemtwin-shards"
+OPEN_SHARDS = 32  # shard files held open at once (a folder may hold thousands)
 
 
 @dataclass
@@ -153,7 +164,56 @@ class DatasetWriter:
             self.abort()
 
 
-class SpectraDataset:
+class BaseDataset:
+    """What every dataset view shares; subclasses give ``column``, ``read``, ``take`` and
+    the attributes ``path``, ``n_stars``, ``n_pixels``, ``label_names``, ``attrs``, ``wavelength``."""
+
+    has_star_id = False
+
+    def __len__(self) -> int:
+        return self.n_stars
+
+    @property
+    def group(self) -> np.ndarray:
+        return self.column("group")
+
+    @property
+    def star_id(self) -> np.ndarray | None:
+        return self.column("star_id") if self.has_star_id else None
+
+    def labels(self, names: list[str] | tuple[str, ...] | None = None) -> np.ndarray:
+        """All rows of the named label columns (all labels when ``names`` is None)."""
+        values = self.column("labels")
+        if names is None:
+            return values
+        return values[:, self.label_columns(names)]
+
+    def label_columns(self, names) -> list[int]:
+        missing = [n for n in names if n not in self.label_names]
+        if missing:
+            raise InputError(f"{self.path}: dataset has no label(s) {', '.join(missing)}")
+        return [self.label_names.index(n) for n in names]
+
+    def iter_batches(self, batch_size: int = 1024, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        for a in range(start, stop, batch_size):
+            yield self.read(a, min(a + batch_size, stop))
+
+    def rows(self, start: int, stop: int) -> "RowRange":
+        """Rows [start, stop) as a dataset of their own (nothing is read until asked)."""
+        return RowRange(self, start, stop)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SpectraDataset(BaseDataset):
     """Lazy, read-only view of a dataset file; rows are read only when asked for."""
 
     def __init__(self, path: str | os.PathLike):
@@ -186,35 +246,19 @@ class SpectraDataset:
         self.label_names = [str(x.decode() if isinstance(x, bytes) else x) for x in f["labels"].attrs["names"]]
         self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
-    def __len__(self) -> int:
-        return self.n_stars
-
     @property
     def wavelength(self) -> np.ndarray:
         return self._file["wavelength"][:]
 
     @property
-    def group(self) -> np.ndarray:
-        return self._file["group"][:]
+    def has_star_id(self) -> bool:
+        return "star_id" in self._file
 
-    @property
-    def star_id(self) -> np.ndarray | None:
-        if "star_id" not in self._file:
-            return None
-        return self._file["star_id"].asstr()[:]
-
-    def labels(self, names: list[str] | tuple[str, ...] | None = None) -> np.ndarray:
-        """All rows of the named label columns (all labels when ``names`` is None)."""
-        values = self._file["labels"][:]
-        if names is None:
-            return values
-        return values[:, self.label_columns(names)]
-
-    def label_columns(self, names) -> list[int]:
-        missing = [n for n in names if n not in self.label_names]
-        if missing:
-            raise InputError(f"{self.path}: dataset has no label(s) {', '.join(missing)}")
-        return [self.label_names.index(n) for n in names]
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of one per-row array (flux, ivar, labels, group, star_id)."""
+        if name == "star_id":
+            return self._file["star_id"].asstr()[start:stop]
+        return self._file[name][start:stop]
 
     def read(self, start: int = 0, stop: int | None = None) -> Batch:
         stop = self.n_stars if stop is None else min(stop, self.n_stars)
@@ -238,21 +282,243 @@ class SpectraDataset:
         parts = [f[name][sorted_rows][inverse] for name in ("flux", "ivar", "labels", "group")]
         return Batch(-1, *parts)
 
-    def iter_batches(self, batch_size: int = 1024, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        stop = self.n_stars if stop is None else min(stop, self.n_stars)
-        for a in range(start, stop, batch_size):
-            yield self.read(a, min(a + batch_size, stop))
-
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "SpectraDataset":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+class RowRange(BaseDataset):
+    """Rows [start, stop) of another dataset, with the same API and rows counted from 0."""
+
+    def __init__(self, parent: BaseDataset, start: int, stop: int):
+        if not 0 <= start <= stop <= parent.n_stars:
+            raise InputError(f"{parent.path}: rows {start}-{stop} are outside its {parent.n_stars} rows")
+        self.parent, self.start, self.stop = parent, int(start), int(stop)
+        self.path = f"{parent.path} rows {start}-{stop}"
+        self.n_stars, self.n_pixels = self.stop - self.start, parent.n_pixels
+        self.label_names, self.attrs, self.has_star_id = parent.label_names, parent.attrs, parent.has_star_id
+
+    @property
+    def wavelength(self) -> np.ndarray:
+        return self.parent.wavelength
+
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        return self.parent.column(name, self.start + start, self.start + stop)
+
+    def read(self, start: int = 0, stop: int | None = None) -> Batch:
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        b = self.parent.read(self.start + start, self.start + stop)
+        return Batch(start, b.flux, b.ivar, b.labels, b.group)
+
+    def take(self, rows: np.ndarray) -> Batch:
+        return self.parent.take(np.asarray(rows, dtype=np.int64) + self.start)
 
 
-def open_dataset(path: str | os.PathLike) -> SpectraDataset:
-    """Open a chemtwin dataset lazily; raises InputError for anything that is not one."""
-    return SpectraDataset(path)
+# ---------------------------------------------------------------- sharded datasets
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def grid_hash(wavelength: np.ndarray) -> str:
+    """sha256 of the float64 wavelength grid: shards of one dataset share it exactly."""
+    return hashlib.sha256(np.ascontiguousarray(wavelength, dtype="<f8").tobytes()).hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``folder/manifest.json`` atomically: a reader sees no manifest or a whole one."""
+    path = Path(folder) / MANIFEST
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
+    """The manifest of a shard folder of ``kind`` ('dataset' or 'latents'), its shards checked
+    to exist with the recorded sizes (cheap; ``verify_shards`` compares checksums)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{folder}: a folder without {MANIFEST}, so not a sharded {kind} "
+                         f"(an unfinished sharded run leaves none: rerun the command that wrote it)")
+    try:
+        manifest = json.loads(path.read_text())
+        shards = manifest["shards"]
+        ok = manifest.get("format") == SHARDS_FORMAT and all(
+            isinstance(s["path"], str) and int(s["rows"]) >= 0 and isinstance(s["sha256"], str) for s in shards)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
+    if not ok:
+        raise InputError(f"{path}: not a chemtwin shard manifest")
+    if manifest.get("kind") != kind:
+        raise InputError(f"{folder}: holds {manifest.get('kind')!r} shards, not a {kind}")
+    if manifest.get("layout_version", LAYOUT_VERSION) > LAYOUT_VERSION:
+        raise InputError(f"{folder}: layout version {manifest['layout_version']} is newer than this chemtwin reads ({LAYOUT_VERSION})")
+    if not shards:
+        raise InputError(f"{path}: lists no shards")
+    for s in shards:
+        shard = folder / s["path"]
+        if not shard.is_file():
+            raise InputError(f"{folder}: shard {s['path']} (listed in {MANIFEST}) is missing")
+        if "bytes" in s and shard.stat().st_size != s["bytes"]:
+            raise InputError(f"{folder}: shard {s['path']} has {shard.stat().st_size} bytes, {MANIFEST} says "
+                             f"{s['bytes']} (truncated or replaced)")
+    return manifest
+
+
+def verify_shards(folder: str | os.PathLike, manifest: dict, progress: bool = False) -> None:
+    """Compare every shard's sha256 with the manifest's; InputError naming the first that differs."""
+    from tqdm.auto import tqdm
+
+    for s in tqdm(manifest["shards"], desc="checksums", unit="shard", disable=not progress, leave=False):
+        if file_sha256(Path(folder) / s["path"]) != s["sha256"]:
+            raise InputError(f"{folder}: shard {s['path']} does not match its checksum in {MANIFEST} (corrupt or modified)")
+
+
+class ShardSet:
+    """A manifest's shards as one row range: offsets, a small cache of open shards (each checked
+    by ``_check`` when first opened) and validation.  Shared by sharded datasets and latents."""
+
+    kind = ""
+
+    def _init_shards(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder)
+        self.manifest = read_manifest(self.path, self.kind)
+        self.shard_names = [s["path"] for s in self.manifest["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum([int(s["rows"]) for s in self.manifest["shards"]])]).astype(np.int64)
+        self.n_stars = int(self.offsets[-1])
+        self._open: OrderedDict = OrderedDict()
+        self._first = None  # shard 0, once open: what every other shard is checked against
+
+    def _open_shard(self, path: Path):
+        raise NotImplementedError
+
+    def _check(self, k: int, shard) -> None:
+        raise NotImplementedError
+
+    def _shard_rows(self, k: int) -> int:
+        return int(self.offsets[k + 1] - self.offsets[k])
+
+    def _shard(self, k: int):
+        shard = self._open.get(k)
+        if shard is not None:
+            self._open.move_to_end(k)
+            return shard
+        try:
+            shard = self._open_shard(self.path / self.shard_names[k])
+        except InputError as exc:
+            raise InputError(f"{self.path}: shard {self.shard_names[k]}: {str(exc).split(': ', 1)[-1]}") from None
+        if self._first is None:
+            self._first = shard
+        self._check(k, shard)
+        self._open[k] = shard
+        if len(self._open) > OPEN_SHARDS:
+            evicted = self._open.popitem(last=False)[1]
+            if evicted is not self._first:
+                evicted.close()
+        return shard
+
+    def _spans(self, start: int, stop: int):
+        """(shard, local start, local stop) covering global rows [start, stop)."""
+        first = max(int(np.searchsorted(self.offsets, start, side="right")) - 1, 0)
+        for k in range(first, len(self.shard_names)):
+            a, b = self.offsets[k], self.offsets[k + 1]
+            if a >= stop:
+                break
+            if b > start:
+                yield k, int(max(start, a) - a), int(min(stop, b) - a)
+
+    def validate(self, progress: bool = False) -> None:
+        """Checksum, open and check every shard; InputError naming the first bad one."""
+        verify_shards(self.path, self.manifest, progress)
+        for k in range(len(self.shard_names)):
+            self._shard(k)
+
+    def close(self) -> None:
+        for shard in {id(s): s for s in [*self._open.values(), self._first] if s is not None}.values():
+            shard.close()
+        self._open.clear()
+        self._first = None
+
+
+class ShardedDataset(ShardSet, BaseDataset):
+    """A folder of dataset shards read as one dataset (same API as ``SpectraDataset``).
+
+    Shards are opened when first read (at most ``OPEN_SHARDS`` at a time) and checked then
+    against the manifest and the first shard: row count, pixel grid, label names.
+    ``validate()`` checksums and opens them all (``chemtwin info``).
+    """
+
+    kind = "dataset"
+
+    def __init__(self, folder: str | os.PathLike):
+        self._init_shards(folder)
+        first = self._shard(0)
+        self.n_pixels, self.label_names, self.has_star_id = first.n_pixels, first.label_names, first.has_star_id
+        self.attrs = dict(first.attrs, shards=len(self.shard_names))
+
+    def _open_shard(self, path: Path) -> SpectraDataset:
+        return SpectraDataset(path)
+
+    def _check(self, k: int, ds: SpectraDataset) -> None:
+        name, m = self.shard_names[k], self.manifest
+        if len(ds) != self._shard_rows(k):
+            raise InputError(f"{self.path}: shard {name} holds {len(ds)} rows, {MANIFEST} says {self._shard_rows(k)}")
+        if m.get("pixel_grid") and grid_hash(ds.wavelength) != m["pixel_grid"]:
+            raise InputError(f"{self.path}: shard {name} has another pixel grid ({ds.n_pixels} px) than {MANIFEST} "
+                             f"records ({m.get('n_pixels', '?')} px); shards of one dataset must share one grid")
+        first = self._first
+        if ds.label_names != first.label_names or ds.has_star_id != first.has_star_id:
+            raise InputError(f"{self.path}: shard {name} has other labels or star ids than shard {self.shard_names[0]}")
+
+    @property
+    def wavelength(self) -> np.ndarray:
+        return self._first.wavelength
+
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        parts = [self._shard(k).column(name, a, b) for k, a, b in self._spans(start, stop)]
+        return np.concatenate(parts) if parts else self._first.column(name, 0, 0)
+
+    def read(self, start: int = 0, stop: int | None = None) -> Batch:
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        parts = [self._shard(k).read(a, b) for k, a, b in self._spans(start, stop)] or [self._first.read(0, 0)]
+        return Batch(start, *(_concat([getattr(p, f) for p in parts]) for f in _BATCH_FIELDS))
+
+    def take(self, rows: np.ndarray) -> Batch:
+        """Arbitrary rows (read shard by shard, returned in the order asked)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_stars):
+            raise InputError(f"{self.path}: row {int(rows[(rows < 0) | (rows >= self.n_stars)][0])} is outside its {self.n_stars} rows")
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        shard_of = np.searchsorted(self.offsets, sorted_rows, side="right") - 1
+        parts = [self._shard(k).take(sorted_rows[shard_of == k] - self.offsets[k]) for k in np.unique(shard_of)]
+        parts = parts or [self._first.read(0, 0)]
+        out = []
+        for f in _BATCH_FIELDS:
+            values = _concat([getattr(p, f) for p in parts])
+            arr = np.empty_like(values)
+            arr[order] = values
+            out.append(arr)
+        return Batch(-1, *out)
+
+
+_BATCH_FIELDS = ("flux", "ivar", "labels", "group")
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def open_dataset(path: str | os.PathLike) -> SpectraDataset | ShardedDataset:
+    """Open a chemtwin dataset (a file or a folder of shards) lazily; InputError for anything else."""
+    return ShardedDataset(path) if Path(path).is_dir() else SpectraDataset(path)

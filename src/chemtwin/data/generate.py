@@ -1,8 +1,9 @@
 """Streaming generation of twin datasets with the embedded synthesizer.
 
 Groups are generated in chunks; chunk k draws its labels and noise from
-``numpy.random.default_rng([seed, k])``, so the same seed gives the same file whatever
-the chunk is computed by (a future multi-worker path only has to respect chunk order).
+``numpy.random.default_rng([seed, k])``, so the same seed gives the same spectra whatever
+computes the chunk: ``generate_sharded`` hands runs of chunks to Dask workers, one shard
+file each, and its rows equal ``generate_dataset``'s bit for bit.
 Memory stays flat: one chunk of spectra is held at a time.
 """
 
@@ -12,19 +13,47 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chemtwin.data.dataset import DatasetWriter, prepare_output
+from chemtwin.data.dataset import DatasetWriter, grid_hash, prepare_output
 from chemtwin.data.population import RedGiantPrior, twin_groups
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, check_in_range
+from chemtwin.spectral_models.linelist import load_linelist
 from chemtwin.spectral_models.lines import LineSynthesizer
 
 CHUNK_STARS = 1024  # ~60 MB of flux per chunk: memory stays flat whatever N is
 SYNTH_BATCH = 32  # small batches keep the oversampled arrays in cache (measured fastest)
+# "Observed-like" spectra (mismatch): the synthesizer with wrong atomic data, LineList.perturbed.
+# One fixed default seed, so that every mismatch file (training and validation sets alike)
+# comes from the same "true" line list, as all real stars do.
+MISMATCH_LOGGF_SIGMA = 0.1  # dex, per line
+MISMATCH_DROP_FRACTION = 0.1
+MISMATCH_SEED = 0
+
+
+def mismatch_seed(mismatch) -> int | None:
+    """Seed of the perturbed line list: None (clean) for False/None, MISMATCH_SEED for True."""
+    if mismatch is None or mismatch is False:
+        return None
+    if mismatch is True:
+        return MISMATCH_SEED
+    if isinstance(mismatch, (int, np.integer)) and mismatch >= 0:
+        return int(mismatch)
+    raise InputError(f"mismatch must be True/False or a seed >= 0, got {mismatch!r}")
+
+
+def make_synthesizer(grid: str = "aspcap", mismatch: int | None = None) -> LineSynthesizer:
+    """The embedded synthesizer; with a mismatch seed, on the perturbed line list of that seed."""
+    if mismatch is None:
+        return LineSynthesizer(grid=grid)
+    lines = load_linelist().perturbed(MISMATCH_LOGGF_SIGMA, MISMATCH_DROP_FRACTION, seed=mismatch)
+    return LineSynthesizer(grid=grid, linelist=lines)
 
 
 def add_noise(flux: np.ndarray, snr: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +86,58 @@ def synthesize(synth: LineSynthesizer, labels: np.ndarray, threads: int = 2) -> 
     return torch.cat(parts).numpy().astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What decides a generated dataset: chunk k holds groups [k*groups_per_chunk, ...)."""
+
+    n_groups: int
+    group_size: int
+    snr: float
+    seed: int
+    grid: str
+    prior: RedGiantPrior
+    chunk_stars: int
+    mismatch: int | None = None  # seed of the perturbed line list (mismatch_seed); None: the true one
+
+    def __post_init__(self):
+        if self.n_groups < 1:
+            raise InputError(f"--n-groups must be >= 1, got {self.n_groups}")
+        if self.group_size < 1:
+            raise InputError(f"--group-size must be >= 1, got {self.group_size}")
+        if not (self.snr > 0):
+            raise InputError(f"--snr must be positive (or inf), got {self.snr}")
+
+    @property
+    def groups_per_chunk(self) -> int:
+        return max(1, self.chunk_stars // self.group_size)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_groups / self.groups_per_chunk)
+
+    def chunk_rows(self, chunk: int) -> int:
+        return min(self.groups_per_chunk, self.n_groups - chunk * self.groups_per_chunk) * self.group_size
+
+    @property
+    def attrs(self) -> dict:
+        attrs = {"generator": "chemtwin.lines", "seed": self.seed, "snr": self.snr, "grid": self.grid,
+                 "group_size": self.group_size, "prior": repr(self.prior)}
+        if self.mismatch is not None:
+            attrs.update(generator="chemtwin.lines+mismatch", mismatch_seed=self.mismatch,
+                         mismatch_loggf_sigma=MISMATCH_LOGGF_SIGMA, mismatch_drop_fraction=MISMATCH_DROP_FRACTION)
+        return attrs
+
+    def chunk(self, synth: LineSynthesizer, chunk: int, threads: int):
+        """(flux, ivar, labels, group) of chunk ``chunk``: its own generator, labels before noise."""
+        rng = np.random.default_rng([self.seed, chunk])
+        first = chunk * self.groups_per_chunk
+        count = min(self.groups_per_chunk, self.n_groups - first)
+        labels, group = twin_groups(count, self.group_size, self.prior, rng, first_group=first)
+        check_in_range(LABEL_NAMES, labels)
+        flux, ivar = add_noise(synthesize(synth, labels, threads), self.snr, rng)
+        return flux, ivar, labels.astype(np.float32), group
+
+
 def generate_dataset(
     path: str | os.PathLike,
     n_groups: int,
@@ -68,32 +149,77 @@ def generate_dataset(
     overwrite: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    chunk_stars: int | None = None,
+    mismatch: bool | int = False,
 ) -> str:
-    """Write ``n_groups`` groups of ``group_size`` chemical twins to a dataset file."""
-    if n_groups < 1:
-        raise InputError(f"--n-groups must be >= 1, got {n_groups}")
-    if group_size < 1:
-        raise InputError(f"--group-size must be >= 1, got {group_size}")
-    if not (snr > 0):
-        raise InputError(f"--snr must be positive (or inf), got {snr}")
+    """Write ``n_groups`` groups of ``group_size`` chemical twins to a dataset file.
+
+    ``chunk_stars`` (default ``CHUNK_STARS``) is part of the seed: keep it to reproduce a file.
+    ``mismatch`` (True or a seed): "observed-like" spectra from a perturbed line list
+    (:func:`make_synthesizer`); the labels are those of the clean file of the same seed."""
+    plan = Plan(n_groups, group_size, snr, seed, grid, prior or RedGiantPrior(), chunk_stars or CHUNK_STARS,
+                mismatch_seed(mismatch))
     prepare_output(path, overwrite)
-    prior = prior or RedGiantPrior()
     threads = threads or min(2, os.cpu_count() or 1)
-    synth = LineSynthesizer(grid=grid)
-    groups_per_chunk = max(1, CHUNK_STARS // group_size)
-    n_chunks = math.ceil(n_groups / groups_per_chunk)
-    attrs = {"generator": "chemtwin.lines", "seed": seed, "snr": snr, "grid": grid,
-             "group_size": group_size, "prior": repr(prior)}
-    with DatasetWriter(path, synth.wavelength, LABEL_NAMES, attrs=attrs, overwrite=overwrite,
+    synth = make_synthesizer(grid, plan.mismatch)
+    with DatasetWriter(path, synth.wavelength, LABEL_NAMES, attrs=plan.attrs, overwrite=overwrite,
                        expected_rows=n_groups * group_size) as writer, \
             tqdm(total=n_groups * group_size, unit="spectra", disable=not progress, desc="generate") as bar:
-        for chunk in range(n_chunks):
-            rng = np.random.default_rng([seed, chunk])
-            first = chunk * groups_per_chunk
-            count = min(groups_per_chunk, n_groups - first)
-            labels, group = twin_groups(count, group_size, prior, rng, first_group=first)
-            check_in_range(LABEL_NAMES, labels)
-            flux, ivar = add_noise(synthesize(synth, labels, threads), snr, rng)
-            writer.append(flux, ivar, labels.astype(np.float32), group)
+        for chunk in range(plan.n_chunks):
+            flux, ivar, labels, group = plan.chunk(synth, chunk, threads)
+            writer.append(flux, ivar, labels, group)
             bar.update(len(labels))
     return str(path)
+
+
+@lru_cache(maxsize=4)
+def _synthesizer(grid: str, mismatch: int | None = None) -> LineSynthesizer:
+    """One synthesizer per grid (and line list) and worker process, kept for the worker's next shards."""
+    return make_synthesizer(grid, mismatch)
+
+
+def generate_shard(spec: dict, path: str) -> dict:
+    """Dask task: chunks [first, last) of ``spec["plan"]`` into the dataset file ``path``."""
+    plan: Plan = spec["plan"]
+    synth = _synthesizer(plan.grid, plan.mismatch)
+    first, last = spec["chunks"]
+    rows = sum(plan.chunk_rows(c) for c in range(first, last))
+    with _torch_threads(spec["threads"]), DatasetWriter(path, synth.wavelength, LABEL_NAMES, attrs=plan.attrs,
+                                                        overwrite=True, expected_rows=rows) as writer:
+        for chunk in range(first, last):
+            writer.append(*plan.chunk(synth, chunk, spec["threads"]))
+    return {"rows": writer.n_rows}
+
+
+def generate_sharded(
+    folder: str | os.PathLike,
+    n_groups: int,
+    group_size: int = 2,
+    snr: float = math.inf,
+    seed: int = 0,
+    grid: str = "aspcap",
+    prior: RedGiantPrior | None = None,
+    client=None,
+    shard_stars: int = 8192,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int = 1,
+    chunk_stars: int | None = None,
+    mismatch: bool | int = False,
+) -> dict:
+    """``generate_dataset`` as a folder of shards + manifest, one task per shard on the Dask
+    ``client`` (in this process when None); the same rows for the same seed.  Shards hold whole
+    chunks (``shard_stars`` is rounded to them).  Returns the manifest."""
+    from chemtwin.data.shards import run_shards, shard_ranges
+
+    chunk_stars = chunk_stars or CHUNK_STARS
+    plan = Plan(n_groups, group_size, snr, seed, grid, prior or RedGiantPrior(), chunk_stars, mismatch_seed(mismatch))
+    per_shard = max(1, round(shard_stars / (plan.groups_per_chunk * group_size)))
+    specs = [{"plan": plan, "chunks": r, "threads": threads} for r in shard_ranges(plan.n_chunks, per_shard)]
+    wavelength = _synthesizer(grid).wavelength
+    manifest, _ = run_shards(
+        folder, "dataset", {"command": "generate", **plan.attrs, "n_groups": n_groups, "chunk_stars": chunk_stars,
+                            "chunks_per_shard": per_shard},
+        specs, generate_shard, client, header={"pixel_grid": grid_hash(wavelength), "n_pixels": int(wavelength.size)},
+        overwrite=overwrite, progress=progress, desc="generate")
+    return manifest

@@ -8,6 +8,9 @@ Layout of ``LATENTS.h5``:
 * ``star_id``  str (N,): a unique name per star, e.g. APOGEE_ID (optional)
 
 Without ``star_id`` a star is named by its row number ("0", "1", ...).
+``chemtwin embed --workers/--scheduler`` writes a folder of such files plus
+``manifest.json`` instead (docs/distributed.md); ``open_latents`` reads both alike,
+shard by shard.
 Every reader here raises :class:`chemtwin.errors.InputError` with a one-line message for
 a missing file, a file that is not HDF5, a missing/mis-shaped ``z`` or non-finite values
 (naming the first bad row).
@@ -22,6 +25,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from chemtwin.data.dataset import ShardSet
 from chemtwin.errors import InputError
 
 DEFAULT_CHUNK_ROWS = 65_536
@@ -35,7 +39,38 @@ def check_finite(z: np.ndarray, source: str, row0: int = 0) -> None:
         raise InputError(f"{source}: latent row {row0 + row} holds NaN or inf")
 
 
-class LatentFile:
+class _Latents:
+    """Chunked reading shared by a latent file and a folder of latent shards (on top of ``read``)."""
+
+    def __len__(self) -> int:
+        return self.n_stars
+
+    def iter_chunks(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, check: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, z[start:start+chunk_rows])`` over all latents."""
+        for a in range(0, self.n_stars, chunk_rows):
+            yield a, self.read(a, a + chunk_rows, check=check)
+
+    def sample(self, n: int, seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+        """About ``n`` rows drawn uniformly without replacement, read chunk by chunk."""
+        if n >= self.n_stars:
+            return self.read()
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(self.n_stars, size=n, replace=False))
+        parts = []
+        for a in range(0, self.n_stars, chunk_rows):
+            sel = rows[(rows >= a) & (rows < a + chunk_rows)]
+            if sel.size:
+                parts.append(self.read(a, a + chunk_rows)[sel - a])
+        return np.concatenate(parts)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LatentFile(_Latents):
     """Lazy read-only view of a latent file; ``z`` is read in chunks when asked for."""
 
     def __init__(self, path: str | os.PathLike, key: str = "z"):
@@ -63,9 +98,6 @@ class LatentFile:
         except InputError:
             f.close()
             raise
-
-    def __len__(self) -> int:
-        return self.n_stars
 
     @property
     def has_group(self) -> bool:
@@ -95,41 +127,80 @@ class LatentFile:
             check_finite(z, str(self.path), start)
         return z
 
-    def iter_chunks(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, check: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, z[start:start+chunk_rows])`` over the whole file."""
-        for a in range(0, self.n_stars, chunk_rows):
-            yield a, self.read(a, a + chunk_rows, check=check)
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The dataset row of every latent (``chemtwin embed`` writes it), or None."""
+        return self._file["row"][:].astype(np.int64) if isinstance(self._file.get("row"), h5py.Dataset) else None
 
-    def sample(self, n: int, seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
-        """About ``n`` rows drawn uniformly without replacement, read chunk by chunk."""
-        if n >= self.n_stars:
-            return self.read()
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(self.n_stars, size=n, replace=False))
-        parts = []
-        for a in range(0, self.n_stars, chunk_rows):
-            sel = rows[(rows >= a) & (rows < a + chunk_rows)]
-            if sel.size:
-                parts.append(self.read(a, a + chunk_rows)[sel - a])
-        return np.concatenate(parts)
+    @property
+    def attrs(self) -> dict:
+        return dict(self._file.attrs)
 
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "LatentFile":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+class ShardedLatents(ShardSet, _Latents):
+    """A folder of latent shards + manifest.json read as one latent file (shards opened
+    when first read, at most ``OPEN_SHARDS`` at a time)."""
+
+    kind = "latents"
+
+    def __init__(self, folder: str | os.PathLike, key: str = "z"):
+        self.key = key
+        self._init_shards(folder)
+        first = self._shard(0)
+        self.dim, self.has_group, self.has_star_id = first.dim, first.has_group, first.has_star_id
+
+    def _open_shard(self, path: Path) -> LatentFile:
+        return LatentFile(path, self.key)
+
+    def _check(self, k: int, lf: LatentFile) -> None:
+        name, first = self.shard_names[k], self._first
+        if lf.n_stars != self._shard_rows(k):
+            raise InputError(f"{self.path}: shard {name} holds {lf.n_stars} latents, the manifest says {self._shard_rows(k)}")
+        if (lf.dim, lf.has_group, lf.has_star_id) != (first.dim, first.has_group, first.has_star_id):
+            raise InputError(f"{self.path}: shard {name} differs from shard {self.shard_names[0]} (dimension, groups or star ids)")
+
+    def _each(self, get) -> list:
+        return [get(self._shard(k)) for k in range(len(self.shard_names))]
+
+    @property
+    def group(self) -> np.ndarray | None:
+        return np.concatenate(self._each(lambda lf: lf.group)) if self.has_group else None
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        parts = self._each(lambda lf: lf.rows)
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._first.attrs, shards=len(self.shard_names))
+
+    def star_id(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        if not self.has_star_id:
+            return None
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        parts = [self._shard(k).star_id(a, b) for k, a, b in self._spans(start, stop)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=str)
+
+    def read(self, start: int = 0, stop: int | None = None, check: bool = True) -> np.ndarray:
+        stop = self.n_stars if stop is None else min(stop, self.n_stars)
+        parts = [self._shard(k).read(a, b, check=False) for k, a, b in self._spans(start, stop)]
+        z = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        if check:
+            check_finite(z, str(self.path), start)
+        return z
 
 
-def open_latents(path: str | os.PathLike, key: str = "z") -> LatentFile:
-    """Open a latent file lazily; InputError for anything that is not one."""
-    return LatentFile(path, key=key)
+def open_latents(path: str | os.PathLike, key: str = "z") -> LatentFile | ShardedLatents:
+    """Open a latent file or a folder of latent shards lazily; InputError for anything else."""
+    return ShardedLatents(path, key=key) if Path(path).is_dir() else LatentFile(path, key=key)
 
 
-def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False):
-    """Write a latent file in the layout above (atomic; used by tests and benchmarks)."""
+def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False, row=None):
+    """Write a latent file in the layout above (atomic; used by sharded embedding, tests and benchmarks)."""
     from chemtwin.data.dataset import prepare_output, temporary_path
 
     path = prepare_output(path, overwrite)
@@ -138,6 +209,8 @@ def write_latents(path, z, group=None, star_id=None, labels=None, label_names=No
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("z", data=z, chunks=(min(max(len(z), 1), 65_536), z.shape[1]) if z.size else None)
+            if row is not None:
+                f.create_dataset("row", data=np.asarray(row, dtype=np.int64))
             if group is not None:
                 f.create_dataset("group", data=np.asarray(group, dtype=np.int64))
             if star_id is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
+
+from chemtwin.errors import InputError
 
 # Atomic data the synthesizer uses (science.md section 6): ionization energy (eV),
 # Asplund et al. (2009) solar abundance A(X), atomic mass (amu).
@@ -37,6 +39,23 @@ class LineList:
 
     def select(self, keep: np.ndarray) -> "LineList":
         return LineList(*(getattr(self, f)[keep] for f in self.__dataclass_fields__))
+
+    def perturbed(self, loggf_sigma: float = 0.1, drop_fraction: float = 0.1, seed: int = 0) -> "LineList":
+        """The list with wrong atomic data, as a real line list is wrong for real stars.
+
+        Every line's log gf moves by Gaussian noise of ``loggf_sigma`` dex (a line's strength
+        is proportional to gf at every TEFF, LOGG and abundance, so this shifts
+        ``log_strength_ref``), then ``round(drop_fraction * N)`` lines, drawn at random,
+        are removed.  Atomic and molecular lines alike; the same seed gives the same list.
+        """
+        if not (loggf_sigma >= 0 and 0 <= drop_fraction < 1):
+            raise InputError(f"log gf sigma must be >= 0 and the dropped fraction in [0, 1), "
+                             f"got {loggf_sigma} and {drop_fraction}")
+        rng = np.random.default_rng(seed)
+        jitter = rng.normal(0.0, loggf_sigma, len(self))
+        keep = np.ones(len(self), dtype=bool)
+        keep[rng.choice(len(self), int(round(drop_fraction * len(self))), replace=False)] = False
+        return replace(self, log_strength_ref=self.log_strength_ref + jitter).select(keep)
 
 
 @lru_cache(maxsize=1)

@@ -460,6 +460,9 @@ class Cannon:
         # every star's G is copied once per fit: keep that under ~128 MB a batch
         n_terms = self.theta_.shape[1]
         size = max(1, min(self.batch_size, 2**24 // ((self.n_fits + 1) * n_terms * n_terms)))
+        # at least one batch per thread: a lone batch would run with BLAS's own threads, which
+        # are many times slower on these small stacked matrices (and on a shared machine)
+        size = max(1, min(size, -(-flux.shape[0] // _n_jobs(self.n_jobs))))
         parts = _parallel_map(
             lambda a: self._test_batch(flux[a : a + size], ivar[a : a + size], extra),
             range(0, flux.shape[0], size), self.n_jobs,
@@ -502,7 +505,13 @@ class Cannon:
         return self._gram_cache
 
     def _star_gram(self, weight) -> np.ndarray:
-        """G = theta^T diag(w) theta for each star's weights w: (S, P) -> (S, T, T)."""
+        """G = theta^T diag(w) theta for each star's weights w: (S, P) -> (S, T, T).
+
+        Stars with identical weights (constant-SNR or noiseless spectra sharing one mask:
+        every synthetic set) share one G, computed once."""
+        unique, inverse = np.unique(weight, axis=0, return_inverse=True)
+        if len(unique) < len(weight):
+            return self._star_gram(unique)[inverse.reshape(-1)]
         theta, products = self._gram_terms()
         n_stars, n_terms = weight.shape[0], theta.shape[1]
         G = np.empty((n_stars, n_terms, n_terms))

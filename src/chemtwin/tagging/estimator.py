@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from chemtwin.data.dataset import SpectraDataset, open_dataset
+from chemtwin.data.dataset import BaseDataset, open_dataset
 from chemtwin.errors import InputError
 from chemtwin.tagging.fader import FaderConfig, FaderNet, check_spectra, pixel_weights
 from chemtwin.tagging.training import (FORMAT, ArraySource, label_columns, load_model, pick_device, read_history,
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def _as_source(data, ivar=None, labels=None, label_names=None, group=None):
     if isinstance(data, (str, os.PathLike)):
         return open_dataset(data)
-    if isinstance(data, (SpectraDataset, ArraySource)):
+    if isinstance(data, (BaseDataset, ArraySource)):
         return data
     if labels is None:
         raise InputError("fit(flux, ivar, labels, label_names=...) needs labels for array input")

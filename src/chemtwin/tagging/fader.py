@@ -420,7 +420,7 @@ def recon_loss(x_hat, x, w=None):
     return ((w * (x_hat - torch.nan_to_num(x)).pow(2)).sum(1) / w.sum(1).clamp_min(1e-12)).mean()
 
 
-def adversary_loss(model: FaderNet, z, u_bin):
-    """(cross-entropy, accuracy) of the adversary on latents z."""
-    logits = model.adversary(z)
+def adversary_loss(adversary: nn.Module, z, u_bin):
+    """(cross-entropy, accuracy) of the adversary (``model.adversary`` or its DDP wrapper) on latents z."""
+    logits = adversary(z)
     return F.cross_entropy(logits, u_bin), (logits.argmax(1) == u_bin).float().mean()

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from chemtwin import __version__
 from chemtwin.data.dataset import Batch, temporary_path
 from chemtwin.errors import InputError
+from chemtwin.tagging.distributed import Ranks
 from chemtwin.tagging.fader import (FaderConfig, FaderNet, adversary_loss, check_spectra, fit_baseline, pixel_weights,
                                     poly_exponents, poly_features, recon_loss)
 
@@ -255,7 +256,7 @@ def evaluate(model: FaderNet, ev: EvalSet, device, batch: int = 1024) -> dict:
         x, w, u = (t[a : a + batch].to(device) for t in (ev.flux, ev.w, ev.u))
         zb = model.encode(x, w, u)
         rec += recon_loss(model.decode(zb, u), x, w).item() * len(x)
-        acc += adversary_loss(model, zb, model.u_bins(u))[1].item() * len(x)
+        acc += adversary_loss(model.adversary, zb, model.u_bins(u))[1].item() * len(x)
         z.append(zb)
     z = torch.cat(z)
     for a in range(0, n, batch):
@@ -455,6 +456,8 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
     t0 = time.monotonic()
     out = Path(out_dir)
     ckpt_path, hist_path = out / "checkpoint.safetensors", out / "history.csv"
+    ranks, device = Ranks.setup(pick_device(cfg.device))  # several under torchrun (tagging/distributed.py)
+    progress = progress and ranks.main
     if resume:
         if not ckpt_path.is_file():
             raise InputError(f"{out}: nothing to resume (no checkpoint.safetensors)")
@@ -469,7 +472,7 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
                 raise InputError(f"{out} is not empty and holds no chemtwin model; refusing to overwrite it")
         if not out.parent.is_dir():
             raise InputError(f"output folder {out.parent} does not exist")
-    device = pick_device(cfg.device)
+    ranks.barrier()  # every rank has looked at MODEL_DIR before rank 0 writes to it
     if source.n_stars == 0:
         raise InputError(f"{source.path}: the dataset holds no spectra")
 
@@ -506,10 +509,10 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
     log.info("training rows %d, validation rows %d, %s (%.2f GB)", train_rows.size, val_rows.size,
              "in memory" if in_memory else "streamed from disk", bytes_needed / 2**30)
     loader = Loader(source, train_rows, columns, sc.uniform, in_memory)
-    ev = EvalSet(vsrc, val_rows, vcols, cfg.eval_max_stars, cfg.seed) if val_rows.size else None
+    ev = EvalSet(vsrc, val_rows, vcols, cfg.eval_max_stars, cfg.seed) if val_rows.size and ranks.main else None
 
-    # ---- the data are fine: (re)create the model folder
-    if not resume:
+    # ---- the data are fine: (re)create the model folder (rank 0 alone writes it)
+    if not resume and ranks.main:
         for name in MODEL_FILES:
             (out / name).unlink(missing_ok=True)
         out.mkdir(exist_ok=True)
@@ -534,17 +537,21 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
     if resume:
         shuffle_state, st = _load_checkpoint(ckpt_path, model, opts, device)
         gen.set_state(shuffle_state)
-        _truncate_history(hist_path, st["step"])
+        if ranks.main:
+            _truncate_history(hist_path, st["step"])
         log.info("resuming at epoch %d, step %d", st["epoch"], st["step"])
+    ae, adversary = ranks.wrap(model)  # DDP modules under torchrun, the model's own otherwise
+    ranks.reseed(cfg.seed, st["step"])
     meta = {
         "format": FORMAT, "format_version": 1, "chemtwin_version": __version__, "config": cfg.to_dict(),
         "n_pixels": source.n_pixels, "status": "training",
         "data": {"train": str(source.path), "val_data": None if val_source is None else str(val_source.path),
                  "n_train": int(train_rows.size),
                  "n_val": int(val_rows.size), "skipped_rows": skipped + skipped_val, "in_memory": in_memory,
-                 "uniform_weights": sc.uniform, "adv_chance": adv_chance},
+                 "uniform_weights": sc.uniform, "adv_chance": adv_chance, "processes": ranks.world},
     }
-    write_json(out / "config.json", meta)
+    if ranks.main:
+        write_json(out / "config.json", meta)
 
     spe = loader.steps(cfg.batch_size)
     total = cfg.epochs * spe
@@ -555,22 +562,24 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
         p = st["step"] / total
         return min(1.0, max(p, elapsed() / cfg.time_limit) if cfg.time_limit else p)
 
-    def finish_epoch(complete: bool, epoch_start_state):
+    def finish_epoch(complete: bool, epoch_start_state, interrupted: bool = False):
         nonlocal last_eval_cost
         t = time.monotonic()
         n = max(st["sums"][4], 1)
+        sums = st["sums"][:4] if interrupted else ranks.mean(st["sums"][:4])  # no collective after Ctrl-C
         row = {"epoch": st["epoch"] + st["batch_in_epoch"] / spe, "step": st["step"], "lr": lr,
-               "lambda": lam, "train_loss": st["sums"][0] / n, "train_recon": st["sums"][1] / n,
-               "train_adv_ce": st["sums"][2] / n, "train_adv_acc": st["sums"][3] / n, "adv_chance": adv_chance}
+               "lambda": lam, "train_loss": sums[0] / n, "train_recon": sums[1] / n,
+               "train_adv_ce": sums[2] / n, "train_adv_acc": sums[3] / n, "adv_chance": adv_chance}
         if ev is not None:
             row.update(evaluate(model, ev, device))
         if complete:
             st["epoch"], st["batch_in_epoch"], st["sums"] = st["epoch"] + 1, 0, [0.0, 0.0, 0.0, 0.0, 0]
             row["epoch"] = st["epoch"]
         row["time_s"] = st["elapsed"] = elapsed()
-        _append_history(hist_path, row)
-        _save_checkpoint(ckpt_path, model, opts, gen.get_state() if complete else epoch_start_state, st)
-        save_model(out, model, source.wavelength)
+        if ranks.main:
+            _append_history(hist_path, row)
+            _save_checkpoint(ckpt_path, model, opts, gen.get_state() if complete else epoch_start_state, st)
+            save_model(out, model, source.wavelength)
         last_eval_cost = time.monotonic() - t
         return row
 
@@ -580,37 +589,43 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
         while st["epoch"] < cfg.epochs and not stopped:
             epoch_start_state = gen.get_state()
             for x, w, u in loader.epoch(gen, cfg.batch_size, skip=st["batch_in_epoch"]):
-                if cfg.time_limit and elapsed() + 1.5 * last_eval_cost >= cfg.time_limit:
+                over = bool(cfg.time_limit) and elapsed() + 1.5 * last_eval_cost >= cfg.time_limit
+                p, over = ranks.agree(progress_now(), over)  # rank 0's clock decides for every rank
+                if over:
                     stopped = True
                     break
-                p = progress_now()
+                if len(x) < ranks.world:  # a last batch too short to give every rank a row
+                    continue
                 lr, lam = cfg.lr * cfg.lr_factor(p), cfg.lambda_at(p, st["step"])
                 for name, opt in opts.items():
                     base = cfg.lr if name == "opt_ae" else cfg.lr * cfg.adversary_lr_factor
                     for group in opt.param_groups:
                         group["lr"] = base * cfg.lr_factor(p)
+                n_global = len(x)
+                x, w, u = ranks.shard(x, w, u)  # this rank's rows of the global batch
+                share = ranks.loss_weight(len(x), n_global)  # 1 in one process
                 x, u = x.to(device, non_blocking=True), u.to(device)
                 w = None if w is None else w.to(device)
                 u_bin = model.u_bins(u)
-                z = model.encode(x, w, u)
+                z, x_hat = ae(x, w, u)
                 # 1) adversary step on the current latents
-                ce_a, acc = adversary_loss(model, z.detach(), u_bin)
+                ce_a, acc = adversary_loss(adversary, z.detach(), u_bin)
                 opts["opt_adv"].zero_grad(set_to_none=True)
-                ce_a.backward()
+                (ce_a * share).backward()
                 opts["opt_adv"].step()
-                # 2) autoencoder step against the updated adversary
-                rec = recon_loss(model.decode(z, u), x, w)
+                # 2) autoencoder step against the updated adversary (its own module: no gradient sync)
+                rec = recon_loss(x_hat, x, w)
                 loss = model.loss_scale * rec
                 if lam > 0:
-                    loss = loss - lam * adversary_loss(model, z, u_bin)[0]
+                    loss = loss - lam * adversary_loss(model.adversary, z, u_bin)[0]
                 opts["opt_ae"].zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
                 opts["opt_ae"].step()
                 st["step"] += 1
                 st["batch_in_epoch"] += 1
                 s = st["sums"]
                 for k, v in enumerate((loss.item(), rec.item(), ce_a.item(), acc.item())):
-                    s[k] += v
+                    s[k] += v * share  # averaged over ranks at the epoch's end: the global batch's mean
                 s[4] += 1
                 bar.update(1)
                 if st["step"] % 10 == 0:
@@ -625,12 +640,14 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
                 row = finish_epoch(False, epoch_start_state)
     except KeyboardInterrupt:
         if st["sums"][4]:
-            finish_epoch(False, epoch_start_state)
+            finish_epoch(False, epoch_start_state, interrupted=True)
         raise
     finally:
         bar.close()
     meta["status"] = "finished" if st["epoch"] >= cfg.epochs else "stopped at the time limit"
     meta["final"] = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     meta["final"].update(epoch=st["epoch"], step=st["step"], time_s=elapsed())
-    write_json(out / "config.json", meta)
+    if ranks.main:
+        write_json(out / "config.json", meta)
+    ranks.barrier()  # MODEL_DIR is complete when train() returns, on every rank
     return meta["final"]
