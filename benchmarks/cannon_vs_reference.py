@@ -47,6 +47,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _common import write_results
+
 from chemtwin import __version__
 from chemtwin.tagging.cannon import Cannon
 
@@ -309,10 +311,7 @@ def main(argv=None) -> int:
             report["reference"] = {"error": str(exc)[-2000:]}
             print(f"reference not run: {exc}", file=sys.stderr)
     report["load_average_before_after"] = [list(load_before), list(os.getloadavg())]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, args.json)
+    write_results(args.json, json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in report if k in ("chemtwin", "reference", "comparison")}, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0

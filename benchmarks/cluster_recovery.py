@@ -117,7 +117,8 @@ def build_spaces(folder: Path, args) -> tuple[list[str], dict]:
     interrupted run continues where it stopped (delete the folder to start over)."""
     from chemtwin.cli import main as chemtwin
     from chemtwin.data.generate import generate_dataset
-    from chemtwin.evaluation.oracle import draw_abundances, oracle_covariance, whitening_matrix
+    from chemtwin.evaluation.metrics import whitening_matrix
+    from chemtwin.evaluation.oracle import draw_abundances, oracle_covariance
     from chemtwin.tagging.polyres import PolyResiduals
 
     folder.mkdir(parents=True, exist_ok=True)

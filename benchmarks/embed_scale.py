@@ -41,6 +41,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _common import log, print_or_write_json
+
 import h5py
 
 from chemtwin.data.dataset import DatasetWriter, open_dataset
@@ -64,10 +66,6 @@ CHILD = (
     "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
     "print(json.dumps({'rc': rc, 'peak_rss_kib': peak}))\n"
 )
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def n_rows(path: Path) -> int:
@@ -176,16 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep-latents", action="store_true", help="keep the latent file in --work")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
-    text = json.dumps(run(args), indent=2)
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
-        log(f"wrote {out}")
-    else:
-        print(text)
+    print_or_write_json(run(args), args.json)
     return 0
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,17 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import machine
+
 TARGETS = {"TEFF": 10.0, "LOGG": 0.02, "abundance": 0.01}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg()}
 
 
 def generate(path: Path, n: int, seed: int) -> Path:

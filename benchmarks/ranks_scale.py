@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -34,14 +33,12 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _common import peak_rss_mib, write_results
+
 import torch
 
 from chemtwin.evaluation.metrics import rank_summary
 from chemtwin.evaluation.ranks import doppelganger_ranks
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def make_latents(n: int, dim: int, scatter: float, seed: int, chunk: int = 100_000):
@@ -109,10 +106,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.json)
+        write_results(args.json, text + "\n")
     return 0
 
 

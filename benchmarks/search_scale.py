@@ -20,10 +20,8 @@ process never holds the whole array apart from the index itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -36,6 +34,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _common import log, peak_rss_mib, print_or_write_json
+
 import faiss
 import h5py
 
@@ -43,10 +43,6 @@ from chemtwin.search.index import TwinIndex
 
 GROUP_SIZE = 10
 SCATTER = 0.25
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def make_latent_file(path: Path, n: int, dim: int, n_queries: int, seed: int, chunk: int = 100_000):
@@ -131,10 +127,6 @@ def run(args) -> dict:
     return result
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="100,000 latents instead of --n")
@@ -154,17 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic latents")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
-        log(f"wrote {out}")
-    else:
-        print(text)
+    print_or_write_json(run(args), args.json)
     return 0
 
 

@@ -27,37 +27,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def evaluate_model(model_dir, val_path) -> dict:
-    """``chemtwin evaluate``'s figures (doppelganger fractions, reconstruction and swapped
-    MSE) plus how well TEFF and LOGG can be recovered from z (R^2, 3-fold; low = disentangled)
-    by a ridge regression, 10-nearest neighbours and a small MLP."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import cross_val_score
-    from sklearn.neighbors import KNeighborsRegressor
-    from sklearn.neural_network import MLPRegressor
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from chemtwin.data.dataset import open_dataset
+    """``chemtwin evaluate``'s figures: doppelganger fractions, reconstruction and swapped MSE,
+    and how well TEFF and LOGG are recovered from z (``condition_r2``; low = disentangled)."""
     from chemtwin.evaluation.metrics import evaluate_model as evaluate
-    from chemtwin.tagging import ChemTwin
 
     res = evaluate(str(model_dir), str(val_path), progress=False)
     out = {k: res[k] for k in ("n_stars", "frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank",
                                "mse_reconstruction", "mse_swapped")}
-    ct = ChemTwin.load(model_dir)
-    with open_dataset(val_path) as ds:
-        z, cond = ct.embed_dataset(ds), ds.labels(list(ct.condition))
-    ok = np.isfinite(z).all(1)
-    regressors = {"ridge": RidgeCV(), "knn": KNeighborsRegressor(10),
-                  "mlp": make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=500,
-                                                                      early_stopping=True, random_state=0))}
-    for k, name in enumerate(ct.condition):
-        for reg_name, reg in regressors.items():
-            out[f"{name.lower()}_r2_{reg_name}"] = float(cross_val_score(reg, z[ok], cond[ok, k], cv=3).mean())
+    for name, scores in res["condition_r2"].items():
+        out.update({f"{name.lower()}_r2_{reg}": r2 for reg, r2 in scores.items()})
     return out
 
 

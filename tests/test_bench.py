@@ -40,6 +40,13 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
     assert by[("oracle", "snr30")]["frac_rank0"] <= by[("oracle", "snr100")]["frac_rank0"]
     # raw spectra are dominated by TEFF/LOGG: the trained fader must beat them at SNR inf
     assert by[("fader", "snrinf")]["frac_rank0"] > by[("raw", "snrinf")]["frac_rank0"]
+    # the model rows say how much TEFF/LOGG their latents still carry; the Payne's emulator reports its error
+    for m in MODELS:
+        assert set(by[(m, "snrinf")]["condition_r2"]) == {"TEFF", "LOGG"}
+    assert "R² (mlp)" in report
+    emulator = results["payne_emulator"]
+    assert emulator["n_train"] > 0 and 0 < emulator["val_median_abs_error"] < 0.1
+    assert "The Payne's emulator" in report
     for name in ("reconstruction", "rank_cdf", "latent_map", "training_curves"):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -99,3 +106,13 @@ def test_quick_config_is_small():
     cfg = BenchConfig.quick_config()
     assert cfg.quick and cfg.n_train_pairs * cfg.time_limit < BenchConfig().n_train_pairs * BenchConfig().time_limit
     assert np.isinf(cfg.snrs[0]) and cfg.mismatch_snr == 100
+
+
+def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
+    out = tmp_path / "b"
+    assert main(["-q", "bench", str(out), "--quick", "--snr", "inf", "--mismatch-snr", "none", "--methods", "raw",
+                 "--n-train-pairs", "3", "--n-val-pairs", "4"]) == 0
+    cfg = json.loads((out / "bench_config.json").read_text())
+    assert cfg["mismatch_snr"] is None and cfg["snrs"] == ["inf"] and cfg["n_val_pairs"] == 4
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["scenario"], r["n_stars"]) for r in rows] == [("raw", "snrinf", 8)]

@@ -196,3 +196,23 @@ def test_model_path_json_and_consistency_with_latents(tmp_path, model_dir, data)
     # the Python entry point the bench uses gives the same dict
     direct = evaluate_model(ct, str(val), progress=False)
     assert direct["frac_rank0"] == res["frac_rank0"] and direct["mse_swapped"] == pytest.approx(res["mse_swapped"])
+    assert set(res["condition_r2"]) == set(ct.condition)
+    assert all(set(r2) == {"ridge", "knn", "mlp"} for r2 in res["condition_r2"].values())
+
+
+def test_condition_leakage_tells_a_latent_that_carries_teff_from_one_that_does_not():
+    rng = np.random.default_rng(3)
+    teff, logg = rng.uniform(4000, 5200, 2000), rng.uniform(1, 3.5, 2000)
+    chemistry = rng.normal(size=(2000, 4))
+    leaky = np.column_stack([chemistry, np.tanh((teff - 4600) / 300) + 0.05 * rng.normal(size=2000)])
+    clean = np.column_stack([chemistry, rng.normal(size=2000)])
+    cond = np.column_stack([teff, logg])
+    from chemtwin.evaluation.metrics import condition_leakage
+
+    leaky[:10] = np.nan  # unusable stars: left out, not propagated
+    r_leaky = condition_leakage(leaky, cond, ["TEFF", "LOGG"], max_stars=900)
+    r_clean = condition_leakage(clean, cond, ["TEFF"], max_stars=900)
+    assert r_leaky["TEFF"]["ridge"] > 0.8 and r_leaky["TEFF"]["knn"] > 0.8 and r_leaky["TEFF"]["mlp"] > 0.8
+    # chance level is R^2 ~ 0 (k-NN: ~ -1/k, it averages noise)
+    assert all(-0.3 < v < 0.1 for v in r_leaky["LOGG"].values())  # LOGG is not in either latent
+    assert all(-0.3 < v < 0.1 for v in r_clean["TEFF"].values())

@@ -12,8 +12,9 @@ from chemtwin.cli import main
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
+from chemtwin.evaluation.metrics import whitening_matrix
 from chemtwin.evaluation.oracle import (CHEM_COLUMNS, cramer_rao_covariance, draw_abundances, evaluate_oracle,
-                                        synthesizer_jacobian, whitening_matrix)
+                                        synthesizer_jacobian)
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
 from chemtwin.spectral_models.lines import LineSynthesizer
 
@@ -160,6 +161,9 @@ def test_whitening_makes_the_pooled_noise_unit(jac):
     white = noise @ whitening_matrix(np.repeat(cov, many, 0)).T
     np.testing.assert_allclose(np.cov(white.T), np.eye(17), atol=0.1)
     np.testing.assert_array_equal(whitening_matrix(np.zeros((3, 17, 17))), np.eye(17))
+    # noiseless stars among noisy ones say nothing about the noise: left out of the pooled mean
+    mixed = np.concatenate([np.zeros((5, 17, 17)), cov])
+    np.testing.assert_allclose(whitening_matrix(mixed), whitening_matrix(cov[0]))
 
 
 # ---------------------------------------------------------------------- evaluation

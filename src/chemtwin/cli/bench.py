@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                     "version in minutes. Rerun the same command to finish an interrupted run.")
     p.add_argument("out", metavar="OUT_DIR", help="folder for data, models, results and the report")
     p.add_argument("--quick", action="store_true",
-                   help="small sets (1,000/300 pairs), 20 s of training per model: minutes on 2 CPU cores")
+                   help="small sets (1,000/300 pairs), 15 s of training per model: minutes on 2 CPU cores")
     p.add_argument("--n-train-pairs", type=int, default=None, help="training twin pairs per scenario (default 25000)")
     p.add_argument("--n-val-pairs", type=int, default=None, help="validation twin pairs per scenario (default 12500)")
     p.add_argument("--snr", default=None, help="comma-separated SNRs to run (default inf,100,50,30)")
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default all: {','.join(MODELS + BASELINES)})")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="training time per model and scenario (default 1800; quick 20)")
+                   help="training time per model and scenario (default 1800; quick 15)")
     p.add_argument("--preset", choices=("fast", "paper"), default=None, help="model preset (default fast)")
     p.add_argument("--latent-dim", type=int, default=None, help="latent dimension (default 20)")
     p.add_argument("--metric", default=None, help="latent distance: l1 (default), l2 or cosine")
@@ -69,13 +69,13 @@ def run(args) -> int:
     given = {"n_train_pairs": args.n_train_pairs, "n_val_pairs": args.n_val_pairs, "time_limit": args.time_limit,
              "preset": args.preset, "latent_dim": args.latent_dim, "metric": args.metric, "seed": args.seed,
              "device": args.device}
+    given = {k: v for k, v in given.items() if v is not None}
     if args.snr is not None:
         given["snrs"] = _snrs(args.snr)
-    if args.mismatch_snr is not None:
+    if args.mismatch_snr is not None:  # "none" (no mismatch scenario) is kept as None
         given["mismatch_snr"] = None if args.mismatch_snr.strip().lower() == "none" else _snrs(args.mismatch_snr)[0]
     if args.methods is not None:
         given["methods"] = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
-    given = {k: v for k, v in given.items() if v is not None}
     if args.latent_dim is not None and args.latent_dim < 1:
         raise InputError(f"--latent-dim must be at least 1, got {args.latent_dim}")
     cfg = BenchConfig.quick_config(**given) if args.quick else BenchConfig(**given)

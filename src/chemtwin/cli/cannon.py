@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import zipfile
@@ -20,20 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.data.dataset import open_dataset, prepare_output, temporary_path
+from chemtwin.cli.arguments import name_list, positive_int
+from chemtwin.data.dataset import atomic_output, open_dataset, prepare_output, write_star_columns
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _rows(text: str) -> slice:
@@ -47,14 +37,6 @@ def _rows(text: str) -> slice:
     if start < 0 or (stop is not None and stop <= start):
         raise argparse.ArgumentTypeError(f"expected 0 <= START < STOP, got '{text}'")
     return slice(start, stop)
-
-
-def _names(values: list[str] | None) -> list[str] | None:
-    """--labels accepts space- or comma-separated names."""
-    if values is None:
-        return None
-    names = [n for v in values for n in v.replace(",", " ").split() if n]
-    return names or None
 
 
 def register(subparsers) -> None:
@@ -74,7 +56,7 @@ def register(subparsers) -> None:
     t.add_argument("--labels", nargs="+", required=True, metavar="NAME",
                    help="labels of the model, comma- or space-separated (e.g. TEFF,LOGG,FE_H,MG_FE)")
     t.add_argument("--out", required=True, help="model file to write (.npz)")
-    t.add_argument("--order", type=_positive_int, default=2, help="polynomial order (default 2: quadratic with cross terms)")
+    t.add_argument("--order", type=positive_int, default=2, help="polynomial order (default 2: quadratic with cross terms)")
     t.add_argument("--rows", type=_rows, default=None, metavar="START:STOP",
                    help="train on dataset rows [START, STOP) only (default: all)")
     t.add_argument("--pixel-mask", default=None, metavar="FILE",
@@ -83,7 +65,7 @@ def register(subparsers) -> None:
                    help=".npy/.npz boolean array, one value per pixel: True = leave this pixel out "
                         "(e.g. the continuum pixels)")
     t.add_argument("--no-scatter", action="store_true", help="fix the intrinsic scatter s^2 at 0")
-    t.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all available)")
+    t.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     t.set_defaults(func=run_train)
 
@@ -100,8 +82,8 @@ def register(subparsers) -> None:
                    help="labels to write (default: all the model's labels; all are fitted in any case)")
     f.add_argument("--rows", type=_rows, default=None, metavar="START:STOP",
                    help="fit dataset rows [START, STOP) only (default: all)")
-    f.add_argument("--batch-size", type=_positive_int, default=4096, help="spectra read per batch (default 4096)")
-    f.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all available)")
+    f.add_argument("--batch-size", type=positive_int, default=4096, help="spectra read per batch (default 4096)")
+    f.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     f.set_defaults(func=run_test)
     p.set_defaults(func=lambda args: _missing_subcommand(p))
@@ -152,7 +134,7 @@ def load_pixel_mask(path: str, n_pixels: int) -> np.ndarray:
 def run_train(args) -> int:
     from chemtwin.tagging.cannon import Cannon
 
-    names = _names(args.labels)
+    names = name_list(args.labels)
     out = prepare_output(args.out, args.overwrite)
     with open_dataset(args.data) as ds:
         columns = ds.label_columns(names)
@@ -200,7 +182,7 @@ def run_test(args) -> int:
     model = Cannon.load(args.model)
     if args.threads:
         model.n_jobs = args.threads
-    names = _names(args.labels) or list(model.label_names)
+    names = name_list(args.labels) or list(model.label_names)
     unknown = [n for n in names if n not in model.label_names]
     if unknown:
         raise InputError(
@@ -254,28 +236,17 @@ def write_labels(path: Path, names, result, keep, group=None, star_id=None, attr
 
     from chemtwin import __version__
 
-    path = Path(path)
-    tmp = temporary_path(path)
     keep = np.asarray(keep, dtype=np.int64)
-    try:
-        with h5py.File(tmp, "w") as f:
-            h5names = np.array(names, dtype=h5py.string_dtype())
-            f.create_dataset("labels", data=result.labels[:, keep].astype(np.float32)).attrs["names"] = h5names
-            f.create_dataset("labels_err", data=result.uncertainties[:, keep].astype(np.float32)).attrs["names"] = h5names
-            f.create_dataset("covariance", data=result.cov[:, keep][:, :, keep].astype(np.float32)).attrs["names"] = h5names
-            f["chi2"] = result.chi2
-            f["reduced_chi2"] = result.reduced_chi2
-            f["n_pixels"] = np.asarray(result.n_pixels, dtype=np.int64)
-            f["converged"] = result.converged
-            if group is not None:
-                f["group"] = np.asarray(group, dtype=np.int64)
-            if star_id is not None:
-                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
-            f.attrs["chemtwin_version"] = __version__
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        h5names = np.array(names, dtype=h5py.string_dtype())
+        f.create_dataset("labels", data=result.labels[:, keep].astype(np.float32)).attrs["names"] = h5names
+        f.create_dataset("labels_err", data=result.uncertainties[:, keep].astype(np.float32)).attrs["names"] = h5names
+        f.create_dataset("covariance", data=result.cov[:, keep][:, :, keep].astype(np.float32)).attrs["names"] = h5names
+        f["chi2"] = result.chi2
+        f["reduced_chi2"] = result.reduced_chi2
+        f["n_pixels"] = np.asarray(result.n_pixels, dtype=np.int64)
+        f["converged"] = result.converged
+        write_star_columns(f, group, star_id)
+        f.attrs["chemtwin_version"] = __version__
+        f.attrs.update(attrs or {})
+    return Path(path)

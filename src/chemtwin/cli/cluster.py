@@ -7,24 +7,13 @@ import time
 
 import numpy as np
 
-from chemtwin.data.dataset import prepare_output
+from chemtwin.cli.arguments import positive_fraction
+from chemtwin.data.dataset import atomic_output, prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.cluster import (
     METHODS, SCALES, SKLEARN_METRIC, cluster_latents, jsonable, clustering_metrics, plot_clusters, write_clusters,
 )
 from chemtwin.search.latents import open_latents
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got '{text}'") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -48,8 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--metric", choices=sorted(SKLEARN_METRIC), default="l1", help="distance between latents (default l1)")
     p.add_argument("--scale", choices=SCALES, default="none",
                    help="none (default: the latent's own metric) or standard (unit variance per dimension)")
-    p.add_argument("--min-purity", type=_fraction, default=0.5, help="recovered group: minimum purity of its cluster (default 0.5)")
-    p.add_argument("--min-completeness", type=_fraction, default=0.5,
+    p.add_argument("--min-purity", type=positive_fraction, default=0.5, help="recovered group: minimum purity of its cluster (default 0.5)")
+    p.add_argument("--min-completeness", type=positive_fraction, default=0.5,
                    help="recovered group: minimum fraction of the group in that cluster (default 0.5)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write a 2-D (PCA) plot coloured by cluster")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the parameters and metrics as JSON")
@@ -106,16 +95,9 @@ def run(args) -> int:
         plot_clusters(z, result.labels, plot, group=group if metrics else None, title=title)
         print(f"wrote {plot}")
     if json_out:
-        from chemtwin.data.dataset import temporary_path
-        import os
-
-        tmp = temporary_path(json_out)
-        try:
+        with atomic_output(json_out) as tmp:
             tmp.write_text(json.dumps(jsonable({"params": result.params, "n_clusters": result.n_clusters,
-                                       "noise_fraction": result.noise_fraction, "seconds": seconds,
-                                       "metrics": metrics}), indent=2) + "\n")
-            os.replace(tmp, json_out)
-        finally:
-            tmp.unlink(missing_ok=True)
+                                                "noise_fraction": result.noise_fraction, "seconds": seconds,
+                                                "metrics": metrics}), indent=2) + "\n")
         print(f"wrote {json_out}")
     return 0

@@ -148,41 +148,33 @@ def _write_latents(ct, ds, out: Path, args, attrs: dict, files=None) -> None:
     """Embed dataset ``ds`` in batches into ``out`` (atomically); ``files``: source file per row."""
     from tqdm.auto import tqdm
 
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.data.dataset import atomic_output, write_star_columns
 
     quiet = logging.getLogger().level > logging.INFO
-    tmp = temporary_path(out)
     d, n = ct.config.latent_dim, ds.n_stars
-    try:
-        with h5py.File(tmp, "w") as f:
-            z_out = f.create_dataset("z", shape=(0, d), maxshape=(None, d), dtype="f4", chunks=(min(max(n, 1), 65536), d))
-            rows_out, kept = [], 0
-            with tqdm(total=n, desc="embedding", unit="star", disable=quiet) as bar:
-                for start, z, ok in ct.iter_embed(ds, args.batch_size):
-                    z = z[ok]
-                    z_out.resize(kept + len(z), axis=0)
-                    z_out[kept:] = z
-                    kept += len(z)
-                    rows_out.append(start + np.flatnonzero(ok))
-                    bar.update(len(ok))
-            rows = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
-            f.create_dataset("row", data=rows.astype(np.int64))
-            f.create_dataset("group", data=ds.group[rows])
-            labels = ds.labels()[rows]
-            f.create_dataset("labels", data=labels).attrs["names"] = np.array(ds.label_names, dtype=h5py.string_dtype())
-            star_id = ds.star_id
-            if star_id is None and kept < n:
-                star_id = np.arange(n).astype(str)
-            if star_id is not None:
-                f.create_dataset("star_id", data=np.asarray(star_id[rows], dtype=object), dtype=h5py.string_dtype())
-            if files is not None:
-                f.create_dataset("file", data=files[rows], dtype=h5py.string_dtype())
-            f.attrs.update({"model": os.path.abspath(args.model), "condition": ",".join(ct.condition), "latent_dim": d,
-                            "model_kind": ct.config.model, **attrs})
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
+        z_out = f.create_dataset("z", shape=(0, d), maxshape=(None, d), dtype="f4", chunks=(min(max(n, 1), 65536), d))
+        rows_out, kept = [], 0
+        with tqdm(total=n, desc="embedding", unit="star", disable=quiet) as bar:
+            for start, z, ok in ct.iter_embed(ds, args.batch_size):
+                z = z[ok]
+                z_out.resize(kept + len(z), axis=0)
+                z_out[kept:] = z
+                kept += len(z)
+                rows_out.append(start + np.flatnonzero(ok))
+                bar.update(len(ok))
+        rows = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
+        f.create_dataset("row", data=rows.astype(np.int64))
+        labels = ds.labels()[rows]
+        f.create_dataset("labels", data=labels).attrs["names"] = np.array(ds.label_names, dtype=h5py.string_dtype())
+        star_id = ds.star_id
+        if star_id is None and kept < n:
+            star_id = np.arange(n).astype(str)
+        write_star_columns(f, ds.group[rows], None if star_id is None else star_id[rows])
+        if files is not None:
+            f.create_dataset("file", data=files[rows], dtype=h5py.string_dtype())
+        f.attrs.update({"model": os.path.abspath(args.model), "condition": ",".join(ct.condition), "latent_dim": d,
+                        "model_kind": ct.config.model, **attrs})
     if kept < n:
         log.warning("skipped %d rows whose ivar is all zero (no latent)", n - kept)
     log.info("wrote %d latents (d=%d) to %s", kept, d, out)

@@ -10,14 +10,15 @@
 The JSON holds ``method``, ``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstruction``,
 ``mse_swapped`` (null without a decoder), ``frac_rank0``, ``frac_rank_lt_0p1pct``,
 ``frac_rank_lt_1pct``, ``median_rank``, ``rank_cdf``, ``model`` and ``dataset``
-(path and file attributes); see ``chemtwin.evaluation.metrics``.
+(path and file attributes); for a model also ``condition_r2``, the cross-validated R^2 with
+which regressors read each conditioned label (TEFF, LOGG) off the latent (near 0 when
+disentangled); see ``chemtwin.evaluation.metrics``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -78,17 +79,11 @@ def register(subparsers) -> None:
 
 
 def _write_json(path: Path, result: dict) -> None:
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.data.dataset import atomic_output
 
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(result, f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def run(args) -> int:

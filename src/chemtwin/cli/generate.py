@@ -17,14 +17,6 @@ from chemtwin.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"not a number: {text!r}") from None
-    return value
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
@@ -38,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("out", help="output dataset (.h5); written under a temporary name and renamed when complete")
     p.add_argument("--n-groups", type=int, default=1000, help="number of twin groups (default 1000)")
     p.add_argument("--group-size", type=int, default=2, help="stars per group; 2 gives the paper's pairs (default 2)")
-    p.add_argument("--snr", type=positive_float, default=math.inf,
+    p.add_argument("--snr", type=float, default=math.inf,
                    help="signal-to-noise per pixel: Gaussian noise of sigma 1/SNR, ivar = SNR^2 (default inf: no noise, ivar = inf)")
     p.add_argument("--grid", choices=GRID_NAMES, default="aspcap",
                    help="wavelength grid: aspcap (7,214 px, default), aspcap7514, or apstar (8,575 px)")

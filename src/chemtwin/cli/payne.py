@@ -10,54 +10,15 @@ docs/baselines.md describes them and the labels file `fit` writes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from chemtwin.data.dataset import prepare_output, temporary_path
+from chemtwin.cli.arguments import fraction_below_one, name_list, positive_float, positive_int
+from chemtwin.data.dataset import atomic_output, prepare_output
 from chemtwin.errors import InputError
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
-
-
-def _names(values: list[str] | None) -> list[str] | None:
-    """--labels / --label-names accept space- or comma-separated names."""
-    if values is None:
-        return None
-    names = [n for v in values for n in v.replace(",", " ").split() if n]
-    return names or None
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -76,18 +37,18 @@ def register(subparsers) -> None:
     t.add_argument("--out", required=True, help="emulator file to write (.npz, MLP format)")
     t.add_argument("--labels", nargs="+", default=None, metavar="NAME",
                    help="labels the emulator takes (default: every label of the dataset that is not constant)")
-    t.add_argument("--hidden", type=_positive_int, default=300, help="neurons per hidden layer (default 300)")
-    t.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training spectra (default 100 unless --time-limit is given)")
-    t.add_argument("--time-limit", type=_positive_float, default=None, help="stop after this many seconds of training")
-    t.add_argument("--batch-size", type=_positive_int, default=256, help="spectra per Adam step (default 256)")
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="initial learning rate (cosine decay to 1%%; default 1e-3)")
-    t.add_argument("--val-fraction", type=_fraction, default=0.1, help="fraction of stars held out for validation (default 0.1)")
+    t.add_argument("--hidden", type=positive_int, default=300, help="neurons per hidden layer (default 300)")
+    t.add_argument("--epochs", type=positive_int, default=None, help="passes over the training spectra (default 100 unless --time-limit is given)")
+    t.add_argument("--time-limit", type=positive_float, default=None, help="stop after this many seconds of training")
+    t.add_argument("--batch-size", type=positive_int, default=256, help="spectra per Adam step (default 256)")
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="initial learning rate (cosine decay to 1%%; default 1e-3)")
+    t.add_argument("--val-fraction", type=fraction_below_one, default=0.1, help="fraction of stars held out for validation (default 0.1)")
     t.add_argument("--loss", choices=("auto", "ivar", "mse"), default="auto",
                    help="ivar-weighted or plain squared error; auto = mse for noiseless data (ivar inf), else ivar")
-    t.add_argument("--max-stars", type=_positive_int, default=None, help="train on the first N stars only")
+    t.add_argument("--max-stars", type=positive_int, default=None, help="train on the first N stars only")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, initialization and batch order (default 0)")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, ...")
-    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", default=None, help="also write the training report (history, validation errors) here")
     t.add_argument("--overwrite", action="store_true", help="replace existing output files")
     t.set_defaults(func=run_train)
@@ -103,21 +64,21 @@ def register(subparsers) -> None:
     f.add_argument("--label-names", nargs="+", default=None, metavar="NAME",
                    help="names of the emulator's labels, in order (needed when the .npz has no label_names array)")
     f.add_argument("--rv", action="store_true", help="also fit a radial velocity (km/s) by shifting the model spectrum")
-    f.add_argument("--rv-max", type=_positive_float, default=200.0, help="largest |RV| searched, km/s (default 200)")
-    f.add_argument("--starts", type=_positive_int, default=2,
+    f.add_argument("--rv-max", type=positive_float, default=200.0, help="largest |RV| searched, km/s (default 200)")
+    f.add_argument("--starts", type=positive_int, default=2,
                    help="starting points per star (default 2: two linear guesses; a third is the best screened "
                         "candidate, more are random offsets from the first guess)")
     f.add_argument("--retries", type=int, default=3,
                    help="rounds of restarts for stars whose reduced chi2 is over 10x the median (default 3; 0: none)")
-    f.add_argument("--candidates", type=_positive_int, default=2048,
+    f.add_argument("--candidates", type=positive_int, default=2048,
                    help="label vectors screened to pick the starting points (default 2048)")
-    f.add_argument("--max-iter", type=_positive_int, default=50, help="Levenberg-Marquardt iterations per start (default 50)")
+    f.add_argument("--max-iter", type=positive_int, default=50, help="Levenberg-Marquardt iterations per start (default 50)")
     f.add_argument("--unweighted", action="store_true", help="unit weights on unmasked pixels instead of ivar")
     f.add_argument("--hessian", choices=("auto", "exact", "shared"), default="auto",
                    help="Gauss-Newton matrix during the iterations: exact, or shared across the batch (MLP only; "
                         "auto = shared for MLP). Uncertainties always use the exact Jacobian")
-    f.add_argument("--batch-size", type=_positive_int, default=128, help="stars fitted together (default 128)")
-    f.add_argument("--threads", type=_positive_int, default=None,
+    f.add_argument("--batch-size", type=positive_int, default=128, help="stars fitted together (default 128)")
+    f.add_argument("--threads", type=positive_int, default=None,
                    help="batches of stars fitted in parallel, one torch thread each (default: up to 2)")
     f.add_argument("--seed", type=int, default=0, help="seed of the screening candidates (default 0)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -151,15 +112,14 @@ def run_train(args) -> int:
         prepare_output(args.json, args.overwrite)
     epochs = args.epochs if args.epochs is not None or args.time_limit is not None else 100
     emulator, report = train_emulator(
-        args.data, labels=_names(args.labels), hidden=args.hidden, epochs=epochs, time_limit=args.time_limit,
+        args.data, labels=name_list(args.labels), hidden=args.hidden, epochs=epochs, time_limit=args.time_limit,
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, loss=args.loss, seed=args.seed,
         max_stars=args.max_stars, progress=_progress(args), device=device,
     )
     path = emulator.save(args.out, overwrite=args.overwrite)
     if args.json:
-        tmp = temporary_path(Path(args.json))
-        tmp.write_text(json.dumps(report.as_dict(), indent=1))
-        os.replace(tmp, args.json)
+        with atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(report.as_dict(), indent=1))
     print(
         f"wrote {path}: MLP emulator, {len(report.label_names)} labels ({' '.join(report.label_names)}), "
         f"{emulator.n_hidden} hidden, {emulator.n_pixels} pixels"
@@ -180,7 +140,7 @@ def run_fit(args) -> int:
     from chemtwin.tagging.payne_fit import fit_dataset
 
     prepare_output(args.out, args.overwrite)
-    emulator = PayneEmulator.load(args.emulator, _names(args.label_names))
+    emulator = PayneEmulator.load(args.emulator, name_list(args.label_names))
     path, result, seconds = fit_dataset(
         emulator, args.data, args.out, overwrite=args.overwrite, progress=_progress(args), rv=args.rv,
         rv_max=args.rv_max, n_starts=args.starts, n_retries=args.retries, n_candidates=args.candidates, max_iter=args.max_iter,
@@ -232,7 +192,7 @@ def run_generate(args) -> int:
         except ValueError:
             raise InputError(f"--label-range {name}: MIN and MAX must be numbers, got {lo!r} {hi!r}") from None
     prepare_output(args.out, args.overwrite)
-    emulator = PayneEmulator.load(args.emulator, _names(args.label_names))
+    emulator = PayneEmulator.load(args.emulator, name_list(args.label_names))
     wavelength = None
     if emulator.wavelength is None:
         grid = get_grid(args.grid)
@@ -244,7 +204,7 @@ def run_generate(args) -> int:
         wavelength = grid.wavelength
     generate_emulator_dataset(
         args.out, emulator, args.n_groups, args.group_size, args.snr, args.seed,
-        chemical_labels=_names(args.chemical_labels), ranges=ranges, wavelength=wavelength,
+        chemical_labels=name_list(args.chemical_labels), ranges=ranges, wavelength=wavelength,
         overwrite=args.overwrite, progress=_progress(args),
     )
     print(f"wrote {args.out}: {args.n_groups * args.group_size} spectra emulated by {args.emulator}")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from chemtwin.data.dataset import prepare_output, temporary_path
+from chemtwin.cli.arguments import positive_int
+from chemtwin.data.dataset import atomic_output, prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.index import (
     HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, KINDS, METRICS, TwinIndex,
@@ -23,18 +23,6 @@ from chemtwin.search.index import (
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
 
 log = logging.getLogger(__name__)
-
-
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -48,15 +36,15 @@ def register(subparsers) -> None:
     p.add_argument("--metric", choices=sorted(METRICS), default="l1", help="distance between latents (default l1, the twin metric)")
     p.add_argument("--kind", choices=KINDS, default="flat",
                    help="flat = exact (default; fine up to a few million stars); hnsw / ivf = approximate, for larger catalogues")
-    p.add_argument("--M", dest="M", type=_positive, default=HNSW_M, help=f"hnsw: links per node (default {HNSW_M})")
-    p.add_argument("--ef-construction", type=_positive, default=HNSW_EF_CONSTRUCTION,
+    p.add_argument("--M", dest="M", type=positive_int, default=HNSW_M, help=f"hnsw: links per node (default {HNSW_M})")
+    p.add_argument("--ef-construction", type=positive_int, default=HNSW_EF_CONSTRUCTION,
                    help=f"hnsw: candidate list while building (default {HNSW_EF_CONSTRUCTION})")
-    p.add_argument("--ef-search", type=_positive, default=HNSW_EF_SEARCH,
+    p.add_argument("--ef-search", type=positive_int, default=HNSW_EF_SEARCH,
                    help=f"hnsw: candidate list while searching, raised to at least k (default {HNSW_EF_SEARCH})")
-    p.add_argument("--nlist", type=_positive, default=None, help="ivf: number of k-means cells (default about sqrt(N))")
-    p.add_argument("--nprobe", type=_positive, default=None, help="ivf: cells visited per query (default nlist/16, at least 16)")
-    p.add_argument("--chunk-rows", type=_positive, default=DEFAULT_CHUNK_ROWS, help=f"stars read per chunk (default {DEFAULT_CHUNK_ROWS})")
-    p.add_argument("--threads", type=_positive, default=None, help="FAISS threads (default: all cores)")
+    p.add_argument("--nlist", type=positive_int, default=None, help="ivf: number of k-means cells (default about sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="ivf: cells visited per query (default nlist/16, at least 16)")
+    p.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS, help=f"stars read per chunk (default {DEFAULT_CHUNK_ROWS})")
+    p.add_argument("--threads", type=positive_int, default=None, help="FAISS threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the ivf training sample and k-means (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_index)
@@ -71,12 +59,12 @@ def register(subparsers) -> None:
     what.add_argument("--query", metavar="FILE.h5", help="latent file whose stars are the queries (same latent dimension)")
     what.add_argument("--star", metavar="ID", nargs="+", action="extend",
                       help="star id(s) in the index (row numbers if it keeps none); --star A B or --star A --star B")
-    s.add_argument("-k", type=_positive, default=10, help="neighbours per query (default 10)")
+    s.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     s.add_argument("--json", metavar="OUT", default=None, help="also write the neighbours to this JSON file")
     s.add_argument("--show", type=int, default=50, help="print the tables of at most this many queries (default 50, -1 = all; all go to --json)")
-    s.add_argument("--nprobe", type=_positive, default=None, help="ivf: override the cells visited per query")
-    s.add_argument("--ef-search", type=_positive, default=None, help="hnsw: override the search candidate list")
-    s.add_argument("--threads", type=_positive, default=None, help="FAISS threads (default: all cores)")
+    s.add_argument("--nprobe", type=positive_int, default=None, help="ivf: override the cells visited per query")
+    s.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: override the search candidate list")
+    s.add_argument("--threads", type=positive_int, default=None, help="FAISS threads (default: all cores)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     s.set_defaults(func=run_search)
 
@@ -191,11 +179,7 @@ def run_search(args) -> int:
                 for j in np.flatnonzero(valid)
             ]
             result["queries"].append(entry)
-        tmp = temporary_path(json_path)
-        try:
+        with atomic_output(json_path) as tmp:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
-            os.replace(tmp, json_path)
-        finally:
-            tmp.unlink(missing_ok=True)
         print(f"\nwrote {json_path}")
     return 0

@@ -8,34 +8,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
 
+from chemtwin.cli.arguments import non_negative_float, non_negative_int
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -51,25 +31,25 @@ def register(subparsers) -> None:
     p.add_argument("--preset", choices=("fast", "paper"), default=None,
                    help="fast (default): CPU-friendly architecture; paper: the published MLP, SELU, Adam lr 1e-5")
     p.add_argument("--condition", default=None, help="comma-separated conditioned labels (default TEFF,LOGG; e.g. TEFF,LOGG,FE_H)")
-    p.add_argument("--latent-dim", type=_positive_int, default=None, help="latent dimension (default 20)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: the preset's)")
-    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--latent-dim", type=non_negative_int, default=None, help="latent dimension (default 20)")
+    p.add_argument("--epochs", type=non_negative_int, default=None, help="epochs in all (default: the preset's)")
+    p.add_argument("--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
                    help="stop cleanly after this much training time in all, counted across --resume; "
                         "the learning-rate and lambda schedules are stretched to fit it")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the preset's)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--lambda", dest="lambda_adv", type=_positive_float, default=None,
+    p.add_argument("--batch-size", type=non_negative_int, default=None, help="batch size (default: the preset's)")
+    p.add_argument("--lr", type=non_negative_float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--lambda", dest="lambda_adv", type=non_negative_float, default=None,
                    help="final adversarial weight lambda (default: the preset's; ignored for --model cae)")
-    p.add_argument("--lambda-warmup", type=_positive_float, default=None,
+    p.add_argument("--lambda-warmup", type=non_negative_float, default=None,
                    help="fraction of training over which lambda rises linearly from 0 (default: the preset's)")
-    p.add_argument("--n-cat", type=_positive_int, default=None, help="adversary bins per conditioned label (default 10)")
+    p.add_argument("--n-cat", type=non_negative_int, default=None, help="adversary bins per conditioned label (default 10)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to train (default auto)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--val-fraction", type=_positive_float, default=None,
+    p.add_argument("--threads", type=non_negative_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--val-fraction", type=non_negative_float, default=None,
                    help="fraction of the groups held out for validation (split by group; default 0.1)")
     p.add_argument("--val-data", default=None, help="separate validation dataset (replaces --val-fraction)")
-    p.add_argument("--max-memory-gb", type=_positive_float, default=None,
+    p.add_argument("--max-memory-gb", type=non_negative_float, default=None,
                    help="hold the training set in memory below this size, else stream it from disk (default 4)")
     p.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.safetensors "
                    "(only --epochs, --time-limit, --device and --threads may change)")

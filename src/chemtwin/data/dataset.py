@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,6 +63,39 @@ class Batch:
 def temporary_path(path: Path) -> Path:
     """Name a file is written under before the atomic rename to ``path``."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """The temporary path to write ``path``'s content to: renamed onto ``path`` when the block
+    succeeds and deleted when it fails, so that no reader ever sees a half-written file."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """``path`` opened read-only; InputError when it is missing or not an HDF5 file."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+
+
+def write_star_columns(f: h5py.File, group=None, star_id=None) -> None:
+    """``group`` and ``star_id`` in the dataset's layout, for files derived row by row from a
+    dataset (labels, latents), so that their stars can be matched with the dataset's."""
+    if group is not None:
+        f["group"] = np.asarray(group, dtype=np.int64)
+    if star_id is not None:
+        f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
 
 
 def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -218,12 +252,7 @@ class SpectraDataset(BaseDataset):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise InputError(f"{self.path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+        self._file = open_hdf5(self.path)
         f = self._file
         missing = [name for name in REQUIRED if name not in f]
         if missing:
@@ -331,13 +360,8 @@ def grid_hash(wavelength: np.ndarray) -> str:
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     """Write ``folder/manifest.json`` atomically: a reader sees no manifest or a whole one."""
     path = Path(folder) / MANIFEST
-    tmp = temporary_path(path)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -63,14 +63,15 @@ class BenchConfig:
     raw_max_queries: int | None = 2000        # raw-spectrum ranks: query stars (None = all)
     payne_train_stars: int = 20_000           # noiseless training spectra for the Payne emulator
     payne_time_limit: float = 600.0           # seconds to train the Payne emulator
+    holdout_stars: int = 1000                 # training-set stars fitted to whiten the Cannon's and Payne's abundances
     seed: int = 0
     device: str = "auto"
     quick: bool = False
 
     @classmethod
     def quick_config(cls, **overrides) -> "BenchConfig":
-        cfg = dict(n_train_pairs=1000, n_val_pairs=300, time_limit=20.0, raw_max_queries=None,
-                   payne_train_stars=2000, payne_time_limit=30.0, quick=True)
+        cfg = dict(n_train_pairs=1000, n_val_pairs=300, time_limit=15.0, raw_max_queries=None,
+                   payne_train_stars=2000, payne_time_limit=20.0, holdout_stars=200, quick=True)
         cfg.update(overrides)
         return cls(**cfg)
 
@@ -153,16 +154,11 @@ def machine() -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.data.dataset import atomic_output
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _config_record(cfg: BenchConfig) -> dict:
@@ -237,13 +233,10 @@ def _train(model_dir: Path, train_path: Path, val_path: Path, method: str, cfg: 
 def _save_eval(paths: _Paths, method: str, sc: Scenario, result: dict, ranks, seconds: float) -> None:
     out = paths.result(method, sc)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.data.dataset import atomic_output
 
-    npy = out.with_suffix(".ranks.npy")
-    tmp = temporary_path(npy)
-    with open(tmp, "wb") as f:
+    with atomic_output(out.with_suffix(".ranks.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(ranks.rank, np.int64))
-    os.replace(tmp, npy)
     result = dict(result, eval_s=seconds)
     _write_json(out, result)
 
@@ -266,9 +259,12 @@ def _evaluate(method: str, sc: Scenario, paths: _Paths, cfg: BenchConfig, progre
     from chemtwin.evaluation import label_baselines
 
     if method == "cannon":
-        return label_baselines.evaluate_cannon(str(train), str(val), **common)
+        return label_baselines.evaluate_cannon(str(train), str(val), holdout_stars=cfg.holdout_stars, **common)
     if method == "payne":
-        return label_baselines.evaluate_payne(str(paths.models / "payne_emulator.npz"), str(val), **common)
+        # Whitened by the fit errors on stars of this scenario's training set: the Payne's
+        # real errors (misfit and degeneracies included), as the Cannon's row is.
+        return label_baselines.evaluate_payne(str(paths.models / "payne_emulator.npz"), str(val),
+                                              calibration=str(train), holdout_stars=cfg.holdout_stars, **common)
     raise InputError(f"unknown method {method!r}")
 
 
@@ -276,13 +272,20 @@ def _train_payne(paths: _Paths, cfg: BenchConfig, progress: bool) -> None:
     """The Payne's emulator learns the noiseless synthesizer (the 'perfect model'; in the
     mismatch scenario it is then the wrong model, as a grid of synthetic spectra is for
     observed stars)."""
+    from chemtwin.data.dataset import open_dataset
+    from chemtwin.evaluation.label_baselines import independent_labels
     from chemtwin.tagging.payne_train import train_emulator
 
     clean = paths.data / "payne_train_snrinf.h5"
     if not clean.exists():
         _generate(clean, (cfg.payne_train_stars + 1) // 2, cfg.seed + 2, Scenario(math.inf, False), progress)
-    emulator, _ = train_emulator(clean, epochs=None, time_limit=cfg.payne_time_limit, seed=cfg.seed,
-                                 max_stars=cfg.payne_train_stars, progress=progress)
+    with open_dataset(clean) as ds:
+        # The prior ties VMICRO/VMACRO to LOGG; as free labels they would make the fit degenerate.
+        names = independent_labels(ds.label_names, ds.labels())
+    emulator, report = train_emulator(clean, labels=names, epochs=None, time_limit=cfg.payne_time_limit,
+                                      seed=cfg.seed, max_stars=cfg.payne_train_stars, progress=progress)
+    summary = {k: v for k, v in report.as_dict().items() if k != "history"}
+    _write_json(paths.models / "payne_emulator.json", summary)
     emulator.save(paths.models / "payne_emulator.npz", overwrite=True)
 
 
@@ -330,6 +333,9 @@ def run_bench(out_dir, cfg: BenchConfig, *, overwrite: bool = False, progress: b
         steps.run(f"evaluate {m}, {sc.label}", one, skip=res_path.exists())
 
     results = collect_results(out, cfg, scenarios)
+    emulator_report = paths.models / "payne_emulator.json"
+    if emulator_report.is_file():
+        results["payne_emulator"] = json.loads(emulator_report.read_text())
     results["machine"] = mach
     results["step_seconds"] = steps.times
     results["wall_s_this_run"] = time.monotonic() - t_start
@@ -356,6 +362,6 @@ def collect_results(out_dir, cfg: BenchConfig, scenarios=None) -> dict:
                 meta = json.loads((paths.model(m, sc) / "config.json").read_text())
                 final = meta.get("final", {})
                 row.update(train_s=final.get("time_s"), train_epochs=final.get("epoch"), train_steps=final.get("step"),
-                           train_batch=meta["config"].get("batch_size"))
+                           train_batch=meta["config"].get("batch_size"), condition_r2=r.get("condition_r2"))
             rows.append(row)
     return {"config": _config_record(cfg), "rows": rows}

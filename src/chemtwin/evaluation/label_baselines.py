@@ -49,12 +49,12 @@ import numpy as np
 
 from chemtwin.errors import InputError
 from chemtwin.evaluation.metrics import (_group, _open, _require_twins, _result, check_metric, dataset_info,
-                                         evaluate_tags)
+                                         evaluate_tags, whitening_matrix)
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_cannon", "evaluate_payne", "independent_labels", "whitening_matrix", "WHITENINGS"]
+__all__ = ["evaluate_cannon", "evaluate_payne", "independent_labels", "WHITENINGS"]
 
 WHITENINGS = ("errors", "formal")
 CANNON_TRAIN_STARS = 5000  # ~35 s of training on one core with 19 labels (quadratic: 210 terms)
@@ -88,27 +88,6 @@ def independent_labels(names, values, candidates=("VMICRO", "VMACRO")) -> list[s
             extra.append(name)
     order = {n: k for k, n in enumerate(names)}
     return sorted(base + extra, key=order.__getitem__)
-
-
-def whitening_matrix(covariance) -> np.ndarray:
-    """``W^-1`` for a pooled covariance (d, d), or the mean of (N, d, d) over the finite ones;
-    the identity when the covariance is zero (noiseless: nothing to whiten)."""
-    cov = np.asarray(covariance, dtype=np.float64)
-    if cov.ndim == 3:
-        keep = np.isfinite(cov).all(axis=(1, 2))
-        if not keep.any():
-            raise InputError("no star has a finite covariance: nothing to whiten with")
-        cov = cov[keep].mean(axis=0)
-    if not np.any(cov):
-        return np.eye(len(cov))
-    # factor at unit diagonal: errors from 0.001 to 0.3 dex make the raw matrix badly scaled
-    d = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
-    try:
-        chol = np.linalg.cholesky(cov / d[:, None] / d[None, :]) * d[:, None]
-    except np.linalg.LinAlgError:
-        raise InputError("the abundance error covariance is not positive definite (an abundance the method "
-                         "does not constrain?)") from None
-    return np.linalg.inv(chol)
 
 
 def _chemical(names) -> list[int]:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "METRICS", "twin_pairs", "group_sizes", "rank_fractions", "rank_cdf", "rank_summary", "evaluate_tags",
     "spectral_errors", "evaluate_model", "evaluate_raw", "evaluate_polyres", "evaluate_latent_file",
-    "dataset_info", "json_safe",
+    "dataset_info", "json_safe", "whitening_matrix", "condition_leakage",
 ]
 
 RESULT_KEYS = ("method", "metric", "n_stars", "n_pairs", "mse_reconstruction", "mse_swapped", "frac_rank0",
@@ -101,6 +101,30 @@ def rank_summary(result: RankResult, group=None) -> dict:
 
 
 # ---------------------------------------------------------------------- tags
+def whitening_matrix(covariance) -> np.ndarray:
+    """``W^-1`` with ``W`` the Cholesky factor of a pooled covariance (d, d), or of the mean of a
+    per-star covariance (N, d, d) over the stars whose covariance is finite and non-zero (a
+    noiseless star carries no information on the noise).  Tags ``x @ W^-1.T`` then have unit
+    pooled noise.  The identity when the covariance is zero (noiseless: nothing to whiten)."""
+    cov = np.asarray(covariance, dtype=np.float64)
+    if cov.ndim == 3:
+        finite = np.isfinite(cov).all(axis=(1, 2))
+        if not finite.any():
+            raise InputError("no star has a finite covariance: nothing to whiten with")
+        keep = finite & (cov != 0).any(axis=(1, 2))
+        cov = cov[keep].mean(axis=0) if keep.any() else np.zeros(cov.shape[1:])
+    if not np.any(cov):
+        return np.eye(len(cov))
+    # factor at unit diagonal: errors from 0.001 to 0.3 dex make the raw matrix badly scaled
+    d = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
+    try:
+        chol = np.linalg.cholesky(cov / d[:, None] / d[None, :]) * d[:, None]
+    except np.linalg.LinAlgError:
+        raise InputError("the abundance error covariance is not positive definite (an abundance the method "
+                         "does not constrain?)") from None
+    return np.linalg.inv(chol)
+
+
 def _drop_unusable(tags, group, what="tag"):
     tags = np.asarray(tags)
     good = np.isfinite(tags).all(axis=1) if tags.ndim == 2 else np.ones(len(tags), bool)
@@ -292,7 +316,8 @@ def evaluate_model(model, data, metric: str = "l1", *, batch_size: int = 1024, d
                    progress: bool = True, max_queries: int | None = None, seed: int = 0,
                    return_ranks: bool = False):
     """Everything for a trained model (a ChemTwin, or a model folder to load) on a dataset:
-    reconstruction and swapped MSE, ranks of its latents."""
+    reconstruction and swapped MSE, ranks of its latents, and how much of the conditioned labels
+    its latents still carry (``condition_r2``, :func:`condition_leakage`)."""
     check_metric(metric)
     path = None
     if isinstance(model, str) or hasattr(model, "__fspath__"):
@@ -305,12 +330,51 @@ def evaluate_model(model, data, metric: str = "l1", *, batch_size: int = 1024, d
         err = spectral_errors(model, ds, batch_size=batch_size, progress=progress)
         summary, ranks = evaluate_tags(err["z"], _group(ds), metric, progress=progress, max_queries=max_queries,
                                        seed=seed, return_ranks=True)
+        condition = list(model.condition)
+        leakage = condition_leakage(err["z"], ds.labels(condition), condition, seed=seed)
         out = _result("model", summary, dataset_info(ds), _model_info(model, path), err["mse_reconstruction"],
-                      err["mse_swapped"], {"n_swapped_pairs": err["n_swapped_pairs"]})
+                      err["mse_swapped"], {"n_swapped_pairs": err["n_swapped_pairs"], "condition_r2": leakage})
         return (out, ranks) if return_ranks else out
     finally:
         if close:
             ds.close()
+
+
+LEAKAGE_REGRESSORS = ("ridge", "knn", "mlp")
+
+
+def condition_leakage(z, cond, names, *, max_stars: int = 3000, folds: int = 3, seed: int = 0) -> dict:
+    """How much of each conditioned label (TEFF, LOGG, ...) a regressor can read off the latent:
+    cross-validated R^2 of a ridge regression, 10 nearest neighbours and a small MLP, on up
+    to ``max_stars`` random stars.  A disentangled latent gives R^2 near 0 (chance); the no-adversary
+    baseline typically gives R^2 near 1.  Returns ``{name: {regressor: R^2}}``."""
+    from sklearn.compose import TransformedTargetRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_score
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    z, cond = np.asarray(z, np.float64), np.asarray(cond, np.float64).reshape(len(z), -1)
+    ok = np.flatnonzero(np.isfinite(z).all(1) & np.isfinite(cond).all(1))
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.permutation(ok)[:max_stars])
+    if len(rows) < 10 * folds:
+        raise InputError(f"need at least {10 * folds} stars with finite latents to measure leakage, have {len(rows)}")
+    regressors = {
+        "ridge": RidgeCV(),
+        "knn": KNeighborsRegressor(10),
+        "mlp": MLPRegressor(hidden_layer_sizes=(64, 64), learning_rate_init=3e-3, max_iter=500, early_stopping=True,
+                            random_state=seed),
+    }
+    # Both sides standardised: an MLP does not learn a target of ~4500 K from unit-scale inputs.
+    regressors = {reg: TransformedTargetRegressor(make_pipeline(StandardScaler(), model), transformer=StandardScaler())
+                  for reg, model in regressors.items()}
+    split = KFold(folds, shuffle=True, random_state=seed)
+    return {name: {reg: float(cross_val_score(model, z[rows], cond[rows, k], cv=split).mean())
+                   for reg, model in regressors.items()}
+            for k, name in enumerate(names)}
 
 
 def _read_all(ds, names=()):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -223,9 +222,33 @@ def _table(results: dict) -> list[str]:
     return lines
 
 
+def _disentanglement_table(results: dict) -> list[str]:
+    rows = [r for r in results["rows"] if r.get("condition_r2")]
+    if not rows:
+        return []
+    names = list(rows[0]["condition_r2"])
+    regs = list(rows[0]["condition_r2"][names[0]])
+    head = " | ".join(f"{n} R² ({reg})" for n in names for reg in regs)
+    lines = ["How much of the conditioned labels the latent still carries (cross-validated R² of regressors "
+             "predicting each label from z; 0 = nothing, 1 = everything) and the spectral errors "
+             "(mean squared flux error over good pixels: the star's own latent, and its twin's latent with "
+             "its own TEFF, LOGG):", "",
+             f"| model | scenario | {head} | reconstruction MSE | swapped-latent MSE |",
+             "|---|---|" + "---|" * (len(names) * len(regs) + 2)]
+    for r in rows:
+        r2 = " | ".join(f"{r['condition_r2'][n][reg]:.2f}" for n in names for reg in regs)
+        lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['label']} | {r2} "
+                     f"| {_sci(r.get('mse_reconstruction'))} | {_sci(r.get('mse_swapped'))} |")
+    return lines + [""]
+
+
+def _sci(x) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
 def write_report(root, results: dict) -> Path:
     """Figures into ``root/figures`` and ``root/report.md``; returns the report's path."""
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.data.dataset import atomic_output
 
     root = Path(root)
     figures = root / "figures"
@@ -263,7 +286,13 @@ def write_report(root, results: dict) -> Path:
         "",
         *_table(results),
         "",
+        *_disentanglement_table(results),
     ]
+    emu = results.get("payne_emulator")
+    if emu:
+        lines += [f"The Payne's emulator: {len(emu['label_names'])} labels -> flux, trained on {emu['n_train']:,} "
+                  f"noiseless spectra for {emu['seconds']:.0f} s ({emu['epochs']} epochs); median |emulated - true| "
+                  f"on {emu['n_val']:,} held-out spectra {emu['val_median_abs_error']:.4f} of the continuum.", ""]
     mism = [r for r in results["rows"] if r["mismatch"]]
     if mism:
         lines += ["The mismatch scenario: spectra made with perturbed atomic data (log gf jitter 0.1 dex, 10% of "
@@ -279,12 +308,7 @@ def write_report(root, results: dict) -> Path:
         if p is not None:
             lines += [f"![{key}](figures/{Path(p).name})", "", f"*{captions[key]}*", ""]
     report = root / "report.md"
-    tmp = temporary_path(report)
-    try:
+    with atomic_output(report) as tmp:
         tmp.write_text("\n".join(lines))
-        os.replace(tmp, report)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return report
 

@@ -372,26 +372,18 @@ def write_clusters(path, result: ClusterResult, star_id=None, group=None, metric
     import h5py
 
     from chemtwin import __version__
-    from chemtwin.data.dataset import prepare_output, temporary_path
+    from chemtwin.data.dataset import atomic_output, prepare_output, write_star_columns
 
     path = prepare_output(path, overwrite)
-    tmp = temporary_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("cluster", data=result.labels.astype(np.int64))
-            f.create_dataset("probability", data=result.probabilities.astype(np.float32))
-            if star_id is not None:
-                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
-            if group is not None:
-                f.create_dataset("group", data=np.asarray(group, dtype=np.int64))
-            f.attrs["method"] = result.params.get("method", "")
-            f.attrs["params"] = json.dumps(jsonable(result.params))
-            f.attrs["n_clusters"] = result.n_clusters
-            f.attrs["noise_fraction"] = result.noise_fraction
-            f.attrs["metrics"] = json.dumps(jsonable(metrics or {}))
-            f.attrs["source"] = source or ""
-            f.attrs["chemtwin_version"] = __version__
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("cluster", data=result.labels.astype(np.int64))
+        f.create_dataset("probability", data=result.probabilities.astype(np.float32))
+        write_star_columns(f, group, star_id)
+        f.attrs["method"] = result.params.get("method", "")
+        f.attrs["params"] = json.dumps(jsonable(result.params))
+        f.attrs["n_clusters"] = result.n_clusters
+        f.attrs["noise_fraction"] = result.noise_fraction
+        f.attrs["metrics"] = json.dumps(jsonable(metrics or {}))
+        f.attrs["source"] = source or ""
+        f.attrs["chemtwin_version"] = __version__
     return path

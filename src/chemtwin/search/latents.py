@@ -25,7 +25,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from chemtwin.data.dataset import ShardSet
+from chemtwin.data.dataset import ShardSet, atomic_output, open_hdf5, prepare_output, write_star_columns
 from chemtwin.errors import InputError
 
 DEFAULT_CHUNK_ROWS = 65_536
@@ -76,12 +76,7 @@ class LatentFile(_Latents):
     def __init__(self, path: str | os.PathLike, key: str = "z"):
         self.path = Path(path)
         self.key = key
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise InputError(f"{self.path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+        self._file = open_hdf5(self.path)
         f = self._file
         try:
             if key not in f or not isinstance(f[key], h5py.Dataset):
@@ -201,27 +196,15 @@ def open_latents(path: str | os.PathLike, key: str = "z") -> LatentFile | Sharde
 
 def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False, row=None):
     """Write a latent file in the layout above (atomic; used by sharded embedding, tests and benchmarks)."""
-    from chemtwin.data.dataset import prepare_output, temporary_path
-
     path = prepare_output(path, overwrite)
-    tmp = temporary_path(path)
     z = np.asarray(z, dtype=np.float32)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("z", data=z, chunks=(min(max(len(z), 1), 65_536), z.shape[1]) if z.size else None)
-            if row is not None:
-                f.create_dataset("row", data=np.asarray(row, dtype=np.int64))
-            if group is not None:
-                f.create_dataset("group", data=np.asarray(group, dtype=np.int64))
-            if star_id is not None:
-                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
-            if labels is not None:
-                ds = f.create_dataset("labels", data=np.asarray(labels, dtype=np.float32))
-                ds.attrs["names"] = np.array(list(label_names or []), dtype=h5py.string_dtype())
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("z", data=z, chunks=(min(max(len(z), 1), 65_536), z.shape[1]) if z.size else None)
+        if row is not None:
+            f.create_dataset("row", data=np.asarray(row, dtype=np.int64))
+        write_star_columns(f, group, star_id)
+        if labels is not None:
+            ds = f.create_dataset("labels", data=np.asarray(labels, dtype=np.float32))
+            ds.attrs["names"] = np.array(list(label_names or []), dtype=h5py.string_dtype())
+        f.attrs.update(attrs or {})
     return path

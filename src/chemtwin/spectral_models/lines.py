@@ -267,6 +267,14 @@ class LineSynthesizer(torch.nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Normalised flux (B, P) on the instrument's pixels for labels (B, 21) in LABEL_NAMES order."""
+        labels = labels.to(self.dtype)
+        # Milne-Eddington: depth = R_MAX * eta / (1 + eta); R_MAX is applied after the (linear) convolution.
+        return 1.0 - R_MAX * self.broaden_and_bin(self.line_saturation(labels), labels)
+
+    def line_saturation(self, labels: torch.Tensor) -> torch.Tensor:
+        """``eta / (1 + eta)`` (B, n_os) on the oversampled grid, before macroturbulence, LSF and
+        binning; ``forward`` is ``1 - R_MAX * broaden_and_bin(line_saturation)``."""
         labels = labels.to(self.dtype)
         atm = self.atmosphere(labels)
         ln10 = math.log(10.0)
@@ -289,11 +297,9 @@ class LineSynthesizer(torch.nn.Module):
         weights = torch.cat([gauss_weight.flatten(1), strength * lorentz], dim=1)
 
         eta = (self.profile_matrix @ weights.t()).t().contiguous()  # (B, n_os): sparse (n_os, columns) x dense
-        # Milne-Eddington: depth = R_MAX * eta / (1 + eta); R_MAX is applied after the (linear) convolution.
-        saturation = eta / (eta + 1)
-        return 1.0 - R_MAX * self._broaden_and_bin(saturation, labels)
+        return eta / (eta + 1)
 
-    def _broaden_and_bin(self, depth_os: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def broaden_and_bin(self, depth_os: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Convolve with macroturbulence + LSF (Gaussian, per star) and average into APOGEE pixels."""
         batch = depth_os.shape[0]
         vmacro = labels[:, LABEL_NAMES.index("VMACRO")].to(self.dtype)

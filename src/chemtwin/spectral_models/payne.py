@@ -360,17 +360,11 @@ class PayneEmulator(nn.Module):
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the public .npz layout atomically (temporary name, then rename)."""
-        from chemtwin.data.dataset import prepare_output, temporary_path
+        from chemtwin.data.dataset import atomic_output, prepare_output
 
         path = prepare_output(path, overwrite)
-        tmp = temporary_path(path)
-        try:
-            with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-                np.savez(fh, **self.arrays())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, **self.arrays())
         return path
 
 

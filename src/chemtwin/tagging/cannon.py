@@ -598,7 +598,7 @@ class Cannon:
 
     def save(self, path, overwrite: bool = True) -> Path:
         """Write the model to ``path`` (.npz, no pickle), atomically."""
-        from chemtwin.data.dataset import prepare_output, temporary_path
+        from chemtwin.data.dataset import atomic_output, prepare_output
 
         self._check_fitted()
         path = prepare_output(path, overwrite)
@@ -629,13 +629,8 @@ class Cannon:
             "wavelength": np.zeros(0) if self.wavelength_ is None else self.wavelength_,
             "label_names": np.array(self.label_names, dtype=str),
         }
-        tmp = temporary_path(path)
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
         return path
 
     @classmethod

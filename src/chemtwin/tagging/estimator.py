@@ -176,9 +176,11 @@ class ChemTwin:
         save_model(d, self.model, self.wavelength)
         write_json(d / "config.json", meta)
         if self.history:
-            from chemtwin.tagging.training import HISTORY_COLUMNS, _atomic, _write_rows
+            from chemtwin.data.dataset import atomic_output
+            from chemtwin.tagging.training import HISTORY_COLUMNS, _write_rows
 
-            _atomic(d / "history.csv", lambda t: _write_rows(t, [{k: r.get(k, "") for k in HISTORY_COLUMNS} for r in self.history]))
+            with atomic_output(d / "history.csv") as tmp:
+                _write_rows(tmp, [{k: r.get(k, "") for k in HISTORY_COLUMNS} for r in self.history])
         return d
 
     @classmethod

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from chemtwin import __version__
-from chemtwin.data.dataset import open_dataset, prepare_output, temporary_path
+from chemtwin.data.dataset import atomic_output, open_dataset, prepare_output, write_star_columns
 from chemtwin.data.generate import _torch_threads
 from chemtwin.data.grid import SPEED_OF_LIGHT_KMS
 from chemtwin.errors import InputError
@@ -728,32 +728,22 @@ def fit_dataset(
 
 def write_labels(path: Path, result: FitResult, group=None, star_id=None, attrs=None) -> Path:
     """Write a FitResult to HDF5 atomically (layout in docs/baselines.md)."""
-    tmp = temporary_path(Path(path))
-    try:
-        with h5py.File(tmp, "w") as f:
-            names = np.array(result.label_names, dtype=h5py.string_dtype())
-            f.create_dataset("labels", data=result.labels.astype(np.float32)).attrs["names"] = names
-            f.create_dataset("labels_err", data=result.labels_err.astype(np.float32)).attrs["names"] = names
-            cov = f.create_dataset("covariance", data=result.covariance.astype(np.float32))
-            cov.attrs["names"] = np.array(result.param_names, dtype=h5py.string_dtype())
-            f["chi2"] = result.chi2
-            f["reduced_chi2"] = result.reduced_chi2
-            f["n_pixels"] = result.n_pixels
-            f["n_iter"] = result.n_iter
-            f["converged"] = result.converged
-            f["at_edge"] = result.at_edge
-            if result.rv is not None:
-                f["rv"] = result.rv
-                f["rv_err"] = result.rv_err
-                f["rv"].attrs["unit"] = "km/s"
-            if group is not None:
-                f["group"] = np.asarray(group, dtype=np.int64)
-            if star_id is not None:
-                f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        names = np.array(result.label_names, dtype=h5py.string_dtype())
+        f.create_dataset("labels", data=result.labels.astype(np.float32)).attrs["names"] = names
+        f.create_dataset("labels_err", data=result.labels_err.astype(np.float32)).attrs["names"] = names
+        cov = f.create_dataset("covariance", data=result.covariance.astype(np.float32))
+        cov.attrs["names"] = np.array(result.param_names, dtype=h5py.string_dtype())
+        f["chi2"] = result.chi2
+        f["reduced_chi2"] = result.reduced_chi2
+        f["n_pixels"] = result.n_pixels
+        f["n_iter"] = result.n_iter
+        f["converged"] = result.converged
+        f["at_edge"] = result.at_edge
+        if result.rv is not None:
+            f["rv"] = result.rv
+            f["rv_err"] = result.rv_err
+            f["rv"].attrs["unit"] = "km/s"
+        write_star_columns(f, group, star_id)
+        f.attrs.update(attrs or {})
     return Path(path)

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chemtwin import __version__
-from chemtwin.data.dataset import Batch, temporary_path
+from chemtwin.data.dataset import Batch, atomic_output
 from chemtwin.errors import InputError
 from chemtwin.tagging.distributed import Ranks
 from chemtwin.tagging.fader import (FaderConfig, FaderNet, adversary_loss, check_spectra, fit_baseline, pixel_weights,
@@ -287,25 +287,17 @@ def _residual_sample(loader: Loader, model: FaderNet, seed: int, n: int = 4096) 
 
 
 # ---------------------------------------------------------------- model directory I/O
-def _atomic(path: Path, write) -> None:
-    tmp = temporary_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, obj) -> None:
-    _atomic(Path(path), lambda t: t.write_text(json.dumps(obj, indent=2) + "\n"))
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def save_model(out_dir: Path, model: FaderNet, wavelength=None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if wavelength is not None:
         tensors["data.wavelength"] = torch.as_tensor(np.asarray(wavelength, dtype=np.float64))
-    _atomic(Path(out_dir) / "model.safetensors", lambda t: save_file(tensors, str(t)))
+    with atomic_output(Path(out_dir) / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
 
 
 def read_model_dir(model_dir) -> dict:
@@ -375,7 +367,8 @@ def _save_checkpoint(path: Path, model, opts: dict, shuffle_state, state: dict) 
     tensors["rng.shuffle"] = shuffle_state
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    _atomic(path, lambda t: save_file(tensors, str(t), metadata={"chemtwin": json.dumps(meta)}))
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"chemtwin": json.dumps(meta)})
 
 
 def _load_checkpoint(path: Path, model, opts: dict, device) -> tuple[torch.Tensor, dict]:
@@ -431,7 +424,8 @@ def _truncate_history(path: Path, step: int) -> None:
         return
     with open(path, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
-    _atomic(path, lambda t: _write_rows(t, rows))
+    with atomic_output(path) as tmp:
+        _write_rows(tmp, rows)
 
 
 def _write_rows(path, rows) -> None:
@@ -583,7 +577,14 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
         last_eval_cost = time.monotonic() - t
         return row
 
-    bar = tqdm(total=total, initial=st["step"], disable=not progress, desc=cfg.model, unit="step", dynamic_ncols=True)
+    # The bar counts percent of the run (steps or time limit, whichever is further on), so that a
+    # time-boxed run shows a true ETA instead of the steps of epochs it will never reach.
+    bar = tqdm(total=100, disable=not progress, desc=cfg.model, unit="%", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
+
+    def show_progress():
+        bar.update(round(100 * progress_now(), 1) - bar.n)
+
     lr, lam, row, stopped = cfg.lr, 0.0, {}, False
     try:
         while st["epoch"] < cfg.epochs and not stopped:
@@ -627,12 +628,13 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
                 for k, v in enumerate((loss.item(), rec.item(), ce_a.item(), acc.item())):
                     s[k] += v * share  # averaged over ranks at the epoch's end: the global batch's mean
                 s[4] += 1
-                bar.update(1)
                 if st["step"] % 10 == 0:
-                    bar.set_postfix(rec=f"{s[1] / s[4]:.3g}", adv_ce=f"{s[2] / s[4]:.3g}",
+                    show_progress()
+                    bar.set_postfix(step=st["step"], rec=f"{s[1] / s[4]:.3g}", adv_ce=f"{s[2] / s[4]:.3g}",
                                     adv_acc=f"{s[3] / s[4]:.2f}", lam=f"{lam:.2g}", refresh=False)
             else:
                 row = finish_epoch(True, epoch_start_state)
+                show_progress()
                 bar.set_postfix(rec=f"{row['train_recon']:.3g}", val_rank0=f"{row.get('val_rank0', float('nan')):.3f}",
                                 adv_acc=f"{row['train_adv_acc']:.2f}", lam=f"{lam:.2g}")
                 continue

@@ -1,0 +1,59 @@
+"""Helpers the benchmark scripts share.
+
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder on sys.path.
+chemtwin and torch are imported inside the functions that need them: importing this
+module must not load torch into the memory benchmarks that do not use it, nor need
+chemtwin in the scripts that import it only later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so that stdout holds the results alone."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def machine() -> dict:
+    """What a timing depends on: CPU model and count, Python and torch versions, the load at the start."""
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg()}
+
+
+def write_results(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path``, making its folder; atomic, so that an interrupted run
+    leaves the previous results rather than a truncated file."""
+    from chemtwin.data.dataset import atomic_output
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def print_or_write_json(result: dict, path: str | None) -> None:
+    """The results as JSON: to ``path`` when given, else to stdout."""
+    text = json.dumps(result, indent=2)
+    if path:
+        write_results(path, text + "\n")
+        log(f"wrote {path}")
+    else:
+        print(text)

@@ -1,0 +1,60 @@
+"""Value types of the command-line options, shared by the ``chemtwin`` subcommands.
+
+argparse calls a type with the option's text.  The types raise ``ArgumentTypeError``
+because argparse prints its message as it is (one line, exit code 2):
+``chemtwin cannon train: error: argument --order: expected a positive integer, got '0'``.
+A plain ValueError would lose the message: argparse replaces it with "invalid ... value".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+def _checked(text: str, convert: Callable[[str], float], is_valid: Callable[[float], bool], expected: str):
+    """``convert(text)`` when it parses and ``is_valid`` accepts it; else the one-line argparse error."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
+    if not is_valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _checked(text, int, lambda value: value >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _checked(text, int, lambda value: value >= 0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _checked(text, float, lambda value: 0 < value < math.inf, "a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    """A number >= 0; inf is accepted, NaN is not."""
+    return _checked(text, float, lambda value: value >= 0, "a non-negative number")
+
+
+def fraction_below_one(text: str) -> float:
+    """A number in [0, 1), such as the share of stars held out for validation."""
+    return _checked(text, float, lambda value: 0 <= value < 1, "a number in [0, 1)")
+
+
+def positive_fraction(text: str) -> float:
+    """A number in (0, 1], such as a minimum purity."""
+    return _checked(text, float, lambda value: 0 < value <= 1, "a number in (0, 1]")
+
+
+def name_list(values: list[str] | None) -> list[str] | None:
+    """The names given to a ``nargs="+"`` option, space- or comma-separated; None when there are none."""
+    if values is None:
+        return None
+    names = [name for value in values for name in value.replace(",", " ").split() if name]
+    return names or None
