@@ -27,8 +27,10 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
     got = {(r["method"], r["scenario"]) for r in results["rows"]}
     assert got == expected
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ") and "SNR" in line]
-    assert len(table) == len(expected)
+    main_table = report[report.index("| method | scenario"):].split("\n\n")[0]
+    assert len([line for line in main_table.splitlines() if "SNR" in line]) == len(expected)
+    r2_table = report[report.index("| model | scenario"):].split("\n\n")[0]
+    assert len([line for line in r2_table.splitlines() if "SNR" in line]) == len(MODELS) * len(cfg.scenarios())
     for r in results["rows"]:
         assert r["n_stars"] == 2 * cfg.n_val_pairs
         assert 0.0 <= r["frac_rank0"] <= r["frac_rank_lt_1pct"] <= 1.0
