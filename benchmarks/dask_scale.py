@@ -132,6 +132,8 @@ def main() -> int:
     n = args.n or (10_000 if args.quick else 200_000)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "load_average_start": os.getloadavg()}, "n": n, "runs": []}
+    if args.workdir is not None:
+        os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dask_scale-", dir=args.workdir) as tmp:
         root = Path(tmp)
         model = _model(root / "model")
