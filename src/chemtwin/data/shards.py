@@ -79,6 +79,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, timeou
     if not timeout > 0:
         raise InputError(f"--connect-timeout must be positive, got {timeout}")
     try:
+        import dask
         from distributed import Client, LocalCluster
     except ImportError:
         raise InputError("--workers/--scheduler need Dask: pip install 'chemtwin[distributed]'") from None
@@ -94,9 +95,14 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, timeou
         with client:
             yield client
         return
-    # Worker logs silenced: a failed task comes back as one line from run_shards.
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster, set_as_default=False) as client:
+    # Worker logs silenced: a failed task comes back as one line from run_shards.  Dask gives
+    # its workers MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap threshold: every
+    # spectrum-sized array is then mapped and page-faulted anew, and a generate shard took 2.5x
+    # as long (docs/distributed.md).  Our workers keep glibc's defaults (the user's own
+    # environment variable, if set, still wins).
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.CRITICAL) as cluster, Client(cluster, set_as_default=False) as client:
         yield client
 
 
