@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from chemtwin.cli import main
-from chemtwin.evaluation.bench import BASELINES, MODELS, BenchConfig, Scenario
+from chemtwin.evaluation.bench import ALL_METHODS, MODELS, BenchConfig, Scenario
 from chemtwin.evaluation.report import anchor_text
 
 
@@ -22,7 +22,7 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     cfg = BenchConfig.quick_config()
-    expected = {(m, sc.name) for sc in cfg.scenarios() for m in MODELS + BASELINES
+    expected = {(m, sc.name) for sc in cfg.scenarios() for m in ALL_METHODS
                 if not (m == "oracle" and sc.mismatch)}
     got = {(r["method"], r["scenario"]) for r in results["rows"]}
     assert got == expected
@@ -118,3 +118,23 @@ def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
     assert cfg["mismatch_snr"] is None and cfg["snrs"] == ["inf"] and cfg["n_val_pairs"] == 4
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["scenario"], r["n_stars"]) for r in rows] == [("raw", "snrinf", 8)]
+
+
+def test_a_finished_bench_given_more_methods_computes_only_their_rows(tmp_path, capsys):
+    out = tmp_path / "b"
+    small = ["-q", "bench", str(out), "--n-train-pairs", "30", "--n-val-pairs", "20", "--snr", "inf",
+             "--mismatch-snr", "none", "--time-limit", "1"]
+    assert main([*small, "--methods", "raw"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in first["rows"]] == ["raw"]
+    raw_json = (out / "evals" / "snrinf" / "raw.json").read_text()
+
+    assert main([*small, "--methods", "raw,oracle"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in again["rows"]] == ["raw", "oracle"]
+    assert list(again["step_seconds"]) == ["evaluate oracle, SNR inf"]
+    assert (out / "evals" / "snrinf" / "raw.json").read_text() == raw_json
+    assert "oracle (Cramer-Rao)" in (out / "report.md").read_text()
+    # anything else that changes the data or the models is still refused
+    assert main([*small, "--methods", "raw", "--seed", "1"]) == 2
+    assert "other settings" in capsys.readouterr().err

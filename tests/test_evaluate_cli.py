@@ -216,3 +216,49 @@ def test_condition_leakage_tells_a_latent_that_carries_teff_from_one_that_does_n
     # chance level is R^2 ~ 0 (k-NN: ~ -1/k, it averages noise)
     assert all(-0.3 < v < 0.1 for v in r_leaky["LOGG"].values())  # LOGG is not in either latent
     assert all(-0.3 < v < 0.1 for v in r_clean["TEFF"].values())
+
+
+# ---------------------------------------------------------------------------- twin metric
+def test_twin_metric_from_the_cli_for_a_model_and_polyres(tmp_path, model_dir, data):
+    from chemtwin.data.dataset import open_dataset
+    from chemtwin.evaluation.metrics import evaluate_tags
+    from chemtwin.search.twin_metric import TwinMetric
+    from chemtwin.tagging.estimator import ChemTwin
+
+    train, val = data
+    out = tmp_path / "tw.json"
+    assert main(["evaluate", str(model_dir), str(val), "--twin-metric", "--train", str(train),
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["metric"] == "l2" and res["twin_metric"]["train"]["path"] == str(Path(train).resolve())
+    assert res["twin_metric"]["n_train_groups"] == 120
+    # the same ranks by hand: latents of both sets, whitening from the training twins
+    ct = ChemTwin.load(model_dir)
+    with open_dataset(train) as tr, open_dataset(val) as va:
+        metric = TwinMetric().fit(ct.embed_dataset(tr), tr.group)
+        expected = evaluate_tags(metric.transform(ct.embed_dataset(va)), va.group, "l2", progress=False)
+    assert res["frac_rank0"] == expected["frac_rank0"] and res["median_rank"] == expected["median_rank"]
+
+    out = tmp_path / "poly_tw.json"
+    assert main(["evaluate", str(val), "--method", "polyres", "--train", str(train), "--components", "10",
+                 "--twin-metric", "--metric", "l1", "--json", str(out)]) == 0
+    poly = json.loads(out.read_text())
+    assert poly["metric"] == "l1" and poly["twin_metric"]["n_train_groups"] == 120
+
+
+def test_twin_metric_bad_input_one_line_exit_2(tmp_path, capsys, model_dir, data):
+    train, val = data
+    out = str(tmp_path / "o.json")
+    rc, err = _run(["evaluate", str(model_dir), str(val), "--twin-metric", "--json", out], capsys)
+    assert rc == 2 and len(err) == 1 and "--train" in err[0]
+    rc, err = _run(["evaluate", str(val), "--method", "raw", "--twin-metric", "--train", str(train), "--json", out],
+                   capsys)
+    assert rc == 2 and len(err) == 1 and "model or --method polyres" in err[0]
+    flux, ivar, labels, _ = fake_twins(10, 200, seed=0)
+    single = tmp_path / "single.h5"
+    with DatasetWriter(single, 15000 + np.arange(200.0), list(LABEL_NAMES)) as w:
+        w.append(flux, ivar, labels, np.arange(20))
+    rc, err = _run(["evaluate", str(model_dir), str(val), "--twin-metric", "--train", str(single), "--json", out],
+                   capsys)
+    assert rc == 2 and len(err) == 1 and "twin groups" in err[0]
+    assert not Path(out).exists()

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "train",
     "embed",
     "evaluate",
+    "whiten",  # latents in the twin metric
     "ingest",
     "augment",
     "plot_gap",  # registers `plot-gap`

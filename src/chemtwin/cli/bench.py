@@ -24,13 +24,13 @@ def _snrs(text: str) -> tuple:
 
 
 def register(subparsers) -> None:
-    from chemtwin.evaluation.bench import BASELINES, MODELS
+    from chemtwin.evaluation.bench import ALL_METHODS
 
     p = subparsers.add_parser(
         "bench", help="the whole benchmark: generate, train, evaluate every method, write a report",
         description="Generate twin sets at several SNRs, train the fader and the cae baseline at each, evaluate "
                     "every method (fader, cae, Cramer-Rao oracle, polynomial residuals, raw spectra, The Cannon, "
-                    "The Payne) on the same validation stars, and write report.md, results.json and figures. "
+                    "The Payne, and fader, cae and polyres with the twin metric) on the same validation stars, and write report.md, results.json and figures. "
                     "Defaults are the paper's protocol (25,000/12,500 pairs; hours on a CPU); --quick runs a small "
                     "version in minutes. Rerun the same command to finish an interrupted run.")
     p.add_argument("out", metavar="OUT_DIR", help="folder for data, models, results and the report")
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
                    help="SNR of the observed-like scenario made with perturbed atomic data (default 100; 'none' "
                         "to leave it out)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default all: {','.join(MODELS + BASELINES)})")
+                   help=f"comma-separated methods (default all: {','.join(ALL_METHODS)})")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="training time per model and scenario (default 1800; quick 15)")
     p.add_argument("--preset", choices=("fast", "paper"), default=None, help="model preset (default fast)")

@@ -1,6 +1,7 @@
 """``chemtwin evaluate``: twin-retrieval metrics of a model, a baseline or a latent file.
 
     chemtwin evaluate MODEL_DIR DATA.h5 --json OUT.json [--plots DIR] [--metric l1|l2|cosine]
+    chemtwin evaluate MODEL_DIR DATA.h5 --twin-metric --train TRAIN.h5 --json OUT.json
     chemtwin evaluate DATA.h5 --method raw --json OUT.json
     chemtwin evaluate DATA.h5 --method polyres --train TRAIN.h5 --json OUT.json
     chemtwin evaluate DATA.h5 --method oracle --json OUT.json [--jacobians FILE]
@@ -12,7 +13,9 @@ The JSON holds ``method``, ``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstru
 ``frac_rank_lt_1pct``, ``median_rank``, ``rank_cdf``, ``model`` and ``dataset``
 (path and file attributes); for a model also ``condition_r2``, the cross-validated R^2 with
 which regressors read each conditioned label (TEFF, LOGG) off the latent (near 0 when
-disentangled); see ``chemtwin.evaluation.metrics``.
+disentangled); see ``chemtwin.evaluation.metrics``.  With ``--twin-metric`` (model and
+polyres) the tags are first whitened by the scatter between twins of ``--train`` and ranked
+with L2 by default; the JSON then holds ``twin_metric``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,11 @@ def register(subparsers) -> None:
                         "their abundances whitened by their errors on held-out --train stars (docs/baselines.md)")
     p.add_argument("--train", metavar="TRAIN.h5",
                    help="training dataset for --method polyres, cannon and payne (labelled: for payne with --emulator "
-                        "its stars only measure the fit errors used for the whitening)")
+                        "its stars only measure the fit errors used for the whitening), and for --twin-metric")
+    p.add_argument("--twin-metric", action="store_true",
+                   help="model and polyres: rank after whitening the tags by the scatter between the twins of "
+                        "--train (a learned Mahalanobis distance; extra supervision the papers did not use; "
+                        "metric defaults to l2)")
     p.add_argument("--emulator", metavar="EMU.npz",
                    help="payne: the emulator to fit with (default: train one on --train, see --time-limit)")
     p.add_argument("--train-stars", type=int, default=5000, metavar="N",
@@ -91,10 +98,14 @@ def run(args) -> int:
     from chemtwin.errors import InputError
     from chemtwin.evaluation import metrics
 
-    args.metric = args.metric or ("l2" if args.method in L2_METHODS else "l1")
+    args.metric = args.metric or ("l2" if args.method in L2_METHODS or args.twin_metric else "l1")
     metrics.check_metric(args.metric)
     if args.method is not None and args.method not in METHODS:
         raise InputError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.twin_metric and (args.latents or args.method not in (None, "model", "polyres")):
+        raise InputError("--twin-metric is for a model or --method polyres")
+    if args.twin_metric and not args.train:
+        raise InputError("--twin-metric needs --train TRAIN.h5 (stars in twin groups to learn the metric from)")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_queries is not None and args.max_queries < 1:
@@ -123,7 +134,7 @@ def run(args) -> int:
             if not Path(model_dir).is_dir():
                 raise InputError(f"{model_dir}: not a model folder")
             result, ranks = metrics.evaluate_model(model_dir, data, batch_size=args.batch_size, device=args.device,
-                                                   **common)
+                                                   twin_metric=args.train if args.twin_metric else None, **common)
         else:
             if len(args.inputs) not in (1, 2):
                 raise InputError(f"give DATA.h5 for --method {method}")
@@ -165,7 +176,8 @@ def run(args) -> int:
                 if args.degree < 0 or args.components < 1:
                     raise InputError("--degree must be >= 0 and --components >= 1")
                 result, ranks = metrics.evaluate_polyres(args.train, data, degree=args.degree,
-                                                         n_components=args.components, condition=condition, **common)
+                                                         n_components=args.components, condition=condition,
+                                                         twin_metric=args.twin_metric, **common)
     if args.max_queries is not None:
         result["max_queries"] = args.max_queries
     if plots is not None:

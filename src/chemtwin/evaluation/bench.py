@@ -12,6 +12,10 @@ doppelganger ranks:
 * ``polyres``            Price-Jones & Bovy polynomial residuals + PCA
 * ``raw``                raw spectra, L1 (a random subset of query stars on big sets)
 * ``cannon``, ``payne``  abundances estimated by The Cannon / The Payne, whitened
+* ``fader_twin``, ``cae_twin``, ``polyres_twin``
+                         the same tags ranked with the twin metric (L2 after whitening by
+                         the scatter between the training set's twins): extra supervision
+                         the papers did not use, so separate rows
 
 Same seed -> same labels in every scenario, so the oracle's Jacobians are computed once
 and rows are comparable across SNRs.  Each step writes its output under ``out_dir`` and
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MODELS = ("fader", "cae")
 BASELINES = ("oracle", "polyres", "raw", "cannon", "payne")
+TWIN_METRIC = ("fader_twin", "cae_twin", "polyres_twin")
+ALL_METHODS = MODELS + BASELINES + TWIN_METRIC
 RESULT_FIELDS = ("frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank", "mse_reconstruction",
                  "mse_swapped", "n_stars", "n_pairs")
 
@@ -55,7 +61,7 @@ class BenchConfig:
     n_val_pairs: int = 12_500
     snrs: tuple = (math.inf, 100.0, 50.0, 30.0)
     mismatch_snr: float | None = 100.0        # None: no observed-like scenario
-    methods: tuple = MODELS + BASELINES
+    methods: tuple = ALL_METHODS
     time_limit: float = 1800.0                # seconds of training per model and scenario
     preset: str = "fast"
     latent_dim: int = 20
@@ -78,9 +84,9 @@ class BenchConfig:
     def __post_init__(self):
         self.snrs = tuple(float(s) for s in self.snrs)
         self.methods = tuple(self.methods)
-        unknown = [m for m in self.methods if m not in MODELS + BASELINES]
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
-            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(MODELS + BASELINES)}")
+            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
         if not self.snrs and self.mismatch_snr is None:
             raise InputError("no scenario: give at least one SNR")
         for s in self.snrs + ((self.mismatch_snr,) if self.mismatch_snr is not None else ()):
@@ -91,6 +97,9 @@ class BenchConfig:
         if not self.time_limit > 0:
             raise InputError(f"time limit must be positive, got {self.time_limit}")
         check_metric(self.metric)
+
+    def trained_models(self) -> list[str]:
+        return [m for m in MODELS if m in self.methods or f"{m}_twin" in self.methods]
 
     def scenarios(self) -> list["Scenario"]:
         out = [Scenario(snr=s, mismatch=False) for s in self.snrs]
@@ -165,6 +174,11 @@ def _config_record(cfg: BenchConfig) -> dict:
     return json_safe(asdict(cfg))
 
 
+def _same_run(old: dict, new: dict) -> bool:
+    """Same data and models: only the methods may differ (new rows are added, old ones kept)."""
+    return {k: v for k, v in old.items() if k != "methods"} == {k: v for k, v in new.items() if k != "methods"}
+
+
 def _prepare(out: Path, cfg: BenchConfig, overwrite: bool) -> _Paths:
     paths = _Paths(out)
     record = out / "bench_config.json"
@@ -172,7 +186,7 @@ def _prepare(out: Path, cfg: BenchConfig, overwrite: bool) -> _Paths:
         raise InputError(f"{out} exists and is not a directory")
     if record.exists():
         old = json.loads(record.read_text())
-        if old != _config_record(cfg):
+        if not _same_run(old, _config_record(cfg)):
             if not overwrite:
                 raise InputError(f"{out} holds a bench run with other settings; use another folder or --overwrite")
             for p in (paths.data, paths.models, paths.evals, paths.figures):
@@ -248,8 +262,14 @@ def _evaluate(method: str, sc: Scenario, paths: _Paths, cfg: BenchConfig, progre
     common = dict(progress=progress, seed=cfg.seed, return_ranks=True)
     if method in MODELS:
         return metrics.evaluate_model(str(paths.model(method, sc)), str(val), cfg.metric, **common)
+    if method in ("fader_twin", "cae_twin"):
+        # L2 in the whitened space: the Mahalanobis distance, as for the oracle and label baselines
+        return metrics.evaluate_model(str(paths.model(_base(method), sc)), str(val), "l2", twin_metric=str(train),
+                                      **common)
     if method == "polyres":
         return metrics.evaluate_polyres(str(train), str(val), cfg.metric, **common)
+    if method == "polyres_twin":
+        return metrics.evaluate_polyres(str(train), str(val), "l2", twin_metric=True, **common)
     if method == "raw":
         return metrics.evaluate_raw(str(val), cfg.metric, max_queries=cfg.raw_max_queries, **common)
     if method == "oracle":
@@ -289,6 +309,10 @@ def _train_payne(paths: _Paths, cfg: BenchConfig, progress: bool) -> None:
     emulator.save(paths.models / "payne_emulator.npz", overwrite=True)
 
 
+def _base(method: str) -> str:
+    return method.removesuffix("_twin")
+
+
 def _applicable(method: str, sc: Scenario) -> bool:
     return not (method == "oracle" and sc.mismatch)
 
@@ -302,7 +326,7 @@ def run_bench(out_dir, cfg: BenchConfig, *, overwrite: bool = False, progress: b
     out = Path(out_dir)
     paths = _prepare(out, cfg, overwrite)
     scenarios = cfg.scenarios()
-    models = [m for m in cfg.methods if m in MODELS]
+    models = cfg.trained_models()
     evals = [(m, sc) for sc in scenarios for m in cfg.methods if _applicable(m, sc)]
     payne = "payne" in cfg.methods
     steps = _Steps(2 * len(scenarios) + len(models) * len(scenarios) + int(payne) + len(evals))
@@ -358,10 +382,12 @@ def collect_results(out_dir, cfg: BenchConfig, scenarios=None) -> dict:
             row = {"scenario": sc.name, "label": sc.label, "snr": sc.snr, "mismatch": sc.mismatch, "method": m,
                    "metric": r.get("metric"), "eval_s": r.get("eval_s")}
             row.update({k: r.get(k) for k in RESULT_FIELDS})
-            if m in MODELS:
-                meta = json.loads((paths.model(m, sc) / "config.json").read_text())
+            if _base(m) in MODELS:
+                meta = json.loads((paths.model(_base(m), sc) / "config.json").read_text())
                 final = meta.get("final", {})
                 row.update(train_s=final.get("time_s"), train_epochs=final.get("epoch"), train_steps=final.get("step"),
-                           train_batch=meta["config"].get("batch_size"), condition_r2=r.get("condition_r2"))
+                           train_batch=meta["config"].get("batch_size"))
+                if m in MODELS:  # the leakage table reads the model's own latents
+                    row["condition_r2"] = r.get("condition_r2")
             rows.append(row)
     return {"config": _config_record(cfg), "rows": rows}

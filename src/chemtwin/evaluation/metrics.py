@@ -24,6 +24,10 @@ dataset in batches; squared errors are averaged over the star's unmasked pixels 
 Stars whose ivar is all zero (or whose tag is NaN) are left out of everything, with a
 warning; ``n_stars`` counts the stars that were ranked.
 
+With ``twin_metric`` (model and polyres; opt-in) the tags are ranked after
+:class:`chemtwin.search.twin_metric.TwinMetric`, learned on a training set's twin groups;
+results then carry ``twin_metric``.
+
 One function per method returns the JSON-ready dict that ``chemtwin evaluate`` writes:
 :func:`evaluate_model`, :func:`evaluate_raw`, :func:`evaluate_polyres`,
 :func:`evaluate_latent_file`; :func:`evaluate_tags` for any tag array.
@@ -123,6 +127,13 @@ def whitening_matrix(covariance) -> np.ndarray:
         raise InputError("the abundance error covariance is not positive definite (an abundance the method "
                          "does not constrain?)") from None
     return np.linalg.inv(chol)
+
+
+def _twin_metric(tags_train, group_train, tags, train_info) -> tuple[np.ndarray, dict]:
+    from chemtwin.search.twin_metric import TwinMetric
+
+    metric = TwinMetric().fit(tags_train, group_train)
+    return metric.transform(tags), {"train": train_info, "n_train_groups": metric.n_groups_}
 
 
 def _drop_unusable(tags, group, what="tag"):
@@ -314,10 +325,12 @@ def _model_info(model, path=None) -> dict:
 
 def evaluate_model(model, data, metric: str = "l1", *, batch_size: int = 1024, device: str = "cpu",
                    progress: bool = True, max_queries: int | None = None, seed: int = 0,
-                   return_ranks: bool = False):
+                   return_ranks: bool = False, twin_metric=None):
     """Everything for a trained model (a ChemTwin, or a model folder to load) on a dataset:
     reconstruction and swapped MSE, ranks of its latents, and how much of the conditioned labels
-    its latents still carry (``condition_r2``, :func:`condition_leakage`)."""
+    its latents still carry (``condition_r2``, :func:`condition_leakage`).  With
+    ``twin_metric`` (a training dataset with twin groups) the latents are ranked after
+    the twin metric learned on that set's latents."""
     check_metric(metric)
     path = None
     if isinstance(model, str) or hasattr(model, "__fspath__"):
@@ -328,12 +341,21 @@ def evaluate_model(model, data, metric: str = "l1", *, batch_size: int = 1024, d
     ds, close = _open(data)
     try:
         err = spectral_errors(model, ds, batch_size=batch_size, progress=progress)
-        summary, ranks = evaluate_tags(err["z"], _group(ds), metric, progress=progress, max_queries=max_queries,
+        z, extra = err["z"], {"n_swapped_pairs": err["n_swapped_pairs"]}
+        if twin_metric is not None:
+            tr, close_tr = _open(twin_metric)
+            try:
+                z, extra["twin_metric"] = _twin_metric(model.embed_dataset(tr, batch_size), _group(tr), z,
+                                                       dataset_info(tr))
+            finally:
+                if close_tr:
+                    tr.close()
+        summary, ranks = evaluate_tags(z, _group(ds), metric, progress=progress, max_queries=max_queries,
                                        seed=seed, return_ranks=True)
         condition = list(model.condition)
-        leakage = condition_leakage(err["z"], ds.labels(condition), condition, seed=seed)
+        extra["condition_r2"] = condition_leakage(z, ds.labels(condition), condition, seed=seed)
         out = _result("model", summary, dataset_info(ds), _model_info(model, path), err["mse_reconstruction"],
-                      err["mse_swapped"], {"n_swapped_pairs": err["n_swapped_pairs"], "condition_r2": leakage})
+                      err["mse_swapped"], extra)
         return (out, ranks) if return_ranks else out
     finally:
         if close:
@@ -410,9 +432,11 @@ def evaluate_raw(data, metric: str = "l1", *, progress: bool = True, max_queries
 
 def evaluate_polyres(train, data, metric: str = "l1", *, degree: int = 4, n_components: int = 50,
                      condition=("TEFF", "LOGG"), progress: bool = True, max_queries: int | None = None,
-                     seed: int = 0, device: str = "cpu", model=None, return_ranks: bool = False):
+                     seed: int = 0, device: str = "cpu", model=None, return_ranks: bool = False,
+                     twin_metric: bool = False):
     """The polynomial-residual baseline: fitted on ``train`` (or a fitted ``model``),
-    evaluated on ``data``."""
+    evaluated on ``data``; with ``twin_metric`` its tags are ranked after
+    the twin metric learned on ``train``'s tags and twin groups."""
     from chemtwin.tagging.polyres import PolyResiduals
 
     check_metric(metric)
@@ -420,24 +444,31 @@ def evaluate_polyres(train, data, metric: str = "l1", *, degree: int = 4, n_comp
     try:
         group = _group(ds)
         _require_twins(group, ds.path)
-        if model is None:
+        train_info, train_tags = None, None
+        if model is None or twin_metric:
+            if train is None:
+                raise InputError("the twin metric needs the training set (train=...)")
             tr, close_tr = _open(train)
             try:
-                model = PolyResiduals(degree=degree, n_components=n_components, condition=condition)
-                model.fit_dataset(tr, progress=progress)
+                if model is None:
+                    model = PolyResiduals(degree=degree, n_components=n_components, condition=condition)
+                    model.fit_dataset(tr, progress=progress)
                 train_info = dataset_info(tr)
+                if twin_metric:
+                    train_tags, train_group = model.transform_dataset(tr, progress=progress), _group(tr)
             finally:
                 if close_tr:
                     tr.close()
-        else:
-            train_info = None
         tags = model.transform_dataset(ds, progress=progress)
+        extra = {}
+        if twin_metric:
+            tags, extra["twin_metric"] = _twin_metric(train_tags, train_group, tags, train_info)
         summary, ranks = evaluate_tags(tags, group, metric, progress=progress, max_queries=max_queries, seed=seed,
                                        device=device, return_ranks=True)
         info = {"path": None, "class": "PolyResiduals", "degree": model.degree,
                 "n_components": int(len(model.components_)), "condition": list(model.condition),
                 "train": train_info}
-        out = _result("polyres", summary, dataset_info(ds), info)
+        out = _result("polyres", summary, dataset_info(ds), info, extra=extra)
         return (out, ranks) if return_ranks else out
     finally:
         if close:
@@ -492,11 +523,11 @@ def evaluate_latent_file(latents, data=None, metric: str = "l1", *, progress: bo
 # ---------------------------------------------------------------------- figure
 def draw_rank_cdf(ax, curves, title: str | None = None) -> None:
     """Cumulative rank distributions on a log x axis into ``ax``: ``curves`` is a list
-    of ``(label, ranks, n_stars)``."""
+    of ``(label, ranks, n_stars)`` or ``(label, ranks, n_stars, line style keywords)``."""
     n_max = 1
-    for label, ranks, n_stars in curves:
+    for label, ranks, n_stars, *style in curves:
         r, f = rank_cdf(ranks)
-        ax.step(np.r_[r + 1, n_stars], np.r_[f, 1.0], where="post", label=label)
+        ax.step(np.r_[r + 1, n_stars], np.r_[f, 1.0], where="post", label=label, **(style[0] if style else {}))
         n_max = max(n_max, n_stars)
     for frac, name in ((0.001, "0.1% N"), (0.01, "1% N")):
         ax.axvline(frac * n_max, color="0.6", ls="--", lw=0.8)

@@ -31,7 +31,9 @@ ANCHORS = {
                 50.0: [("polyres 2021", (11.4, 35.1, 60.6))], 30.0: [("polyres 2021", (1.8, 10.9, 30.1))]},
 }
 METHOD_NAMES = {"fader": "fader (chemtwin)", "cae": "cae (no adversary)", "oracle": "oracle (Cramer-Rao)",
-                "polyres": "polynomial residuals", "raw": "raw spectra", "cannon": "The Cannon", "payne": "The Payne"}
+                "polyres": "polynomial residuals", "raw": "raw spectra", "cannon": "The Cannon", "payne": "The Payne",
+                "fader_twin": "fader + twin metric", "cae_twin": "cae + twin metric",
+                "polyres_twin": "polynomial residuals + twin metric"}
 PIXELS_SHOWN = 256
 MAP_STARS = 1500
 
@@ -109,11 +111,16 @@ def plot_rank_cdfs(root: Path, results: dict, path: Path) -> Path | None:
     from chemtwin.evaluation.metrics import draw_rank_cdf
 
     by_scenario: dict[str, list] = {}
+    bases = [m for m in METHOD_NAMES if not m.endswith("_twin")]
     for r in results["rows"]:
         f = root / "evals" / r["scenario"] / f"{r['method']}.ranks.npy"
         if f.is_file():
+            # a twin-metric row: dashed, in its method's colour
+            base = r["method"].removesuffix("_twin")
+            style = {"color": f"C{bases.index(base) % 10}" if base in bases else None,
+                     "ls": "--" if r["method"].endswith("_twin") else "-"}
             by_scenario.setdefault(r["label"], []).append((METHOD_NAMES.get(r["method"], r["method"]),
-                                                          np.load(f, allow_pickle=False), r["n_stars"]))
+                                                          np.load(f, allow_pickle=False), r["n_stars"], style))
     if not by_scenario:
         return None
     plt = _plt()
@@ -271,7 +278,9 @@ def write_report(root, results: dict) -> Path:
         f"Protocol: {cfg['n_train_pairs']:,} training and {cfg['n_val_pairs']:,} validation twin pairs per scenario, "
         f"models trained for {cfg['time_limit']:g} s each (preset `{cfg['preset']}`, latent dimension "
         f"{cfg['latent_dim']}), ranks with the {cfg['metric'].upper()} distance (the oracle, The Cannon and The Payne "
-        "rank whitened abundances). Each model is trained at the SNR it is evaluated at."
+        "rank whitened abundances). Each model is trained at the SNR it is evaluated at. Rows marked *+ twin metric* "
+        "rank the same tags with L2 after whitening them by the scatter between the training set's twins, "
+        "supervision the published methods did not use."
         + (" **Quick run**: small sets and short training, a smoke test of the whole pipeline, "
            "not a measurement of the method." if cfg.get("quick") else ""),
         "",

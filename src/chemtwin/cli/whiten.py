@@ -1,0 +1,71 @@
+"""``chemtwin whiten LATENTS.h5 --train TRAIN_LATENTS.h5 --out WHITE.h5``: latents in the twin metric.
+
+The twin metric (``chemtwin.search.twin_metric``) is learned from TRAIN_LATENTS.h5's twin
+groups (e.g. ``chemtwin embed`` of the training set, or of open-cluster members) and
+applied to every star of LATENTS.h5 (a file or a folder of shards), streamed in chunks.
+The output is a latent file like any other: ``chemtwin index/search/cluster`` and
+``chemtwin evaluate --latents`` use it as it is; rank and search it with ``--metric l2``
+(the Mahalanobis distance of the twin scatter).  Whiten query latents with the same
+TRAIN_LATENTS.h5.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h5py
+import numpy as np
+
+from chemtwin.data.dataset import atomic_output, prepare_output, write_star_columns
+from chemtwin.errors import InputError
+from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
+from chemtwin.search.twin_metric import TwinMetric
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "whiten", help="put latents in the twin metric learned from stars of known twin groups",
+        description="Learn the twin metric (whitening of the scatter between twins) from TRAIN_LATENTS.h5's twin "
+                    "groups and write LATENTS.h5's latents in it. Search, cluster and rank the output with "
+                    "--metric l2.")
+    p.add_argument("latents", help="latent file or folder of latent shards to transform")
+    p.add_argument("--train", required=True, metavar="TRAIN_LATENTS.h5",
+                   help="latents with twin groups (`group`) to learn the metric from")
+    p.add_argument("--out", required=True, metavar="OUT.h5", help="whitened latent file to write")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="latents per read (default 65536)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    if args.chunk_rows < 1:
+        raise InputError(f"--chunk-rows must be positive, got {args.chunk_rows}")
+    out = prepare_output(args.out, args.overwrite)
+    with open_latents(args.train) as tr:
+        if tr.group is None:
+            raise InputError(f"{args.train}: no 'group' array: the twin metric is learned from known twin groups")
+        metric = TwinMetric().fit(tr.read(), tr.group)
+    with open_latents(args.latents) as lf:
+        if lf.dim != len(metric.centre_):
+            raise InputError(f"{args.latents}: {lf.dim}-dimensional latents, {args.train}: {len(metric.centre_)}")
+        progress = logging.getLogger().level <= logging.INFO
+        with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
+            z = f.create_dataset("z", shape=(lf.n_stars, lf.dim), dtype=np.float32,
+                                 chunks=(max(1, min(lf.n_stars, DEFAULT_CHUNK_ROWS)), lf.dim))
+            for a, chunk in tqdm(lf.iter_chunks(args.chunk_rows), total=-(-lf.n_stars // args.chunk_rows),
+                                 desc="whiten", unit="chunk", disable=not progress, leave=False):
+                z[a : a + len(chunk)] = metric.transform(chunk)
+            write_star_columns(f, lf.group, lf.star_id())
+            if lf.rows is not None:
+                f["row"] = lf.rows
+            f["twin_metric/centre"] = metric.centre_
+            f["twin_metric/whitening"] = metric.whitening_
+            f.attrs.update({k: v for k, v in lf.attrs.items() if k != "shards"})
+            f.attrs.update(twin_metric_train=str(args.train), twin_metric_groups=metric.n_groups_)
+    log.info("%d latents in the twin metric of %d training groups -> %s (search and rank them with --metric l2)",
+             lf.n_stars, metric.n_groups_, out)
+    return 0
