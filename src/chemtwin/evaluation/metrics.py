@@ -447,7 +447,7 @@ def evaluate_polyres(train, data, metric: str = "l1", *, degree: int = 4, n_comp
         train_info, train_tags = None, None
         if model is None or twin_metric:
             if train is None:
-                raise InputError("the twin metric needs the training set (train=...)")
+                raise InputError("polyres needs its training set (train=...) to fit on or to learn the twin metric from")
             tr, close_tr = _open(train)
             try:
                 if model is None:
