@@ -133,6 +133,8 @@ def run(args) -> int:
             model_dir, data = args.inputs
             if not Path(model_dir).is_dir():
                 raise InputError(f"{model_dir}: not a model folder")
+            if args.train and not args.twin_metric:
+                log.warning("a model uses --train only with --twin-metric: ignoring %s", args.train)
             result, ranks = metrics.evaluate_model(model_dir, data, batch_size=args.batch_size, device=args.device,
                                                    twin_metric=args.train if args.twin_metric else None, **common)
         else:
