@@ -86,11 +86,18 @@ def test_whiten_bad_input_one_line_exit_2(tmp_path, capsys):
     ungrouped = write_latents(tmp_path / "ungrouped.h5", z)
     grouped = write_latents(tmp_path / "grouped.h5", z, group=g)
     narrow = write_latents(tmp_path / "narrow.h5", z[:, :3])
+    empty = write_latents(tmp_path / "empty.h5", np.zeros((0, 4)))
+    nan = z.copy()
+    nan[7, 1] = np.nan
+    nan = write_latents(tmp_path / "nan.h5", nan, group=g)
     out = tmp_path / "o.h5"
     for argv, message in [([str(grouped), "--train", str(ungrouped)], "no 'group'"),
                           ([str(narrow), "--train", str(grouped)], "3-dimensional"),
                           ([str(grouped), "--train", str(tmp_path / "missing.h5")], "no such file"),
-                          ([str(grouped), "--train", str(grouped), "--chunk-rows", "0"], "--chunk-rows")]:
+                          ([str(grouped), "--train", str(grouped), "--chunk-rows", "0"], "--chunk-rows"),
+                          ([str(empty), "--train", str(grouped)], "holds no latents"),
+                          ([str(nan), "--train", str(grouped)], "row 7 holds NaN"),
+                          ([str(grouped), "--train", str(nan)], "row 7 holds NaN")]:
         assert main(["whiten", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

@@ -50,6 +50,8 @@ def run(args) -> int:
             raise InputError(f"{args.train}: no 'group' array: the twin metric is learned from known twin groups")
         metric = TwinMetric().fit(tr.read(), tr.group)
     with open_latents(args.latents) as lf:
+        if lf.n_stars == 0:
+            raise InputError(f"{args.latents}: holds no latents")
         if lf.dim != len(metric.centre_):
             raise InputError(f"{args.latents}: {lf.dim}-dimensional latents, {args.train}: {len(metric.centre_)}")
         progress = logging.getLogger().level <= logging.INFO

@@ -339,17 +339,16 @@ def evaluate_model(model, data, metric: str = "l1", *, batch_size: int = 1024, d
         path = model
         model = ChemTwin.load(model, device=device)
     ds, close = _open(data)
+    tr, close_tr = None, False
     try:
+        if twin_metric is not None:  # a bad training set fails before the slow passes
+            tr, close_tr = _open(twin_metric)
+            _require_twins(_group(tr), tr.path)
         err = spectral_errors(model, ds, batch_size=batch_size, progress=progress)
         z, extra = err["z"], {"n_swapped_pairs": err["n_swapped_pairs"]}
-        if twin_metric is not None:
-            tr, close_tr = _open(twin_metric)
-            try:
-                z, extra["twin_metric"] = _twin_metric(model.embed_dataset(tr, batch_size), _group(tr), z,
-                                                       dataset_info(tr))
-            finally:
-                if close_tr:
-                    tr.close()
+        if tr is not None:
+            z, extra["twin_metric"] = _twin_metric(model.embed_dataset(tr, batch_size), _group(tr), z,
+                                                   dataset_info(tr))
         summary, ranks = evaluate_tags(z, _group(ds), metric, progress=progress, max_queries=max_queries,
                                        seed=seed, return_ranks=True)
         condition = list(model.condition)
@@ -360,6 +359,8 @@ def evaluate_model(model, data, metric: str = "l1", *, batch_size: int = 1024, d
     finally:
         if close:
             ds.close()
+        if close_tr:
+            tr.close()
 
 
 LEAKAGE_REGRESSORS = ("ridge", "knn", "mlp")
