@@ -41,7 +41,7 @@ def machine() -> dict:
 def write_results(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path``, making its folder; atomic, so that an interrupted run
     leaves the previous results rather than a truncated file."""
-    from chemtwin.data.dataset import atomic_output
+    from chemtwin.core.files import atomic_output
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,10 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from chemtwin.errors import InputError
-from chemtwin.search.cluster import cluster_latents, clustering_metrics, jsonable
 from chemtwin.data.dataset import open_dataset
+from chemtwin.errors import InputError
+from chemtwin.core.files import json_safe
+from chemtwin.search.cluster import cluster_latents, clustering_metrics
 from chemtwin.search.latents import open_latents, write_latents
 
 
@@ -116,8 +117,8 @@ def build_spaces(folder: Path, args) -> tuple[list[str], dict]:
     a record of what was done (sizes, seeds, wall times).  Existing files are reused, so an
     interrupted run continues where it stopped (delete the folder to start over)."""
     from chemtwin.cli import main as chemtwin
+    from chemtwin.core.whitening import whitening_matrix
     from chemtwin.data.generate import generate_dataset
-    from chemtwin.evaluation.metrics import whitening_matrix
     from chemtwin.evaluation.oracle import draw_abundances, oracle_covariance
     from chemtwin.tagging.polyres import PolyResiduals
 
@@ -212,7 +213,7 @@ def evaluate(specs: list[str], args) -> dict:
             t0 = time.perf_counter()
             setting, m = run_setting(z, group, args.method, setting, args, metric)
             entry["runs"].append({"setting": setting, "seconds": round(time.perf_counter() - t0, 2), **m})
-            print(f"{name:<12} {json.dumps(jsonable(setting)):<50} recovered {m['recovered_fraction']:.3f} "
+            print(f"{name:<12} {json.dumps(json_safe(setting)):<50} recovered {m['recovered_fraction']:.3f} "
                   f"purity {m['purity']:.3f} completeness {m['completeness']:.3f}", file=sys.stderr, flush=True)
         default = [r for r in entry["runs"] if r["setting"]["min_cluster_size"] == args.default_min_cluster_size
                    and r["setting"].get("selection", "eom") == "eom" and r["setting"].get("eps_factor", 1.0) == 1.0]
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
     table = markdown(result)
     print(table)
     if args.json:
-        write_atomic(Path(args.json), json.dumps(jsonable(result), indent=2) + "\n")
+        write_atomic(Path(args.json), json.dumps(json_safe(result), indent=2) + "\n")
     if args.markdown:
         write_atomic(Path(args.markdown), table)
     return 0

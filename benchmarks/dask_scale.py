@@ -63,7 +63,7 @@ def _worker_peaks(client) -> list[float]:
 def _model(folder: Path) -> Path:
     import torch
 
-    from chemtwin.data.grid import get_grid
+    from chemtwin.core.grids import get_grid
     from chemtwin.tagging.estimator import ChemTwin
     from chemtwin.tagging.fader import FaderNet
 

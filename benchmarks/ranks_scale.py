@@ -7,7 +7,7 @@
 Latents: twin pairs, group centres ~ N(0, 1) in ``--dim`` dims, each star scattered by
 ``--scatter`` (0.3) per dim around its centre; generated chunk by chunk (the 10^6 run
 holds only the 80 MB latent array).  For each size we time
-``chemtwin.evaluation.ranks.doppelganger_ranks`` (exact, every star a query, all N
+``chemtwin.core.ranks.doppelganger_ranks`` (exact, every star a query, all N
 candidates) and record the peak RSS of the process (``ru_maxrss``) after it, plus the
 rank fractions as a sanity check.  The work is O(N^2 d): 10^6 stars cost about 1,600
 times 25,000 stars, hours on a 2-core machine, in bounded memory.  ``--quick`` runs
@@ -33,12 +33,11 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import torch
 from _common import peak_rss_mib, write_results
 
-import torch
-
+from chemtwin.core.ranks import doppelganger_ranks
 from chemtwin.evaluation.metrics import rank_summary
-from chemtwin.evaluation.ranks import doppelganger_ranks
 
 
 def make_latents(n: int, dim: int, scatter: float, seed: int, chunk: int = 100_000):

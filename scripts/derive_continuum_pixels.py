@@ -19,7 +19,7 @@ Outputs:
 
 Grid conventions (docs/apogee.md): the 7,514-pixel grid keeps apStar pixels [246, 3274),
 [3585, 6080), [6344, 8335); the 7,214-pixel ASPCAP grid keeps [322, 3242), [3648, 6048),
-[6412, 8306) (chemtwin.data.grid).  The script checks the 7,514 convention on the real
+[6412, 8306) (chemtwin.core.grids).  The script checks the 7,514 convention on the real
 apStar spectra: shifting the mask by k pixels, the mean roughly-normalized flux at the mask
 pixels must peak at k = 0 (continuum pixels are the highest ones).
 
@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from chemtwin.data.grid import APSTAR_N_PIXELS, get_grid  # noqa: E402
+from chemtwin.core.grids import APSTAR_N_PIXELS, get_grid  # noqa: E402
 
 OUT_DIR = ROOT / "src" / "chemtwin" / "data" / "tables"
 TELLURIC_THRESHOLD = 0.85

@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from chemtwin.data.grid import APSTAR_LOG10_STEP, get_grid  # noqa: E402
+from chemtwin.core.grids import APSTAR_LOG10_STEP, get_grid  # noqa: E402
 
 SEED = 20191213
 MASK_ELEMENTS = ("C", "CI", "N", "O", "Na", "Mg", "Al", "Si", "P", "S", "K", "Ca", "Ti", "TiII",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from chemtwin.cli import main
+from chemtwin.core.grids import SPEED_OF_LIGHT_KMS, get_grid
 from chemtwin.data.augment import (
     Augmenter,
     add_noise,
@@ -22,7 +23,6 @@ from chemtwin.data.augment import (
     zero_bad_pixels,
 )
 from chemtwin.data.dataset import DatasetWriter, open_dataset
-from chemtwin.data.grid import SPEED_OF_LIGHT_KMS, get_grid
 from chemtwin.errors import InputError
 
 GRID = get_grid("aspcap")

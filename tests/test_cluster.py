@@ -100,7 +100,7 @@ def test_dbscan_explicit_and_auto_eps():
     assert 0.5 * auto_eps(zf[gf >= 0], 5) < eps < auto_eps(zf, 5, quantile=0.9)
     res_f = cluster_latents(zf, "dbscan", eps=eps, min_cluster_size=5)
     assert clustering_metrics(res_f.labels, gf)["recovered_fraction"] >= 0.95
-    with pytest.raises(InputError, match="needs --eps"):
+    with pytest.raises(InputError, match="needs eps"):
         cluster_latents(z, "dbscan")
     with pytest.raises(InputError, match="positive"):
         cluster_latents(z, "dbscan", eps=-1.0)

@@ -5,11 +5,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from fake_twins import LABEL_NAMES, fake_twins
 
 from chemtwin.errors import InputError
 from chemtwin.tagging import ChemTwin, FaderConfig, FaderNet
 from chemtwin.tagging.fader import check_spectra, pixel_weights, recon_loss
-from fake_twins import LABEL_NAMES, fake_twins
 
 torch.set_num_threads(1)
 
@@ -120,7 +120,7 @@ def test_adversary_pushes_nuisance_out_of_the_latent(trained):
     assert r2["cae"] > 0.15 and r2["fader"] < r2["cae"] - 0.15, r2
     # and its latent finds twins better; swapping latents between twins costs less
     assert fader["val_swap"] < cae["val_swap"]
-    from chemtwin.evaluation.ranks import doppelganger_ranks
+    from chemtwin.core.ranks import doppelganger_ranks
 
     rank0 = {m: (doppelganger_ranks(models[m][1], vg, progress=False).rank == 0).mean() for m in models}
     assert rank0["fader"] > rank0["cae"], rank0

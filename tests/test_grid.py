@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chemtwin.data.grid import apstar_wavelength, convert, get_grid, identify_grid, resample
+from chemtwin.core.grids import apstar_wavelength, convert, get_grid, identify_grid, resample
 from chemtwin.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -10,8 +10,8 @@ import pytest
 from astropy.table import Table
 
 from chemtwin.cli import main
+from chemtwin.core.grids import get_grid
 from chemtwin.data.dataset import open_dataset
-from chemtwin.data.grid import get_grid
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "apogee"
 pytestmark = pytest.mark.skipif(

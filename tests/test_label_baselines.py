@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from chemtwin.cli import main
+from chemtwin.core.whitening import whitening_matrix
 from chemtwin.data.generate import generate_dataset
 from chemtwin.data.population import RedGiantPrior
 from chemtwin.errors import InputError
 from chemtwin.evaluation.label_baselines import evaluate_cannon, evaluate_payne, independent_labels
-from chemtwin.evaluation.metrics import whitening_matrix
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
 
 RESULT_KEYS = {"method", "metric", "n_stars", "n_pairs", "mse_reconstruction", "mse_swapped", "frac_rank0",

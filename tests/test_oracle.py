@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from chemtwin.cli import main
+from chemtwin.core.whitening import whitening_matrix
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
-from chemtwin.evaluation.metrics import whitening_matrix
-from chemtwin.evaluation.oracle import (CHEM_COLUMNS, cramer_rao_covariance, draw_abundances, evaluate_oracle,
-                                        synthesizer_jacobian)
+from chemtwin.evaluation.oracle import (
+    CHEM_COLUMNS,
+    cramer_rao_covariance,
+    draw_abundances,
+    evaluate_oracle,
+    synthesizer_jacobian,
+)
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
 from chemtwin.spectral_models.lines import LineSynthesizer
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from chemtwin.core.ranks import doppelganger_ranks, group_sizes, twin_pairs
 from chemtwin.errors import InputError
 from chemtwin.evaluation.metrics import rank_cdf, rank_fractions, rank_summary
-from chemtwin.evaluation.ranks import doppelganger_ranks, group_sizes, twin_pairs
 
 
 def brute_ranks(z, group, metric):

@@ -102,7 +102,7 @@ def test_save_refuses_existing_folder_and_overwrites_atomically(tmp_path):
     z, _ = clustered(20, 5, 4)
     a = TwinIndex.build(z, metric="l1")
     a.save(tmp_path / "IDX")
-    with pytest.raises(InputError, match="--overwrite"):
+    with pytest.raises(InputError, match="overwrite=True"):
         a.save(tmp_path / "IDX")
     b = TwinIndex.build(z[:50], metric="l2")
     b.save(tmp_path / "IDX", overwrite=True)

@@ -13,7 +13,8 @@ from fake_twins import LABEL_NAMES, fake_twins
 
 import chemtwin.data.generate as gen
 from chemtwin.cli import main
-from chemtwin.data.dataset import MANIFEST, DatasetWriter, file_sha256, grid_hash, open_dataset, write_manifest
+from chemtwin.core.files import file_sha256
+from chemtwin.data.dataset import MANIFEST, DatasetWriter, grid_hash, open_dataset, write_manifest
 from chemtwin.data.generate import generate_dataset, generate_sharded
 from chemtwin.data.shards import run_shards
 from chemtwin.errors import InputError
@@ -129,7 +130,7 @@ def test_unfinished_run_keeps_verified_shards_and_rerun_completes(pair, tmp_path
     with open_dataset(one) as a, open_dataset(out) as b:
         _same(a.read(), b.read())
         b.validate()
-    with pytest.raises(InputError, match="exists; pass --overwrite"):
+    with pytest.raises(InputError, match="exists; pass overwrite=True"):
         generate_sharded(out, shard_stars=16, **SMALL)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import binary_dilation
 
-from chemtwin.data.grid import get_grid
+from chemtwin.core.grids import get_grid
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, X_FE_LABELS
 from chemtwin.spectral_models.linelist import load_linelist, window_mask
@@ -185,7 +185,7 @@ def test_labels_outside_valid_range_are_an_error():
 
 
 def test_apstar_grid_matches_aspcap_on_common_pixels():
-    from chemtwin.data.grid import convert
+    from chemtwin.core.grids import convert
 
     labels = LineSynthesizer().reference_labels()[None]
     full = LineSynthesizer(grid="apstar").from_numpy(labels)

@@ -2,7 +2,8 @@
 
 Each command lives in its own module with a ``register(subparsers)`` function that
 adds its parser and sets ``func``.  Bad input raises ``InputError``: we print one
-line to stderr and exit with code 2.
+line to stderr and exit with code 2, with the Python parameters the message names
+(``InputError.options``) shown as the command's flags.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from chemtwin import __version__
@@ -33,6 +35,20 @@ COMMAND_MODULES = (
     "payne",  # registers `payne train` and `payne fit`
     "cannon",  # registers `cannon train` and `cannon test`
 )
+
+
+# Library parameters whose flag is not "--" + the name with "-" for "_".
+FLAG_NAMES = {"n_components": "--components", "max_train_stars": "--train-stars", "lambda_adv": "--lambda",
+              "jacobian_file": "--jacobians"}
+
+
+def flag_message(exc: InputError) -> str:
+    """The error's message with each parameter it names (``overwrite=True``, ``n_groups``) as its flag."""
+    text = str(exc)
+    for option in exc.options:
+        flag = FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
+        text = re.sub(rf"(?<![\w.-]){re.escape(option)}(=True)?(?![\w-])", flag, text)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
-        print(f"chemtwin {args.command}: error: {exc}", file=sys.stderr)
+        print(f"chemtwin {args.command}: error: {flag_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"chemtwin {args.command}: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Value types of the command-line options, shared by the ``chemtwin`` subcommands.
+"""Value types and option groups of the command line, shared by the ``chemtwin`` subcommands.
 
 argparse calls a type with the option's text.  The types raise ``ArgumentTypeError``
 because argparse prints its message as it is (one line, exit code 2):
@@ -58,3 +58,21 @@ def name_list(values: list[str] | None) -> list[str] | None:
         return None
     names = [name for value in values for name in value.replace(",", " ").split() if name]
     return names or None
+
+
+# ---------------------------------------------------------------- scale-out options
+def add_cluster_options(p, unit: str, default_size: int) -> None:
+    """``--workers``, ``--scheduler``, ``--shard-size`` and ``--connect-timeout`` of a command."""
+    g = p.add_argument_group("scale-out with Dask (docs/distributed.md); OUT is then a folder of shards + manifest.json")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="run on a local Dask cluster of N worker processes, one thread each")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on an existing Dask cluster, e.g. tcp://10.0.0.1:8786; its workers must see OUT at the same path")
+    g.add_argument("--shard-size", type=int, default=default_size, metavar="N",
+                   help=f"{unit} per shard, one task each (default {default_size})")
+    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="give up on an unreachable --scheduler after this long (default 10)")
+
+
+def wants_cluster(args) -> bool:
+    return getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None

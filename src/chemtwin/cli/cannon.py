@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from chemtwin.cli.arguments import name_list, positive_int
-from chemtwin.data.dataset import atomic_output, open_dataset, prepare_output, write_star_columns
+from chemtwin.core.files import atomic_output, prepare_output
+from chemtwin.data.dataset import open_dataset, write_star_columns
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)

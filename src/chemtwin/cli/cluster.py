@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
 from chemtwin.cli.arguments import positive_fraction
-from chemtwin.data.dataset import atomic_output, prepare_output
+from chemtwin.core.files import prepare_output, write_json
 from chemtwin.errors import InputError
 from chemtwin.search.cluster import (
-    METHODS, SCALES, SKLEARN_METRIC, cluster_latents, jsonable, clustering_metrics, plot_clusters, write_clusters,
+    METHODS,
+    SCALES,
+    SKLEARN_METRIC,
+    cluster_latents,
+    clustering_metrics,
+    plot_clusters,
+    write_clusters,
 )
 from chemtwin.search.latents import open_latents
 
@@ -95,9 +100,7 @@ def run(args) -> int:
         plot_clusters(z, result.labels, plot, group=group if metrics else None, title=title)
         print(f"wrote {plot}")
     if json_out:
-        with atomic_output(json_out) as tmp:
-            tmp.write_text(json.dumps(jsonable({"params": result.params, "n_clusters": result.n_clusters,
-                                                "noise_fraction": result.noise_fraction, "seconds": seconds,
-                                                "metrics": metrics}), indent=2) + "\n")
+        write_json(json_out, {"params": result.params, "n_clusters": result.n_clusters,
+                              "noise_fraction": result.noise_fraction, "seconds": seconds, "metrics": metrics})
         print(f"wrote {json_out}")
     return 0

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
+    from chemtwin.cli.arguments import add_cluster_options
     from chemtwin.cli.ingest import add_spectrum_options
-    from chemtwin.data.shards import add_cluster_options
 
     p = subparsers.add_parser("embed", help="compute the latent of every star of a dataset or of APOGEE spectrum files",
                               description="Encode every spectrum of DATA.h5 with a trained model into LATENTS.h5, "
@@ -54,8 +54,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from chemtwin.data.dataset import open_dataset, prepare_output
-    from chemtwin.data.shards import wants_cluster
+    from chemtwin.cli.arguments import wants_cluster
+    from chemtwin.core.files import prepare_output
+    from chemtwin.data.dataset import open_dataset
     from chemtwin.errors import InputError
     from chemtwin.tagging.estimator import ChemTwin
 
@@ -88,9 +89,9 @@ def _is_hdf5(path: str) -> bool:
 def _embed_files(ct, out: Path, args) -> int:
     """Spectrum files -> ``ingest_files`` into a temporary dataset -> ``_write_latents``."""
     from chemtwin.cli.ingest import check_spectrum_options, expand_inputs, ingest_files, report_errors
+    from chemtwin.core.grids import GRID_NAMES, get_grid, identify_grid
     from chemtwin.data.apogee import header_labels, read_catalog
     from chemtwin.data.dataset import open_dataset
-    from chemtwin.data.grid import GRID_NAMES, get_grid, identify_grid
     from chemtwin.errors import InputError
 
     check_spectrum_options(args)
@@ -148,7 +149,8 @@ def _write_latents(ct, ds, out: Path, args, attrs: dict, files=None) -> None:
     """Embed dataset ``ds`` in batches into ``out`` (atomically); ``files``: source file per row."""
     from tqdm.auto import tqdm
 
-    from chemtwin.data.dataset import atomic_output, write_star_columns
+    from chemtwin.core.files import atomic_output
+    from chemtwin.data.dataset import write_star_columns
 
     quiet = logging.getLogger().level > logging.INFO
     d, n = ct.config.latent_dim, ds.n_stars
@@ -185,7 +187,8 @@ def _embed_sharded(ct, args) -> int:
     """Latent shards + manifest in the folder ``--out``, one Dask task per ``--shard-size``
     rows.  Shards start on whole batches, so every batch, and every latent, is the one-process
     path's bit for bit.  Every shard names its stars (the dataset's star_id, else the row)."""
-    from chemtwin.data.dataset import MANIFEST, file_sha256, open_dataset
+    from chemtwin.core.files import file_sha256
+    from chemtwin.data.dataset import MANIFEST, open_dataset
     from chemtwin.data.shards import dask_client, run_shards, shard_ranges
     from chemtwin.tagging.training import label_columns
 

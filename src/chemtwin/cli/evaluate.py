@@ -20,9 +20,10 @@ with L2 by default; the JSON then holds ``twin_metric``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+
+from chemtwin.core.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _write_json(path: Path, result: dict) -> None:
-    from chemtwin.data.dataset import atomic_output
-
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        json.dump(result, f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
 def run(args) -> int:
-    from chemtwin.data.dataset import prepare_output
+    from chemtwin.core.files import prepare_output
     from chemtwin.errors import InputError
     from chemtwin.evaluation import metrics
 
@@ -188,7 +181,7 @@ def run(args) -> int:
         metrics.plot_rank_cdf([(result["method"], ranks.rank, ranks.n_stars)], png,
                               title=f"{result['method']} ({result['metric']}), N = {result['n_stars']}")
         result["plots"] = [str(png)]
-    _write_json(out, result)
+    write_json(out, result)
     log.info("%s: rank 0 %.1f%%, < 0.1%% N %.1f%%, < 1%% N %.1f%%, median rank %g (%d pairs, N = %d) -> %s",
              result["method"], 100 * result["frac_rank0"], 100 * result["frac_rank_lt_0p1pct"],
              100 * result["frac_rank_lt_1pct"], result["median_rank"], result["n_pairs"], result["n_stars"], out)

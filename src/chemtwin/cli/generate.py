@@ -6,12 +6,13 @@ import logging
 import math
 import time
 
+from chemtwin.cli.arguments import add_cluster_options, wants_cluster
 from chemtwin.cli.payne import add_generate_arguments, run_generate
+from chemtwin.core.grids import GRID_NAMES
 from chemtwin.data.dataset import MANIFEST
 from chemtwin.data.generate import generate_dataset, generate_sharded
-from chemtwin.data.grid import GRID_NAMES
 from chemtwin.data.population import RedGiantPrior
-from chemtwin.data.shards import add_cluster_options, dask_client, wants_cluster
+from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,13 @@ from typing import Callable
 
 import numpy as np
 
+from chemtwin.cli.arguments import add_cluster_options, wants_cluster
+from chemtwin.core.files import prepare_output
+from chemtwin.core.grids import GRID_NAMES, get_grid
 from chemtwin.data.apogee import read_catalog, read_spectrum
-from chemtwin.data.dataset import DatasetWriter, prepare_output
-from chemtwin.data.grid import GRID_NAMES, get_grid
+from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.preprocess import CONTINUUM_MASKS, DEFAULT_DEGREE, preprocess
-from chemtwin.data.shards import add_cluster_options, dask_client, wants_cluster
+from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError
 
 FLUSH_ROWS = 64

@@ -17,8 +17,9 @@ import sys
 import numpy as np
 
 from chemtwin.cli.arguments import fraction_below_one, name_list, positive_float, positive_int
-from chemtwin.data.dataset import atomic_output, prepare_output
+from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -96,9 +97,9 @@ def _progress(args) -> bool:
 
 
 def run_train(args) -> int:
-    from chemtwin.tagging.payne_train import train_emulator
-
     import torch
+
+    from chemtwin.tagging.payne_train import train_emulator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,9 +178,10 @@ def add_generate_arguments(parser) -> None:
 
 def run_generate(args) -> int:
     """`chemtwin generate --emulator`: twin groups emulated by a Payne emulator."""
-    from chemtwin.data.grid import get_grid
+    from chemtwin.core.grids import get_grid
     from chemtwin.data.population import RedGiantPrior
-    from chemtwin.spectral_models.payne import PayneEmulator, generate_emulator_dataset
+    from chemtwin.data.emulated import generate_emulator_dataset
+    from chemtwin.spectral_models.payne import PayneEmulator
 
     prior = RedGiantPrior()  # the synthesizer's defaults: --teff / --logg must not be changed
     for name, default in (("teff", prior.teff), ("logg", prior.logg)):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from chemtwin.data.dataset import open_dataset, prepare_output, temporary_path
+from chemtwin.core.files import prepare_output, temporary_path
+from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.linelist import load_windows
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.data.dataset import open_dataset, prepare_output, temporary_path
-from chemtwin.data.grid import convert, get_grid, identify_grid
+from chemtwin.core.files import prepare_output, temporary_path
+from chemtwin.core.grids import convert, get_grid, identify_grid
+from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
 
 MIN_PER_CLASS_FOR_SCORE = 5

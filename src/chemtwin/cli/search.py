@@ -15,10 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from chemtwin.cli.arguments import positive_int
-from chemtwin.data.dataset import atomic_output, prepare_output
+from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.index import (
-    HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, KINDS, METRICS, TwinIndex,
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    KINDS,
+    METRICS,
+    TwinIndex,
 )
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
 

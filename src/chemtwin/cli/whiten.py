@@ -16,7 +16,8 @@ import logging
 import h5py
 import numpy as np
 
-from chemtwin.data.dataset import atomic_output, prepare_output, write_star_columns
+from chemtwin.core.files import atomic_output, prepare_output
+from chemtwin.data.dataset import write_star_columns
 from chemtwin.errors import InputError
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
 from chemtwin.search.twin_metric import TwinMetric

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.data.grid import APSTAR_LOG10_START, APSTAR_LOG10_STEP, APSTAR_N_PIXELS, get_grid
+from chemtwin.core.files import describe_error
+from chemtwin.core.grids import APSTAR_LOG10_START, APSTAR_LOG10_STEP, APSTAR_N_PIXELS, get_grid
 from chemtwin.errors import InputError
 
 # APOGEE_PIXMASK bit names (DR17).
@@ -138,7 +139,7 @@ class _Fits:
         except InputError:
             raise
         except Exception as exc:  # astropy raises OSError, ValueError, warnings-as-errors, ...
-            raise InputError(f"{self.path}: not a readable FITS file ({_describe(exc)})") from None
+            raise InputError(f"{self.path}: not a readable FITS file ({describe_error(exc, 120)})") from None
         return self.hdus
 
     def __exit__(self, exc_type, exc, tb):
@@ -146,10 +147,6 @@ class _Fits:
             self.hdus.close()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    text = text[:120]
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
 def _data(hdus, index: int, path: Path) -> np.ndarray:
@@ -161,7 +158,7 @@ def _data(hdus, index: int, path: Path) -> np.ndarray:
     except IndexError:
         raise InputError(f"{path}: has no HDU{index}") from None
     except Exception as exc:
-        raise InputError(f"{path}: HDU{index} is unreadable ({_describe(exc)})") from None
+        raise InputError(f"{path}: HDU{index} is unreadable ({describe_error(exc, 120)})") from None
     if data is None:
         raise InputError(f"{path}: HDU{index} holds no data")
     return np.asarray(data).astype(np.asarray(data).dtype.newbyteorder("="), copy=True)
@@ -485,7 +482,7 @@ def read_catalog(
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"catalogue {path}: unreadable table ({_describe(exc)})") from None
+            raise InputError(f"catalogue {path}: unreadable table ({describe_error(exc, 120)})") from None
     labels[~np.isfinite(labels) | (labels <= MISSING_SENTINEL + 0.5)] = np.nan
     # Resolve duplicates: prefer unflagged, then highest SNR; a stable order keeps the first.
     snr = np.where(np.isfinite(snr), snr, -np.inf)

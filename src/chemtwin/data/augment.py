@@ -31,7 +31,7 @@ import numpy as np
 from scipy.signal import fftconvolve
 from scipy.special import erf
 
-from chemtwin.data.grid import SPEED_OF_LIGHT_KMS
+from chemtwin.core.grids import SPEED_OF_LIGHT_KMS
 from chemtwin.errors import InputError
 
 CHIP_NAMES = ("blue", "green", "red")

@@ -26,15 +26,16 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
 from chemtwin import __version__
+from chemtwin.core.files import file_sha256, json_safe, open_hdf5, prepare_output, temporary_path, write_json
 from chemtwin.errors import InputError
 
 LAYOUT_VERSION = 1
@@ -60,33 +61,10 @@ class Batch:
         return self.start + len(self.flux)
 
 
-def temporary_path(path: Path) -> Path:
-    """Name a file is written under before the atomic rename to ``path``."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """The temporary path to write ``path``'s content to: renamed onto ``path`` when the block
-    succeeds and deleted when it fails, so that no reader ever sees a half-written file."""
-    path = Path(path)
-    tmp = temporary_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
-def open_hdf5(path: Path) -> h5py.File:
-    """``path`` opened read-only; InputError when it is missing or not an HDF5 file."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
 
 
 def write_star_columns(f: h5py.File, group=None, star_id=None) -> None:
@@ -98,19 +76,6 @@ def write_star_columns(f: h5py.File, group=None, star_id=None) -> None:
         f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
 
 
-def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Check that ``path`` may be written; raise InputError otherwise."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {parent} is not writable")
-    return path
 
 
 class DatasetWriter:
@@ -344,12 +309,6 @@ class RowRange(BaseDataset):
 
 
 # ---------------------------------------------------------------- sharded datasets
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def grid_hash(wavelength: np.ndarray) -> str:
@@ -359,10 +318,7 @@ def grid_hash(wavelength: np.ndarray) -> str:
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     """Write ``folder/manifest.json`` atomically: a reader sees no manifest or a whole one."""
-    path = Path(folder) / MANIFEST
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    return path
+    return write_json(Path(folder) / MANIFEST, manifest, indent=1)
 
 
 def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
@@ -400,8 +356,6 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
 
 def verify_shards(folder: str | os.PathLike, manifest: dict, progress: bool = False) -> None:
     """Compare every shard's sha256 with the manifest's; InputError naming the first that differs."""
-    from tqdm.auto import tqdm
-
     for s in tqdm(manifest["shards"], desc="checksums", unit="shard", disable=not progress, leave=False):
         if file_sha256(Path(folder) / s["path"]) != s["sha256"]:
             raise InputError(f"{folder}: shard {s['path']} does not match its checksum in {MANIFEST} (corrupt or modified)")
@@ -541,6 +495,16 @@ _BATCH_FIELDS = ("flux", "ivar", "labels", "group")
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def dataset_info(ds) -> dict:
+    """Identifier of a dataset for results: absolute path, size and file attributes."""
+    path = str(getattr(ds, "path", "<arrays>"))
+    return json_safe({
+        "path": os.path.abspath(path) if path != "<arrays>" else path,
+        "n_stars": int(ds.n_stars),
+        "attrs": dict(getattr(ds, "attrs", {}) or {}),
+    })
 
 
 def open_dataset(path: str | os.PathLike) -> SpectraDataset | ShardedDataset:

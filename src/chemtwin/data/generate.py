@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chemtwin.data.dataset import DatasetWriter, grid_hash, prepare_output
+from chemtwin.core.files import prepare_output
+from chemtwin.data.dataset import DatasetWriter, grid_hash
 from chemtwin.data.population import RedGiantPrior, twin_groups
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, check_in_range
@@ -101,11 +102,11 @@ class Plan:
 
     def __post_init__(self):
         if self.n_groups < 1:
-            raise InputError(f"--n-groups must be >= 1, got {self.n_groups}")
+            raise InputError(f"n_groups must be >= 1, got {self.n_groups}", "n_groups")
         if self.group_size < 1:
-            raise InputError(f"--group-size must be >= 1, got {self.group_size}")
+            raise InputError(f"group_size must be >= 1, got {self.group_size}", "group_size")
         if not (self.snr > 0):
-            raise InputError(f"--snr must be positive (or inf), got {self.snr}")
+            raise InputError(f"snr must be positive (or inf), got {self.snr}", "snr")
 
     @property
     def groups_per_chunk(self) -> int:

@@ -32,8 +32,8 @@ from importlib import resources
 
 import numpy as np
 
+from chemtwin.core.grids import APSTAR_N_PIXELS, apstar_wavelength, convert, get_grid, resample
 from chemtwin.data.apogee import Spectrum
-from chemtwin.data.grid import APSTAR_N_PIXELS, apstar_wavelength, convert, get_grid, resample
 from chemtwin.errors import InputError
 
 CONTINUUM_MASKS = ("dr17", "cannon")

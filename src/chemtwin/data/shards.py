@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from chemtwin import __version__
-from chemtwin.data.dataset import LAYOUT_VERSION, MANIFEST, SHARDS_FORMAT, file_sha256, prepare_output, write_manifest
+from chemtwin.core.files import describe_error, file_sha256, json_safe, json_text, prepare_output
+from chemtwin.data.dataset import LAYOUT_VERSION, MANIFEST, SHARDS_FORMAT, write_manifest
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -39,21 +39,8 @@ PROGRESS = ".progress.jsonl"  # header line (kind + plan), then one record per f
 SHARD_NAME = "shard-{:05d}.h5"
 
 
-def add_cluster_options(p, unit: str, default_size: int) -> None:
-    """``--workers``, ``--scheduler``, ``--shard-size`` and ``--connect-timeout`` of a command."""
-    g = p.add_argument_group("scale-out with Dask (docs/distributed.md); OUT is then a folder of shards + manifest.json")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="run on a local Dask cluster of N worker processes, one thread each")
-    g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="run on an existing Dask cluster, e.g. tcp://10.0.0.1:8786; its workers must see OUT at the same path")
-    g.add_argument("--shard-size", type=int, default=default_size, metavar="N",
-                   help=f"{unit} per shard, one task each (default {default_size})")
-    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up on an unreachable --scheduler after this long (default 10)")
 
 
-def wants_cluster(args) -> bool:
-    return getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None
 
 
 def _probe(address: str, timeout: float) -> None:
@@ -73,16 +60,16 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, timeou
     """A ``distributed.Client``: on a new local cluster of ``workers`` processes (closed on
     exit), or connected to ``scheduler``; InputError when that cannot be reached."""
     if workers is not None and scheduler is not None:
-        raise InputError("give --workers or --scheduler, not both")
+        raise InputError("give workers or scheduler, not both", "workers", "scheduler")
     if workers is not None and workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+        raise InputError(f"workers must be >= 1, got {workers}", "workers")
     if not timeout > 0:
-        raise InputError(f"--connect-timeout must be positive, got {timeout}")
+        raise InputError(f"connect_timeout must be positive, got {timeout}", "connect_timeout")
     try:
         import dask
         from distributed import Client, LocalCluster
     except ImportError:
-        raise InputError("--workers/--scheduler need Dask: pip install 'chemtwin[distributed]'") from None
+        raise InputError("workers/scheduler need Dask: pip install 'chemtwin[distributed]'", "workers", "scheduler") from None
     dask_log = logging.getLogger("distributed")  # its INFO lines would drown the progress bar
     dask_log.setLevel(max(dask_log.getEffectiveLevel(), logging.WARNING))
     if scheduler is not None:
@@ -91,7 +78,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, timeou
             client = Client(scheduler, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s "
-                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+                             f"({describe_error(exc, 120)})") from None
         with client:
             yield client
         return
@@ -164,21 +151,21 @@ def _prepare(out: Path, header: dict, overwrite: bool) -> dict[int, dict]:
     interrupted run of the same plan finished."""
     if out.exists() and not out.is_dir():
         if not overwrite:
-            raise InputError(f"{out} exists; pass --overwrite to replace it")
+            raise InputError(f"{out} exists; pass overwrite=True to replace it", "overwrite")
         out.unlink()
     if out.is_dir():
         manifest, progress = out / MANIFEST, out / PROGRESS
         if manifest.exists():
             if not overwrite:
-                raise InputError(f"{out} exists; pass --overwrite to replace it")
+                raise InputError(f"{out} exists; pass overwrite=True to replace it", "overwrite")
             _clear(out)
         elif progress.exists():
             old_header, records = _read_progress(progress)
-            if old_header == json.loads(json.dumps(header)):
+            if old_header == json_safe(header):
                 log.info("resuming the unfinished run in %s (%d shard(s) done before)", out, len(records))
                 return records
             if not overwrite:
-                raise InputError(f"{out} holds an unfinished run with other settings; pass --overwrite to start again")
+                raise InputError(f"{out} holds an unfinished run with other settings; pass overwrite=True to start again", "overwrite")
             _clear(out)
         elif any(out.iterdir()):
             raise InputError(f"{out} is a folder that holds no chemtwin shards; refusing to write into it")
@@ -186,7 +173,7 @@ def _prepare(out: Path, header: dict, overwrite: bool) -> dict[int, dict]:
         prepare_output(out, overwrite)
         out.mkdir()
     with open(out / PROGRESS, "w") as fh:
-        fh.write(json.dumps(header) + "\n")
+        fh.write(json_text(header, None) + "\n")
     return {}
 
 
@@ -239,16 +226,14 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
         try:
             for k, record in _execute(task, jobs, client):
                 records[k] = {**record, "index": k}
-                fh.write(json.dumps(records[k]) + "\n")
+                fh.write(json_text(records[k], None) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
                 bar.update(1)
         except _Failed as failure:
             done = sum(r is not None for r in records)
-            exc = failure.exc
-            message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            raise InputError(f"shard {failure.k} ({SHARD_NAME.format(failure.k)}) failed: {exc.__class__.__name__}"
-                             f"{': ' + message if message else ''}; {done} of {len(specs)} shards are finished and kept "
+            raise InputError(f"shard {failure.k} ({SHARD_NAME.format(failure.k)}) failed: "
+                             f"{describe_error(failure.exc, 200)}; {done} of {len(specs)} shards are finished and kept "
                              f"in {out}: rerun the same command to write the rest") from None
     reused = sum(bool(r.get("reused")) for r in records)
     if reused:
@@ -263,7 +248,7 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
         return None, records
     manifest = {
         "format": SHARDS_FORMAT, "format_version": 1, "kind": kind, "layout_version": LAYOUT_VERSION,
-        "chemtwin_version": __version__, "n_rows": n_rows, **(header or {}), "plan": _strict(plan),
+        "chemtwin_version": __version__, "n_rows": n_rows, **(header or {}), "plan": plan,
         "shards": [{"path": r["path"], "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records if r["rows"]],
     }
     write_manifest(out, manifest)
@@ -271,19 +256,10 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
     return manifest, records
 
 
-def _strict(value):
-    """``value`` with inf/nan floats as strings: the manifest stays strict JSON (SNR inf, ...)."""
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) of consecutive pieces of ``size`` (the last one shorter) covering range(n)."""
     if size < 1:
-        raise InputError(f"--shard-size must be >= 1, got {size}")
+        raise InputError(f"shard_size must be >= 1, got {size}", "shard_size")
     return [(a, min(a + size, n)) for a in range(0, n, size)]

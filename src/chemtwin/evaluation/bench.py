@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from chemtwin.core.files import atomic_output, json_safe, write_json
+from chemtwin.core.ranks import check_metric
 from chemtwin.errors import InputError
-from chemtwin.evaluation.metrics import check_metric, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +163,6 @@ def machine() -> dict:
     return info
 
 
-def _write_json(path: Path, obj) -> None:
-    from chemtwin.data.dataset import atomic_output
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
-
-
 def _config_record(cfg: BenchConfig) -> dict:
     return json_safe(asdict(cfg))
 
@@ -188,16 +181,16 @@ def _prepare(out: Path, cfg: BenchConfig, overwrite: bool) -> _Paths:
         old = json.loads(record.read_text())
         if not _same_run(old, _config_record(cfg)):
             if not overwrite:
-                raise InputError(f"{out} holds a bench run with other settings; use another folder or --overwrite")
+                raise InputError(f"{out} holds a bench run with other settings; use another folder or overwrite=True", "overwrite")
             for p in (paths.data, paths.models, paths.evals, paths.figures):
                 shutil.rmtree(p, ignore_errors=True)
             for name in ("results.json", "report.md"):
                 (out / name).unlink(missing_ok=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} is not empty and holds no bench run; use another folder or --overwrite")
+        raise InputError(f"{out} is not empty and holds no bench run; use another folder or overwrite=True", "overwrite")
     for p in (paths.data, paths.models, paths.evals, paths.figures):
         p.mkdir(parents=True, exist_ok=True)
-    _write_json(record, _config_record(cfg))
+    write_json(record, _config_record(cfg))
     return paths
 
 
@@ -247,12 +240,10 @@ def _train(model_dir: Path, train_path: Path, val_path: Path, method: str, cfg: 
 def _save_eval(paths: _Paths, method: str, sc: Scenario, result: dict, ranks, seconds: float) -> None:
     out = paths.result(method, sc)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from chemtwin.data.dataset import atomic_output
-
     with atomic_output(out.with_suffix(".ranks.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(ranks.rank, np.int64))
     result = dict(result, eval_s=seconds)
-    _write_json(out, result)
+    write_json(out, result)
 
 
 def _evaluate(method: str, sc: Scenario, paths: _Paths, cfg: BenchConfig, progress: bool):
@@ -305,7 +296,7 @@ def _train_payne(paths: _Paths, cfg: BenchConfig, progress: bool) -> None:
     emulator, report = train_emulator(clean, labels=names, epochs=None, time_limit=cfg.payne_time_limit,
                                       seed=cfg.seed, max_stars=cfg.payne_train_stars, progress=progress)
     summary = {k: v for k, v in report.as_dict().items() if k != "history"}
-    _write_json(paths.models / "payne_emulator.json", summary)
+    write_json(paths.models / "payne_emulator.json", summary)
     emulator.save(paths.models / "payne_emulator.npz", overwrite=True)
 
 
@@ -364,7 +355,7 @@ def run_bench(out_dir, cfg: BenchConfig, *, overwrite: bool = False, progress: b
     results["step_seconds"] = steps.times
     results["wall_s_this_run"] = time.monotonic() - t_start
     results["peak_rss_gb_this_run"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_report(out, results)
     return results
 

@@ -47,9 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
+from chemtwin.core.ranks import check_metric
+from chemtwin.core.whitening import whitening_matrix
+from chemtwin.data.dataset import dataset_info
 from chemtwin.errors import InputError
-from chemtwin.evaluation.metrics import (_group, _open, _require_twins, _result, check_metric, dataset_info,
-                                         evaluate_tags, whitening_matrix)
+from chemtwin.evaluation.metrics import _group, _open, _require_twins, _result, evaluate_tags
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS
 
 log = logging.getLogger(__name__)

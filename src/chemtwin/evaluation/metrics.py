@@ -1,6 +1,6 @@
 """Twin-retrieval metrics (docs/science.md section 3) and one-call evaluations per method.
 
-Rank metrics, over the doppelganger ranks of ``chemtwin.evaluation.ranks`` (one rank per
+Rank metrics, over the doppelganger ranks of ``chemtwin.core.ranks`` (one rank per
 ordered twin pair; for a pairs-only set, one per star), with ``N`` = number of stars
 ranked (every star with a tag, group -1 included):
 
@@ -38,13 +38,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 
+from chemtwin.core.files import json_safe
+from chemtwin.core.ranks import METRICS, RankResult, check_metric, doppelganger_ranks, group_sizes, twin_pairs
+from chemtwin.core.whitening import whitening_matrix
+from chemtwin.data.dataset import dataset_info
 from chemtwin.errors import InputError
-from chemtwin.evaluation.ranks import (METRICS, RankResult, check_metric, doppelganger_ranks, group_sizes,
-                                       twin_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +106,6 @@ def rank_summary(result: RankResult, group=None) -> dict:
 
 
 # ---------------------------------------------------------------------- tags
-def whitening_matrix(covariance) -> np.ndarray:
-    """``W^-1`` with ``W`` the Cholesky factor of a pooled covariance (d, d), or of the mean of a
-    per-star covariance (N, d, d) over the stars whose covariance is finite and non-zero (a
-    noiseless star carries no information on the noise).  Tags ``x @ W^-1.T`` then have unit
-    pooled noise.  The identity when the covariance is zero (noiseless: nothing to whiten)."""
-    cov = np.asarray(covariance, dtype=np.float64)
-    if cov.ndim == 3:
-        finite = np.isfinite(cov).all(axis=(1, 2))
-        if not finite.any():
-            raise InputError("no star has a finite covariance: nothing to whiten with")
-        keep = finite & (cov != 0).any(axis=(1, 2))
-        cov = cov[keep].mean(axis=0) if keep.any() else np.zeros(cov.shape[1:])
-    if not np.any(cov):
-        return np.eye(len(cov))
-    # factor at unit diagonal: errors from 0.001 to 0.3 dex make the raw matrix badly scaled
-    d = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
-    try:
-        chol = np.linalg.cholesky(cov / d[:, None] / d[None, :]) * d[:, None]
-    except np.linalg.LinAlgError:
-        raise InputError("the abundance error covariance is not positive definite (an abundance the method "
-                         "does not constrain?)") from None
-    return np.linalg.inv(chol)
 
 
 def _twin_metric(tags_train, group_train, tags, train_info) -> tuple[np.ndarray, dict]:
@@ -173,33 +152,8 @@ def _open(data):
     return data, False
 
 
-def json_safe(value):
-    """Plain JSON types: NumPy scalars/arrays to Python, bytes to str, inf/nan to strings."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
-def dataset_info(ds) -> dict:
-    """Identifier of a dataset for results: absolute path, size and file attributes."""
-    path = str(getattr(ds, "path", "<arrays>"))
-    return json_safe({
-        "path": os.path.abspath(path) if path != "<arrays>" else path,
-        "n_stars": int(ds.n_stars),
-        "attrs": dict(getattr(ds, "attrs", {}) or {}),
-    })
 
 
 def _columns(ds, names) -> list[int]:

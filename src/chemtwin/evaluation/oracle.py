@@ -304,7 +304,7 @@ def draw_abundances(labels, covariance, seed: int = 0) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def synthesizer_fingerprint(grid: str) -> str:
     """Digest of what the Jacobian depends on besides the labels: grid, synthesizer source, line list."""
-    from chemtwin.spectral_models import lines, linelist
+    from chemtwin.spectral_models import linelist, lines
 
     h = hashlib.sha256()
     h.update(grid.encode())
@@ -349,7 +349,7 @@ def _read_cache(path: Path, fingerprint: str) -> dict[bytes, np.ndarray]:
 def _write_cache(path: Path, fingerprint: str, grid: str, digest: np.ndarray, gram: np.ndarray) -> None:
     import h5py
 
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.core.files import temporary_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -479,8 +479,10 @@ def evaluate_oracle(data, metric: str = "l2", *, seed: int = 0, jacobian_file=No
     standard result dict (``method`` = "oracle"; see chemtwin.evaluation.metrics) with an
     ``oracle`` entry: the median Cramer-Rao sigma per abundance, cache statistics and timing.
     """
-    from chemtwin.evaluation.metrics import (_group, _open, _require_twins, _result, check_metric, dataset_info,
-                                             evaluate_tags, whitening_matrix)
+    from chemtwin.core.ranks import check_metric
+    from chemtwin.core.whitening import whitening_matrix
+    from chemtwin.data.dataset import dataset_info
+    from chemtwin.evaluation.metrics import _group, _open, _require_twins, _result, evaluate_tags
 
     check_metric(metric)
     ds, close = _open(data)

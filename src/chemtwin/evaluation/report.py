@@ -68,8 +68,8 @@ def _reference_scenario(results: dict) -> str | None:
 
 
 def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int = 0) -> Path | None:
+    from chemtwin.core.ranks import twin_pairs
     from chemtwin.data.dataset import open_dataset
-    from chemtwin.evaluation.ranks import twin_pairs
     from chemtwin.tagging.estimator import ChemTwin
 
     model = ChemTwin.load(model_dir)
@@ -255,7 +255,7 @@ def _sci(x) -> str:
 
 def write_report(root, results: dict) -> Path:
     """Figures into ``root/figures`` and ``root/report.md``; returns the report's path."""
-    from chemtwin.data.dataset import atomic_output
+    from chemtwin.core.files import atomic_output
 
     root = Path(root)
     figures = root / "figures"

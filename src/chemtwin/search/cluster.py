@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chemtwin.core.files import json_safe
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -151,13 +152,13 @@ def cluster_latents(
 
         ms = int(min_samples if min_samples is not None else min_cluster_size)
         if eps is None:
-            raise InputError("dbscan needs --eps (a radius in latent units, or 'auto')")
+            raise InputError("dbscan needs eps (a radius in latent units, or 'auto')", "eps")
         if isinstance(eps, str):
             if eps != "auto":
                 try:
                     eps = float(eps)
                 except ValueError:
-                    raise InputError(f"--eps must be a positive number or 'auto', got '{eps}'") from None
+                    raise InputError(f"eps must be a positive number or 'auto', got '{eps}'", "eps") from None
             else:
                 eps = auto_eps(x, ms, metric)
         eps = float(eps)
@@ -185,17 +186,6 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return labels
 
 
-def jsonable(obj):
-    """``obj`` with NaN/inf floats turned into None and NumPy scalars into Python ones (for JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def _truth_ids(group: np.ndarray) -> np.ndarray:
@@ -352,7 +342,7 @@ def plot_clusters(z, labels, path, group=None, title: str = "", max_points: int 
     fig.suptitle((title or "clusters") + note)
     fig.tight_layout()
     path = Path(path)
-    from chemtwin.data.dataset import temporary_path
+    from chemtwin.core.files import temporary_path
 
     tmp = temporary_path(path)
     try:
@@ -372,7 +362,8 @@ def write_clusters(path, result: ClusterResult, star_id=None, group=None, metric
     import h5py
 
     from chemtwin import __version__
-    from chemtwin.data.dataset import atomic_output, prepare_output, write_star_columns
+    from chemtwin.core.files import atomic_output, prepare_output
+    from chemtwin.data.dataset import write_star_columns
 
     path = prepare_output(path, overwrite)
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
@@ -380,10 +371,10 @@ def write_clusters(path, result: ClusterResult, star_id=None, group=None, metric
         f.create_dataset("probability", data=result.probabilities.astype(np.float32))
         write_star_columns(f, group, star_id)
         f.attrs["method"] = result.params.get("method", "")
-        f.attrs["params"] = json.dumps(jsonable(result.params))
+        f.attrs["params"] = json.dumps(json_safe(result.params))
         f.attrs["n_clusters"] = result.n_clusters
         f.attrs["noise_fraction"] = result.noise_fraction
-        f.attrs["metrics"] = json.dumps(jsonable(metrics or {}))
+        f.attrs["metrics"] = json.dumps(json_safe(metrics or {}))
         f.attrs["source"] = source or ""
         f.attrs["chemtwin_version"] = __version__
     return path

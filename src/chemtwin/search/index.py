@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 
 from chemtwin import __version__
+from chemtwin.core.files import json_text
 from chemtwin.errors import InputError
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, check_finite, open_latents
 
@@ -423,7 +424,7 @@ class TwinIndex:
             raise InputError("cannot save an untrained, empty IVF index")
         folder = Path(folder)
         if folder.exists() and not overwrite:
-            raise InputError(f"{folder} exists; pass --overwrite to replace it")
+            raise InputError(f"{folder} exists; pass overwrite=True to replace it", "overwrite")
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} exists and is not a folder")
         parent = folder.parent if str(folder.parent) else Path(".")
@@ -443,7 +444,7 @@ class TwinIndex:
             if self._group is not None:
                 arrays["group"] = self._group
             np.savez(tmp / IDS_FILE, **arrays)
-            (tmp / META_FILE).write_text(json.dumps(self.meta(), indent=2) + "\n")
+            (tmp / META_FILE).write_text(json_text(self.meta()) + "\n")
             if folder.exists():
                 os.replace(folder, old)
             os.replace(tmp, folder)

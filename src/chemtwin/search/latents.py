@@ -25,7 +25,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from chemtwin.data.dataset import ShardSet, atomic_output, open_hdf5, prepare_output, write_star_columns
+from chemtwin.core.files import atomic_output, open_hdf5, prepare_output
+from chemtwin.data.dataset import ShardSet, write_star_columns
 from chemtwin.errors import InputError
 
 DEFAULT_CHUNK_ROWS = 65_536

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from chemtwin.core.ranks import group_sizes
+from chemtwin.core.whitening import whitening_matrix
 from chemtwin.errors import InputError
-from chemtwin.evaluation.metrics import whitening_matrix
-from chemtwin.evaluation.ranks import group_sizes
 
 
 class TwinMetric:

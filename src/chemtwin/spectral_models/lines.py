@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chemtwin.data.grid import APSTAR_LOG10_START, APSTAR_LOG10_STEP, SPEED_OF_LIGHT_KMS, get_grid
+from chemtwin.core.grids import APSTAR_LOG10_START, APSTAR_LOG10_STEP, SPEED_OF_LIGHT_KMS, get_grid
 from chemtwin.spectral_models.labels import (
     ELEMENTS,
     LABEL_NAMES,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
 
 FORMATS = ("mlp", "per_pixel")
@@ -360,17 +361,12 @@ class PayneEmulator(nn.Module):
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the public .npz layout atomically (temporary name, then rename)."""
-        from chemtwin.data.dataset import atomic_output, prepare_output
-
         path = prepare_output(path, overwrite)
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
             np.savez(fh, **self.arrays())
         return path
 
 
-def load_emulator(path: str | os.PathLike, label_names=None, dtype: torch.dtype = torch.float32) -> PayneEmulator:
-    """Shorthand for :meth:`PayneEmulator.load`."""
-    return PayneEmulator.load(path, label_names, dtype=dtype)
 
 
 # ---------------------------------------------------------------------- emulators as generators
@@ -427,67 +423,3 @@ def emulator_population(
     per_star = lo + (hi - lo) * rng.uniform(size=(group.size, len(names)))
     labels = np.where(shared, per_group[group], per_star) if group.size else np.zeros((0, len(names)))
     return labels, group
-
-
-def generate_emulator_dataset(
-    path: str | os.PathLike,
-    emulator: PayneEmulator,
-    n_groups: int,
-    group_size: int = 2,
-    snr: float = float("inf"),
-    seed: int = 0,
-    *,
-    chemical_labels: Sequence[str] | None = None,
-    ranges: dict[str, tuple[float, float]] | None = None,
-    wavelength: np.ndarray | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> str:
-    """Write ``n_groups`` groups of ``group_size`` twins emulated by ``emulator`` to a dataset.
-
-    Labels come from :func:`emulator_population`; chunking, seeding (``[seed, chunk]``) and
-    noise follow :func:`chemtwin.data.generate.generate_dataset`.  ``wavelength`` is needed
-    when the emulator stores none.
-    """
-    import math
-
-    from tqdm.auto import tqdm
-
-    from chemtwin.data.dataset import DatasetWriter, prepare_output
-    from chemtwin.data.generate import CHUNK_STARS, add_noise
-    from chemtwin.data.grid import identify_grid
-
-    if n_groups < 1:
-        raise InputError(f"--n-groups must be >= 1, got {n_groups}")
-    if group_size < 1:
-        raise InputError(f"--group-size must be >= 1, got {group_size}")
-    if not (snr > 0):
-        raise InputError(f"--snr must be positive (or inf), got {snr}")
-    prepare_output(path, overwrite)
-    wavelength = emulator.wavelength if wavelength is None else np.asarray(wavelength, dtype=np.float64)
-    if wavelength is None or wavelength.size != emulator.n_pixels:
-        raise InputError(
-            f"{emulator.source}: the emulator stores no wavelength grid and none of {emulator.n_pixels} pixels was given"
-        )
-    chemical = emulator.chemical_label_names() if chemical_labels is None else list(chemical_labels)
-    emulator_population(emulator, [], 0, chemical_labels=chemical, ranges=ranges)  # validate before writing
-    groups_per_chunk = max(1, CHUNK_STARS // group_size)
-    attrs = {
-        "generator": "payne-emulator", "emulator": str(emulator.source), "seed": seed, "snr": snr,
-        "grid": identify_grid(wavelength) or "custom", "group_size": group_size,
-        "chemical_labels": " ".join(chemical),
-    }
-    with DatasetWriter(path, wavelength, emulator.label_names, attrs=attrs, overwrite=overwrite,
-                       expected_rows=n_groups * group_size) as writer, \
-            tqdm(total=n_groups * group_size, unit="spectra", disable=not progress, desc="generate") as bar:
-        for chunk in range(math.ceil(n_groups / groups_per_chunk)):
-            rng = np.random.default_rng([seed, chunk])
-            first = chunk * groups_per_chunk
-            count = min(groups_per_chunk, n_groups - first)
-            labels, group = emulator_population(
-                emulator, np.full(count, group_size), rng, chemical_labels=chemical, ranges=ranges
-            )
-            flux, ivar = add_noise(emulator.predict(labels).astype(np.float32), snr, rng)
-            writer.append(flux, ivar, labels.astype(np.float32), group + first)
-            bar.update(len(labels))
-    return str(path)

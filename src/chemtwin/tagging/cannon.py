@@ -598,7 +598,7 @@ class Cannon:
 
     def save(self, path, overwrite: bool = True) -> Path:
         """Write the model to ``path`` (.npz, no pickle), atomically."""
-        from chemtwin.data.dataset import atomic_output, prepare_output
+        from chemtwin.core.files import atomic_output, prepare_output
 
         self._check_fitted()
         path = prepare_output(path, overwrite)

@@ -16,11 +16,20 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from chemtwin.core.files import write_json
 from chemtwin.data.dataset import BaseDataset, open_dataset
 from chemtwin.errors import InputError
 from chemtwin.tagging.fader import FaderConfig, FaderNet, check_spectra, pixel_weights
-from chemtwin.tagging.training import (FORMAT, ArraySource, label_columns, load_model, pick_device, read_history,
-                                       save_model, train, write_json)
+from chemtwin.tagging.training import (
+    FORMAT,
+    ArraySource,
+    label_columns,
+    load_model,
+    pick_device,
+    read_history,
+    save_model,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +185,7 @@ class ChemTwin:
         save_model(d, self.model, self.wavelength)
         write_json(d / "config.json", meta)
         if self.history:
-            from chemtwin.data.dataset import atomic_output
+            from chemtwin.core.files import atomic_output
             from chemtwin.tagging.training import HISTORY_COLUMNS, _write_rows
 
             with atomic_output(d / "history.csv") as tmp:

@@ -129,7 +129,8 @@ class FaderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FaderConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # config.json spells inf as "inf" (chemtwin.core.files.json_safe), e.g. --time-limit inf
+        return cls(**{k: float(v) if v in ("inf", "nan") else v for k, v in d.items() if k in known})
 
     def lambda_at(self, progress: float, step: int) -> float:
         """lambda after ``step`` steps at training ``progress`` in [0, 1]: linear warm-up, then constant."""

@@ -55,9 +55,10 @@ import numpy as np
 import torch
 
 from chemtwin import __version__
-from chemtwin.data.dataset import atomic_output, open_dataset, prepare_output, write_star_columns
+from chemtwin.core.files import atomic_output, prepare_output
+from chemtwin.core.grids import SPEED_OF_LIGHT_KMS
+from chemtwin.data.dataset import open_dataset, write_star_columns
 from chemtwin.data.generate import _torch_threads
-from chemtwin.data.grid import SPEED_OF_LIGHT_KMS
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import LEAKY_SLOPE, PayneEmulator
 
@@ -590,7 +591,7 @@ class PayneFitter:
 
     @torch.no_grad()
     def _fit_batch(self, flux_np: np.ndarray, w_np: np.ndarray, unweighted: np.ndarray, starts=None) -> FitResult:
-        b, n_lab, n = flux_np.shape[0], self.n_labels, self.n_par
+        n_lab, n = self.n_labels, self.n_par
         n_good = (w_np > 0).sum(1)
         data = torch.from_numpy(flux_np)
         w64 = torch.from_numpy(w_np)

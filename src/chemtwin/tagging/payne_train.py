@@ -59,7 +59,7 @@ def _choose_labels(ds, labels: list[str] | None, values: np.ndarray) -> tuple[li
         spread = np.ptp(chosen, axis=0) if len(chosen) else np.zeros(len(labels))
         for name, width in zip(labels, spread):
             if not width > 0:
-                raise InputError(f"{ds.path}: label {name} is constant; an emulator cannot learn it (leave it out of --labels)")
+                raise InputError(f"{ds.path}: label {name} is constant; an emulator cannot learn it (leave it out of labels)", "labels")
         return list(labels), chosen
     spread = np.ptp(values, axis=0)
     keep = [k for k in range(values.shape[1]) if spread[k] > 0]

@@ -30,11 +30,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chemtwin import __version__
-from chemtwin.data.dataset import Batch, atomic_output
+from chemtwin.core.files import atomic_output, describe_error, write_json
+from chemtwin.data.dataset import Batch
 from chemtwin.errors import InputError
 from chemtwin.tagging.distributed import Ranks
-from chemtwin.tagging.fader import (FaderConfig, FaderNet, adversary_loss, check_spectra, fit_baseline, pixel_weights,
-                                    poly_exponents, poly_features, recon_loss)
+from chemtwin.tagging.fader import (
+    FaderConfig,
+    FaderNet,
+    adversary_loss,
+    check_spectra,
+    fit_baseline,
+    pixel_weights,
+    poly_exponents,
+    poly_features,
+    recon_loss,
+)
 
 log = logging.getLogger(__name__)
 FORMAT = "chemtwin-fader"
@@ -236,7 +246,7 @@ class EvalSet:
 
 def _nearest_twin_ranks(z: np.ndarray, group: np.ndarray) -> np.ndarray:
     """Each star's doppelganger rank against its closest group-mate (empty without twins)."""
-    from chemtwin.evaluation.ranks import doppelganger_ranks
+    from chemtwin.core.ranks import doppelganger_ranks
 
     if not np.isfinite(z).all():
         return np.zeros(0, np.int64)
@@ -287,11 +297,6 @@ def _residual_sample(loader: Loader, model: FaderNet, seed: int, n: int = 4096) 
 
 
 # ---------------------------------------------------------------- model directory I/O
-def write_json(path: Path, obj) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def save_model(out_dir: Path, model: FaderNet, wavelength=None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if wavelength is not None:
@@ -323,10 +328,6 @@ def read_model_dir(model_dir) -> dict:
     return meta
 
 
-def _describe(exc: BaseException) -> str:
-    """First line of an exception, short enough for a one-line error."""
-    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
 def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | None]:
@@ -341,12 +342,12 @@ def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | No
         with safe_open(str(path), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error type for truncated/garbled files
-        raise InputError(f"{model_dir}: model.safetensors is unreadable ({_describe(exc)})") from None
+        raise InputError(f"{model_dir}: model.safetensors is unreadable ({describe_error(exc)})") from None
     wavelength = tensors.pop("data.wavelength", None)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise InputError(f"{model_dir}: model.safetensors does not match config.json ({_describe(exc)})") from None
+        raise InputError(f"{model_dir}: model.safetensors does not match config.json ({describe_error(exc)})") from None
     return model.to(device).eval(), meta, None if wavelength is None else wavelength.numpy()
 
 
@@ -377,11 +378,11 @@ def _load_checkpoint(path: Path, model, opts: dict, device) -> tuple[torch.Tenso
             meta = json.loads(f.metadata()["chemtwin"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # truncated or garbled file, or no chemtwin metadata
-        raise InputError(f"{path}: unreadable checkpoint ({_describe(exc)})") from None
+        raise InputError(f"{path}: unreadable checkpoint ({describe_error(exc)})") from None
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError as exc:  # e.g. resumed on data with another number of pixels
-        raise InputError(f"{path}: the checkpoint does not fit this data and model ({_describe(exc)})") from None
+        raise InputError(f"{path}: the checkpoint does not fit this data and model ({describe_error(exc)})") from None
     for name, opt in opts.items():
         m = meta["optim"][name]
         state: dict = {}
@@ -437,7 +438,7 @@ def _write_rows(path, rows) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
+        raise InputError("device cuda: no CUDA device is available", "device")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -461,7 +462,7 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
             raise InputError(f"{out} exists and is not a directory")
         if out.exists() and any(out.iterdir()):
             if not overwrite:
-                raise InputError(f"{out} is not empty; pass --overwrite to replace it or --resume to continue")
+                raise InputError(f"{out} is not empty; pass overwrite=True to replace it or resume=True to continue", "overwrite", "resume")
             if not (out / "config.json").exists():
                 raise InputError(f"{out} is not empty and holds no chemtwin model; refusing to overwrite it")
         if not out.parent.is_dir():

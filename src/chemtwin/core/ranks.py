@@ -10,9 +10,8 @@ as close to ``i`` as ``j`` is (the other members are twins too, not doppelganger
 they are never counted).  A group of size ``g`` thus gives ``g * (g - 1)`` ranks; for
 pairs this is exactly the paper's one rank per star.  Fractions are taken over these
 pairs, so a star in a big cluster is not favoured by having more chances.  The
-"closest group-mate" variant (rank of ``i`` = min over its mates, as
-``chemtwin.tagging.training.twin_ranks`` uses to pick models) is
-:meth:`RankResult.nearest`; for pairs the two agree.
+"closest group-mate" variant (rank of ``i`` = min over its mates, as the training loop's
+validation metric uses) is :meth:`RankResult.nearest`; for pairs the two agree.
 
 Stars whose group is ``-1`` (unknown) or who are alone in their group are never
 queries, but they are candidates: they count as doppelgangers when they are closer.
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from chemtwin.errors import InputError
 
@@ -93,6 +93,12 @@ def twin_pairs(group) -> tuple[np.ndarray, np.ndarray]:
     q, t = np.concatenate(qs), np.concatenate(ts)
     o = np.lexsort((t, q))
     return q[o], t[o]
+
+
+def require_twins(group, source) -> None:
+    """InputError naming ``source`` unless some group has two members (ranks need a twin)."""
+    if not (group_sizes(group) >= 2).any():
+        raise InputError(f"{source}: no twin groups (every star has group -1 or is alone in its group)")
 
 
 def group_sizes(group) -> np.ndarray:
@@ -303,8 +309,6 @@ def doppelganger_ranks(
                 count += torch.searchsorted(torch.sort(d, dim=1).values, thr.contiguous(), right=True)
         rank = (count - inside).cpu().numpy()
         return np.repeat(star, n_mates), mates.reshape(-1), rank.reshape(-1)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=n_query, desc=f"ranks ({metric})", unit="star", disable=not progress or n_query < 2000,
                mininterval=1.0)

@@ -1,0 +1,117 @@
+"""Writing files safely, and the one JSON rule.
+
+* ``atomic_output(path)``: write to a temporary name, rename when complete (a reader never
+  sees a half-written file; a failed writer leaves nothing).
+* ``prepare_output(path, overwrite)``: check that an output may be written, before any work.
+* ``write_json(path, obj)``: every JSON file chemtwin writes.  The rule for numbers JSON has
+  no spelling for: inf, -inf and NaN become the strings "inf", "-inf" and "nan"
+  (``json_safe``), so that the file stays strict JSON and an SNR of inf reads back as what
+  it was.  NumPy scalars and arrays become Python numbers and lists, paths and bytes strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from chemtwin.errors import InputError
+
+
+def temporary_path(path: Path) -> Path:
+    """Name a file is written under before the atomic rename to ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """The temporary path to write ``path``'s content to: renamed onto ``path`` when the block
+    succeeds and deleted when it fails, so that no reader ever sees a half-written file."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Check that ``path`` may be written; raise InputError otherwise."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass overwrite=True to replace it", "overwrite")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {parent} is not writable")
+    return path
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """``path`` opened read-only; InputError when it is missing or not an HDF5 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_error(exc: BaseException, width: int = 160) -> str:
+    """First line of an exception, short enough for a one-line error."""
+    text = str(exc).strip().splitlines()[0][:width] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def json_safe(value):
+    """Plain JSON types: NumPy scalars/arrays to Python, bytes and paths to str, inf/nan to strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON text (``json_safe`` first)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (``json_safe``) to ``path``, atomically, with a final newline."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json_text(obj, indent) + "\n")
+    return path
