@@ -9,7 +9,8 @@ from fake_twins import LABEL_NAMES, fake_twins
 
 from chemtwin.errors import InputError
 from chemtwin.tagging import ChemTwin, FaderConfig, FaderNet
-from chemtwin.tagging.fader import check_spectra, pixel_weights, recon_loss
+from chemtwin.tagging.fader import recon_loss
+from chemtwin.data.spectra import check_spectra, pixel_weights
 
 torch.set_num_threads(1)
 
@@ -32,11 +33,11 @@ def test_check_spectra_rejects_nan_flux_with_row_and_flags_empty_rows():
     flux[1, 0] = np.nan  # masked: allowed
     assert check_spectra(flux, ivar).tolist() == [True, False, True, True, True]
     flux[3, 2] = np.nan
-    with pytest.raises(InputError, match="row 13 "):
+    with pytest.raises(InputError, match="row 13, pixel 2 has NaN/inf flux"):
         check_spectra(flux, ivar, row0=10)
     flux[3, 2] = 1
     ivar[4, 1] = -1
-    with pytest.raises(InputError, match="row 4 has NaN or negative ivar"):
+    with pytest.raises(InputError, match="row 4, pixel 1 has NaN or negative ivar"):
         check_spectra(flux, ivar)
 
 

@@ -101,7 +101,7 @@ def _one_line(argv, capsys) -> str:
 @pytest.mark.parametrize("data, extra, message", [
     ("no_teff", [], "TEFF"),
     ("no_labels", [], "unknown condition label(s) TEFF, LOGG"),
-    ("nan", [], "row 23 has NaN/inf flux"),
+    ("nan", [], "row 23, pixel 40 has NaN/inf flux"),
     ("good", ["--latent-dim", "0"], "latent dimension must be at least 1"),
     ("good", ["--condition", "TEFF,FOO"], "unknown condition label(s) FOO"),
     ("good", ["--condition", ""], "condition labels must be distinct and not empty"),
@@ -144,7 +144,7 @@ def test_train_masked_nan_is_fine_and_zero_rows_are_counted(files, tmp_path, cap
 @pytest.mark.parametrize("data, message", [
     ("no_teff", "unknown condition label(s) TEFF"),
     ("no_labels", "unknown condition label(s) TEFF, LOGG"),
-    ("nan", "row 23 has NaN/inf flux"),
+    ("nan", "row 23, pixel 40 has NaN/inf flux"),
 ])
 def test_embed_bad_dataset(files, tmp_path, capsys, data, message):
     out = tmp_path / "z.h5"
@@ -195,7 +195,7 @@ def test_api_bad_input(files, tmp_path):
         ChemTwin(epochs=1, **SMALL).fit(flux, ivar, {"LOGG": labels[:, 1]}, progress=False)
     bad = flux.copy()
     bad[23, 40] = np.nan
-    with pytest.raises(InputError, match="row 23 has NaN/inf flux"):
+    with pytest.raises(InputError, match="row 23, pixel 40 has NaN/inf flux"):
         ChemTwin(epochs=1, **SMALL).fit(bad, ivar, labels, label_names=LABEL_NAMES, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     for name in ("empty", "other_json", "truncated_weights", "wrong_shape", "no_weights", "bad_config"):
@@ -203,7 +203,7 @@ def test_api_bad_input(files, tmp_path):
             ChemTwin.load(files["not_models"][name])
 
     ct = ChemTwin.load(files["model"])
-    with pytest.raises(InputError, match="row 23 has NaN/inf flux"):
+    with pytest.raises(InputError, match="row 23, pixel 40 has NaN/inf flux"):
         ct.transform(bad, ivar, labels[:, :2])
     with pytest.raises(InputError, match="cond lacks label"):
         ct.transform(flux, ivar, {"LOGG": labels[:, 1]})

@@ -190,7 +190,7 @@ def spectral_errors(model, data, batch_size: int = 1024, progress: bool = True) 
     """
     from tqdm.auto import tqdm
 
-    from chemtwin.tagging.fader import check_spectra
+    from chemtwin.data.spectra import check_spectra
 
     ds, close = _open(data)
     try:

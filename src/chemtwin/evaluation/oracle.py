@@ -69,6 +69,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwad
 
+from chemtwin.data.spectra import check_ivar
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES, check_in_range
 from chemtwin.spectral_models.lines import R_MAX, LineSynthesizer
@@ -192,10 +193,7 @@ def _ivar_pattern(ivar, row0: int = 0, source: str = "ivar") -> tuple[np.ndarray
     """Per star: the scale ``s`` (largest finite ivar; inf when noiseless; 0 when nothing is
     usable) and the relative weights ``w / s`` (the indicator of the infinite pixels when noiseless)."""
     ivar = np.asarray(ivar)
-    bad = np.isnan(ivar) | (ivar < 0)
-    if bad.any():
-        n = int(np.flatnonzero(bad.any(axis=1))[0])
-        raise InputError(f"{source}: star {row0 + n} has a negative or NaN ivar")
+    check_ivar(ivar, row0, source)
     infinite = np.isinf(ivar)
     noiseless = infinite.any(axis=1)
     finite = np.where(infinite, 0.0, ivar)

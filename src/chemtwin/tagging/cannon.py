@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from chemtwin import __version__
+from chemtwin.data.spectra import check_spectra
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "chemtwin-cannon"
 FORMAT_VERSION = 1
 # ivar = inf marks a noiseless pixel (project convention); the Cannon counts it as
-# sigma = 1e-6, far below any real noise, so that every weight stays finite.
+# sigma = 1e-6, far below any real noise, so that every weight stays finite.  (Its noise
+# model adds the intrinsic scatter to 1/ivar: it needs variances, not the relative weights
+# of chemtwin.data.spectra.ivar_weights.)
 IVAR_CAP = 1e12
 _MODEL_ARRAYS = ("theta", "s2", "pixel_mask", "censors", "terms", "offsets", "scales", "wavelength", "label_names")
 
@@ -360,7 +363,7 @@ class Cannon:
         ``censors`` (L, P) bool or {label: (P,) bool}: pixel p may depend on label l
         only where True (default all True).  ``wavelength`` (P,) is stored with the model.
         """
-        flux, ivar = _check_spectra(flux, ivar, None, "training")
+        flux, ivar = _as_spectra(flux, ivar, None, "training")
         n_stars, n_pixels = flux.shape
         labels = np.asarray(labels, dtype=np.float64)
         if labels.ndim != 2 or labels.shape != (n_stars, len(self.label_names)):
@@ -452,7 +455,7 @@ class Cannon:
         by chi^2 together with the default ones.
         """
         self._check_fitted()
-        flux, ivar = _check_spectra(flux, ivar, self.n_pixels, "test")
+        flux, ivar = _as_spectra(flux, ivar, self.n_pixels, "test")
         extra = None
         if initial_labels is not None:
             extra = self.vectorizer.scale(self.vectorizer._check_labels(initial_labels))
@@ -727,8 +730,9 @@ def _pixel_vector(values, n_pixels: int, what: str) -> np.ndarray:
     return values.copy()
 
 
-def _check_spectra(flux, ivar, n_pixels: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validate flux/ivar (S, P); float32 stays float32 (no copy), anything else becomes float64.
+def _as_spectra(flux, ivar, n_pixels: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validated flux/ivar (S, P) (``check_spectra``); float32 stays float32 (no copy), anything else
+    becomes float64.
 
     Flux where ivar = 0 may be anything (NaN included); callers zero it blockwise.
     """
@@ -743,18 +747,7 @@ def _check_spectra(flux, ivar, n_pixels: int | None, what: str) -> tuple[np.ndar
         raise InputError(f"{what} flux {flux.shape} and ivar {ivar.shape} must be (stars, pixels) arrays of one shape")
     if n_pixels is not None and flux.shape[1] != n_pixels:
         raise InputError(f"{what} spectra have {flux.shape[1]} pixels; the model has {n_pixels}")
-    bad_ivar = ~(ivar >= 0)
-    if bad_ivar.any():
-        row, col = np.argwhere(bad_ivar)[0]
-        raise InputError(f"{what} ivar must be >= 0 (0: masked, inf: noiseless); row {row}, pixel {col} has {ivar[row, col]}")
-    bad_flux = ~np.isfinite(flux)
-    bad_flux &= ivar > 0
-    if bad_flux.any():
-        row, col = np.argwhere(bad_flux)[0]
-        raise InputError(
-            f"{what} flux is not finite where ivar > 0 ({int(bad_flux.sum())} pixel(s); first: row {row}, "
-            f"pixel {col}); set ivar = 0 there"
-        )
+    check_spectra(flux, ivar, source=f"{what} spectra")
     return flux, ivar
 
 

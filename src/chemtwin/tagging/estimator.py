@@ -19,7 +19,8 @@ import torch
 from chemtwin.core.files import write_json
 from chemtwin.data.dataset import BaseDataset, open_dataset
 from chemtwin.errors import InputError
-from chemtwin.tagging.fader import FaderConfig, FaderNet, check_spectra, pixel_weights
+from chemtwin.tagging.fader import FaderConfig, FaderNet
+from chemtwin.data.spectra import check_spectra, pixel_weights
 from chemtwin.tagging.training import (
     FORMAT,
     ArraySource,

@@ -150,41 +150,8 @@ class FaderConfig:
         return self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def pixel_weights(ivar: np.ndarray) -> np.ndarray:
-    """Per-pixel weights of the reconstruction loss, normalised to mean 1 over good pixels.
-
-    weight = ivar / mean(ivar of that star's good pixels); ivar = 0 gives 0.  A star whose
-    ivar holds +inf (noiseless pixels) weighs those pixels 1 and its finite ones 0, so
-    noiseless data trains exactly like unit weights.  Rows without a good pixel are all 0.
-    NaN or negative ivar is the caller's to reject (``check_spectra``).
-    """
-    ivar = np.asarray(ivar, dtype=np.float64)
-    inf = np.isposinf(ivar)
-    w = np.where(np.isfinite(ivar) & (ivar > 0), ivar, 0.0)
-    rows = inf.any(axis=1)
-    w[rows] = inf[rows]
-    good = (w > 0).sum(axis=1, keepdims=True)
-    mean = w.sum(axis=1, keepdims=True) / np.maximum(good, 1)
-    return (w / np.where(mean > 0, mean, 1.0)).astype(np.float32)
 
 
-def check_spectra(flux: np.ndarray, ivar: np.ndarray, row0: int = 0, source: str = "input") -> np.ndarray:
-    """Validate a batch; return the mask of usable rows (False = ivar all zero).
-
-    Raises InputError naming the first row with NaN/inf flux where ivar > 0, or with NaN or
-    negative ivar.
-    """
-    if flux.ndim != 2 or ivar.shape != flux.shape:
-        raise InputError(f"{source}: flux {flux.shape} and ivar {ivar.shape} must both be (stars, pixels)")
-    bad_ivar = np.isnan(ivar) | (ivar < 0)
-    if bad_ivar.any():
-        row = int(np.flatnonzero(bad_ivar.any(axis=1))[0])
-        raise InputError(f"{source}: row {row0 + row} has NaN or negative ivar")
-    bad_flux = ~np.isfinite(flux) & (ivar > 0)
-    if bad_flux.any():
-        row = int(np.flatnonzero(bad_flux.any(axis=1))[0])
-        raise InputError(f"{source}: row {row0 + row} has NaN/inf flux at pixels with ivar > 0")
-    return (ivar > 0).any(axis=1)
 
 
 def _mlp(sizes, act: str) -> nn.Sequential:

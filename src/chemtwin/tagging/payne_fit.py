@@ -59,6 +59,7 @@ from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.core.grids import SPEED_OF_LIGHT_KMS
 from chemtwin.data.dataset import open_dataset, write_star_columns
 from chemtwin.data.generate import _torch_threads
+from chemtwin.data.spectra import check_spectra, ivar_weights
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import LEAKY_SLOPE, PayneEmulator
 
@@ -382,10 +383,10 @@ class PayneFitter:
         flux = np.asarray(flux, dtype=np.float64)
         ivar = np.asarray(ivar, dtype=np.float64)
         good = ivar > 0
-        noiseless = good & np.isposinf(ivar)
         unweighted = self._unweighted(ivar)
-        w = np.where(good & np.isfinite(ivar), ivar, 0.0)
-        w[unweighted] = np.where(noiseless.any(1, keepdims=True), noiseless, good)[unweighted]
+        w = ivar_weights(ivar)
+        uniform = unweighted & ~np.isposinf(ivar).any(1)  # weighting="uniform": every unmasked pixel weighs 1
+        w[uniform] = good[uniform]
         return np.where(good, flux, 0.0), w, unweighted
 
     def _unweighted(self, ivar: np.ndarray) -> np.ndarray:
@@ -406,14 +407,7 @@ class PayneFitter:
         ivar = np.atleast_2d(np.asarray(ivar))
         if ivar.shape != flux.shape:
             raise InputError(f"ivar has shape {ivar.shape}, flux {flux.shape}")
-        for bad, what in (
-            (np.isnan(ivar) | (ivar < 0), "ivar {value:g}: ivar must be >= 0 (0 masks a pixel)"),
-            (~np.isfinite(flux) & (ivar > 0), "flux {value:g} where ivar > 0 (mask it with ivar 0)"),
-        ):
-            if bad.any():
-                row, pixel = (int(i) for i in np.argwhere(bad)[0])
-                value = (ivar if "ivar must" in what else flux)[row, pixel]
-                raise InputError(f"star {row_offset + row}, pixel {pixel}: " + what.format(value=value))
+        check_spectra(flux, ivar, row_offset)
         n = flux.shape[0]
         if n == 0:
             empty = np.zeros((0, self.n_labels))

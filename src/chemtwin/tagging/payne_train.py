@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from chemtwin.data.dataset import open_dataset
+from chemtwin.data.spectra import check_spectra
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import PayneEmulator
 
@@ -127,12 +128,8 @@ def train_emulator(
         noiseless = False
         for batch in ds.iter_batches(4096, 0, n):
             f, iv = batch.flux, batch.ivar.astype(np.float64)
+            check_spectra(f, iv, batch.start, str(ds.path))
             good = iv > 0
-            for bad, what in ((np.isnan(iv) | (iv < 0), "ivar must be >= 0 (0 masks a pixel)"),
-                              (~np.isfinite(f) & good, "flux is not finite where ivar > 0")):
-                if bad.any():
-                    row, pixel = (int(i) for i in np.argwhere(bad)[0])
-                    raise InputError(f"{ds.path}: star {batch.start + row}, pixel {pixel}: {what}")
             noiseless |= bool(np.isposinf(iv[good]).any())
             flux[batch.start : batch.stop] = np.where(good, f, 0.0)
             weight[batch.start : batch.stop] = np.where(good, np.minimum(iv, np.finfo(np.float32).max), 0.0)

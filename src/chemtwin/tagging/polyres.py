@@ -21,7 +21,7 @@ Masked pixels (``ivar == 0``) have weight 0 in the fit, whatever their flux (NaN
 included), and their residual is set to 0 before the PCA and before projection, i.e.
 "no information, assume the model".  A pixel with no unmasked training star gets the
 all-zero polynomial and residual 0 everywhere.  ``ivar = +inf`` marks noiseless pixels:
-as in ``chemtwin.tagging.fader.pixel_weights`` a star holding +inf weighs those pixels 1
+the weights are ``chemtwin.data.spectra.ivar_weights``: a star holding +inf weighs those pixels 1
 and its finite ones 0 (do not mix noiseless and noisy stars in one training set).
 Stars whose ivar is all zero get a NaN tag.
 
@@ -40,6 +40,7 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
+from chemtwin.data.spectra import check_spectra, ivar_weights
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,21 +48,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONDITION = ("TEFF", "LOGG")
 
 
-def fit_weights(ivar: np.ndarray) -> np.ndarray:
-    """Least-squares weights from inverse variances (float64): ivar where finite and > 0,
-    0 for masked pixels; a row holding +inf weighs its +inf pixels 1 and the rest 0."""
-    ivar = np.asarray(ivar, dtype=np.float64)
-    inf = np.isposinf(ivar)
-    w = np.where(np.isfinite(ivar) & (ivar > 0), ivar, 0.0)
-    rows = inf.any(axis=1)
-    if rows.any():
-        w[rows] = inf[rows]
-    return w
 
 
 def _check(flux, ivar, source="input", row0=0):
-    from chemtwin.tagging.fader import check_spectra
-
     flux = np.atleast_2d(np.asarray(flux, dtype=np.float32))
     ivar = np.ones_like(flux) if ivar is None else np.atleast_2d(np.asarray(ivar, dtype=np.float32))
     ok = check_spectra(flux, ivar, row0, source)
@@ -176,7 +165,7 @@ class PolyResiduals:
 
     def _residuals(self, flux, ivar, cond) -> np.ndarray:
         model = self.design(cond) @ self.coef_
-        good = (fit_weights(ivar) > 0) & self.pixel_ok_[None, :]
+        good = (ivar_weights(ivar) > 0) & self.pixel_ok_[None, :]
         return np.where(good, np.nan_to_num(flux.astype(np.float64)) - model, 0.0).astype(np.float32)
 
     def _fitted(self):
@@ -219,7 +208,7 @@ class PolyResiduals:
                                         disable=not progress, leave=False):
             flux, ivar, ok = _check(flux, ivar, source, a)
             cond = _check_cond(cond, len(flux), len(self.condition), self.condition)
-            w = fit_weights(ivar)
+            w = ivar_weights(ivar)
             f = np.where(w > 0, np.nan_to_num(flux.astype(np.float64)), 0.0)
             design = self.design(cond)
             outer = (design[:, :, None] * design[:, None, :]).reshape(len(design), t * t)
@@ -347,7 +336,7 @@ class RawSpectrum:
 
     def fit(self, flux, ivar=None, cond=None) -> "RawSpectrum":
         flux, ivar, ok = _check(flux, ivar)
-        w = fit_weights(ivar) > 0
+        w = ivar_weights(ivar) > 0
         count = w.sum(axis=0)
         total = np.where(w, np.nan_to_num(flux.astype(np.float64)), 0.0).sum(axis=0)
         self.fill_ = np.where(count > 0, total / np.maximum(count, 1), 1.0).astype(np.float32)
@@ -358,7 +347,7 @@ class RawSpectrum:
         fill = self.fill_ if self.fill_ is not None else np.ones(flux.shape[1], np.float32)
         if fill.shape[0] != flux.shape[1]:
             raise InputError(f"flux has {flux.shape[1]} pixels, the fitted set had {fill.shape[0]}")
-        out = np.where(fit_weights(ivar) > 0, flux, fill[None, :]).astype(np.float32)
+        out = np.where(ivar_weights(ivar) > 0, flux, fill[None, :]).astype(np.float32)
         out[~ok] = np.nan
         return out
 

@@ -34,17 +34,8 @@ from chemtwin.core.files import atomic_output, describe_error, write_json
 from chemtwin.data.dataset import Batch
 from chemtwin.errors import InputError
 from chemtwin.tagging.distributed import Ranks
-from chemtwin.tagging.fader import (
-    FaderConfig,
-    FaderNet,
-    adversary_loss,
-    check_spectra,
-    fit_baseline,
-    pixel_weights,
-    poly_exponents,
-    poly_features,
-    recon_loss,
-)
+from chemtwin.tagging.fader import FaderConfig, FaderNet, adversary_loss, fit_baseline, poly_exponents, poly_features, recon_loss
+from chemtwin.data.spectra import check_spectra, pixel_weights
 
 log = logging.getLogger(__name__)
 FORMAT = "chemtwin-fader"
