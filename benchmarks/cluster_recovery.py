@@ -34,7 +34,7 @@ three spaces are built for the same validation stars:
   ``--quick`` 30 s) on the training set, embedded with ``chemtwin embed``;
 * ``polyres``: polynomial residuals in TEFF, LOGG (degree 4) projected on 50 principal
   components (chemtwin.tagging.polyres), fitted on the training set;
-* ``oracle``: true abundances + Cramer-Rao noise (chemtwin.evaluation.oracle.draw_abundances),
+* ``oracle``: true abundances + Cramer-Rao noise (chemtwin.tagging.oracle.draw_abundances),
   whitened by the pooled Cramer-Rao covariance.
 
 Fairness: every space gets the same HDBSCAN grid (and the same default row), in its own
@@ -65,9 +65,9 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from chemtwin.core.files import json_safe
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
-from chemtwin.core.files import json_safe
 from chemtwin.search.cluster import cluster_latents, clustering_metrics
 from chemtwin.search.latents import open_latents, write_latents
 
@@ -119,7 +119,7 @@ def build_spaces(folder: Path, args) -> tuple[list[str], dict]:
     from chemtwin.cli import main as chemtwin
     from chemtwin.core.whitening import whitening_matrix
     from chemtwin.data.generate import generate_dataset
-    from chemtwin.evaluation.oracle import draw_abundances, oracle_covariance
+    from chemtwin.tagging.oracle import draw_abundances, oracle_covariance
     from chemtwin.tagging.polyres import PolyResiduals
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def build_spaces(folder: Path, args) -> tuple[list[str], dict]:
     def oracle_space():
         with open_dataset(val) as ds:
             group = ds.group
-        cov, labels, stats = oracle_covariance(str(val), jacobian_file=folder / "val_jacobians.h5", progress=False)
+            cov, labels, stats = oracle_covariance(ds, jacobian_file=folder / "val_jacobians.h5", progress=False)
         tags = draw_abundances(labels, cov, args.seed) @ whitening_matrix(cov).T
         write_latents(oracle, tags, group=group, attrs={"space": "abundances + Cramer-Rao noise, whitened"})
         record["oracle_jacobians"] = stats

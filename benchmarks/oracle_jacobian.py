@@ -1,4 +1,4 @@
-"""Speed of the oracle's synthesizer Jacobian (chemtwin.evaluation.oracle.synthesizer_jacobian).
+"""Speed of the oracle's synthesizer Jacobian (chemtwin.tagging.oracle.synthesizer_jacobian).
 
 Compares, on the same red-giant labels, stars per second of
 
@@ -31,8 +31,8 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from chemtwin.data.population import RedGiantPrior, twin_groups
-from chemtwin.evaluation.oracle import synthesizer_jacobian
 from chemtwin.spectral_models.lines import LineSynthesizer
+from chemtwin.tagging.oracle import synthesizer_jacobian
 
 
 def whole_double_vjp(labels: np.ndarray, batch_size: int) -> np.ndarray:

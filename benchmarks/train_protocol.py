@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 
-
 def evaluate_model(model_dir, val_path) -> dict:
     """``chemtwin evaluate``'s figures: doppelganger fractions, reconstruction and swapped MSE,
     and how well TEFF and LOGG are recovered from z (``condition_r2``; low = disentangled)."""
-    from chemtwin.evaluation.metrics import evaluate_model as evaluate
+    from chemtwin.evaluation.evaluate import evaluate
 
-    res = evaluate(str(model_dir), str(val_path), progress=False)
+    res = evaluate("model", str(val_path), model=str(model_dir), progress=False)
     out = {k: res[k] for k in ("n_stars", "frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank",
                                "mse_reconstruction", "mse_swapped")}
     for name, scores in res["condition_r2"].items():

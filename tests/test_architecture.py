@@ -27,14 +27,19 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+MODULE_NAMES = {".".join(p.relative_to(SRC.parent).with_suffix("").parts) for p in SRC.rglob("*.py")}
+
+
 def chemtwin_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every chemtwin module ``path`` imports, at any depth of the file."""
+    """(line, module) of every chemtwin module ``path`` imports, at any depth of the file
+    (``from chemtwin.pkg import mod`` imports the module ``chemtwin.pkg.mod``)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "chemtwin"]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "chemtwin":
-            found.append((node.lineno, node.module))
+            found += [(node.lineno, f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULE_NAMES
+                       else node.module) for a in node.names]
     return found
 
 

@@ -391,7 +391,7 @@ def test_cli_train_and_test(tmp_path, capsys):
     "case, message",
     [
         ("unknown_label", "was not trained on XX_FE"),
-        ("missing_training_label", "no label(s) MG_FE"),
+        ("missing_training_label", "unknown label(s) MG_FE"),
         ("corrupt_model", "not a readable chemtwin Cannon model"),
         ("nan_flux", "NaN/inf flux (nan) where ivar > 0"),
         ("wrong_pixels", "pixels, the Cannon model"),

@@ -6,12 +6,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 from chemtwin.cli import COMMAND_MODULES, main
 from chemtwin.data.dataset import DatasetWriter
-from chemtwin.evaluation.metrics import evaluate_model
+from chemtwin.evaluation.evaluate import evaluate
 from chemtwin.search.latents import write_latents
-from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 KEYS = {"n_stars", "n_pairs", "mse_reconstruction", "mse_swapped", "frac_rank0", "frac_rank_lt_0p1pct",
         "frac_rank_lt_1pct", "median_rank", "rank_cdf", "method", "metric", "model", "dataset"}
@@ -194,7 +194,7 @@ def test_model_path_json_and_consistency_with_latents(tmp_path, model_dir, data)
     for key in ("frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank", "rank_cdf"):
         assert res2[key] == res[key]
     # the Python entry point the bench uses gives the same dict
-    direct = evaluate_model(ct, str(val), progress=False)
+    direct = evaluate("model", str(val), model=ct, progress=False)
     assert direct["frac_rank0"] == res["frac_rank0"] and direct["mse_swapped"] == pytest.approx(res["mse_swapped"])
     assert set(res["condition_r2"]) == set(ct.condition)
     assert all(set(r2) == {"ridge", "knn", "mlp"} for r2 in res["condition_r2"].values())

@@ -1,4 +1,4 @@
-"""The Cannon and The Payne as twin-ranking baselines (chemtwin.evaluation.label_baselines)."""
+"""The Cannon and The Payne as twin-ranking methods (chemtwin.methods.cannon / payne)."""
 
 import json
 
@@ -10,7 +10,10 @@ from chemtwin.core.whitening import whitening_matrix
 from chemtwin.data.generate import generate_dataset
 from chemtwin.data.population import RedGiantPrior
 from chemtwin.errors import InputError
-from chemtwin.evaluation.label_baselines import evaluate_cannon, evaluate_payne, independent_labels
+from chemtwin.evaluation.evaluate import evaluate
+from chemtwin.methods.cannon import CannonLabels
+from chemtwin.methods.label_fit import independent_labels
+from chemtwin.methods.payne import PayneLabels
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
 
 RESULT_KEYS = {"method", "metric", "n_stars", "n_pairs", "mse_reconstruction", "mse_swapped", "frac_rank0",
@@ -63,7 +66,7 @@ def test_whitening_matrix():
 def test_cannon_row(sets):
     train, val = sets
     labels = ["TEFF", "LOGG", "FE_H", "MG_FE", "NI_FE"]  # the default (19 labels, 210 terms) takes ~20 s here
-    result, ranks = evaluate_cannon(train, val, label_names=labels, progress=False, return_ranks=True)
+    result, ranks = evaluate(CannonLabels(label_names=labels), val, train=train, progress=False, return_ranks=True)
     check_result(result, "cannon")
     fit = result["label_fit"]
     assert fit["labels"] == labels and result["model"]["n_terms"] == 21
@@ -73,7 +76,8 @@ def test_cannon_row(sets):
     # abundances are too few to single out every twin, but enough for most
     assert fit["accuracy"]["FE_H"]["rmse"] < 0.05
     assert result["frac_rank_lt_1pct"] > 0.5
-    formal = evaluate_cannon(train, val, label_names=labels, whiten="formal", max_train_stars=300, progress=False)
+    formal = evaluate(CannonLabels(label_names=labels, whiten="formal", max_train_stars=300), val, train=train,
+                      progress=False)
     assert formal["label_fit"]["whitening"] == "formal" and formal["label_fit"]["holdout"] is None
     assert formal["label_fit"]["n_train"] == 300
 
@@ -83,8 +87,8 @@ def test_payne_rows(sets, tmp_path):
     labels = ["TEFF", "LOGG", "FE_H", "MG_FE", "NI_FE"]
     fast = {"max_iter": 8, "n_candidates": 256}  # a crude emulator of 5 of the 21 labels converges slowly
     # an emulator trained here (time-bounded), whitened by its errors on held-out training stars
-    result = evaluate_payne(train, val, label_names=labels, time_limit=3.0, hidden=32, holdout_stars=100,
-                            progress=False, **fast)
+    result = evaluate(PayneLabels(label_names=labels, time_limit=3.0, hidden=32, holdout_stars=100, fitter=fast), val,
+                      train=train, progress=False)
     check_result(result, "payne")
     fit = result["label_fit"]
     assert fit["labels"] == labels and fit["abundances"] == ["FE_H", "MG_FE", "NI_FE"]
@@ -95,27 +99,28 @@ def test_payne_rows(sets, tmp_path):
 
     emu, _ = train_emulator(train, labels=labels, hidden=32, epochs=3, progress=False)
     emu.save(tmp_path / "emu.npz")
-    formal = evaluate_payne(tmp_path / "emu.npz", val, progress=False, **fast)
+    formal = evaluate(PayneLabels(fitter=fast), val, emulator=tmp_path / "emu.npz", progress=False)
     assert formal["label_fit"]["whitening"] == "formal" and formal["model"]["path"].endswith("emu.npz")
     check_result(formal, "payne")
-    calibrated = evaluate_payne(emu, val, calibration=train, holdout_stars=50, progress=False, **fast)
+    calibrated = evaluate(PayneLabels(holdout_stars=50, fitter=fast), val, emulator=emu, calibration=train,
+                          progress=False)
     assert calibrated["label_fit"]["whitening"] == "errors" and calibrated["label_fit"]["holdout"]["n_stars"] == 50
     with pytest.raises(InputError, match="calibration"):
-        evaluate_payne(emu, val, whiten="errors", progress=False)
+        evaluate(PayneLabels(whiten="errors"), val, emulator=emu, progress=False)
 
 
 def test_bad_input(sets, tmp_path):
     train, val = sets
     with pytest.raises(InputError, match="whiten"):
-        evaluate_cannon(train, val, whiten="median", progress=False)
-    with pytest.raises(InputError, match="no label"):
-        evaluate_cannon(train, val, label_names=["TEFF", "LOGG", "ALPHA_M"], progress=False)
+        CannonLabels(whiten="median")
+    with pytest.raises(InputError, match="unknown label"):
+        evaluate(CannonLabels(label_names=["TEFF", "LOGG", "ALPHA_M"]), val, train=train, progress=False)
     with pytest.raises(InputError, match="no abundance"):
-        evaluate_cannon(train, val, label_names=["TEFF", "LOGG"], progress=False)
+        evaluate(CannonLabels(label_names=["TEFF", "LOGG"]), val, train=train, progress=False)
     singles = tmp_path / "singles.h5"
     generate_dataset(singles, n_groups=20, group_size=1, seed=2, progress=False, prior=RedGiantPrior())
     with pytest.raises(InputError, match="no twin groups"):
-        evaluate_cannon(train, singles, progress=False)
+        evaluate("cannon", singles, train=train, progress=False)
 
 
 def test_cli(sets, tmp_path, capsys):

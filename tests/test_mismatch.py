@@ -82,10 +82,10 @@ def test_bad_mismatch_values(tmp_path):
 
 
 def test_oracle_refuses_mismatch_data(files):
-    from chemtwin.evaluation.oracle import evaluate_oracle
+    from chemtwin.evaluation.evaluate import evaluate
 
     with pytest.raises(InputError, match="chemtwin.lines\\+mismatch"):
-        evaluate_oracle(files["mismatch"], progress=False)
+        evaluate("oracle", files["mismatch"], progress=False)
 
 
 def test_cli_mismatch(tmp_path, capsys):

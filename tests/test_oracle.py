@@ -13,15 +13,16 @@ from chemtwin.core.whitening import whitening_matrix
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
-from chemtwin.evaluation.oracle import (
+from chemtwin.evaluation.evaluate import evaluate
+from chemtwin.methods.oracle import Oracle
+from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
+from chemtwin.spectral_models.lines import LineSynthesizer
+from chemtwin.tagging.oracle import (
     CHEM_COLUMNS,
     cramer_rao_covariance,
     draw_abundances,
-    evaluate_oracle,
     synthesizer_jacobian,
 )
-from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
-from chemtwin.spectral_models.lines import LineSynthesizer
 
 COL = LABEL_NAMES.index
 
@@ -174,7 +175,7 @@ def test_whitening_makes_the_pooled_noise_unit(jac):
 # ---------------------------------------------------------------------- evaluation
 def test_noiseless_oracle_finds_every_twin(sets):
     d, paths = sets
-    res = evaluate_oracle(paths[np.inf], progress=False)
+    res = evaluate("oracle", paths[np.inf], progress=False)
     assert res["method"] == "oracle" and res["metric"] == "l2"
     assert res["n_stars"] == 80 and res["n_pairs"] == 80
     assert res["frac_rank0"] == 1.0 and res["median_rank"] == 0
@@ -185,7 +186,7 @@ def test_noiseless_oracle_finds_every_twin(sets):
 def test_higher_snr_finds_more_twins_and_the_cache_is_reused(sets):
     d, paths = sets
     cache = d / "jac.h5"
-    res = {snr: evaluate_oracle(paths[snr], jacobian_file=cache, progress=False) for snr in (30.0, 300.0, 10.0)}
+    res = {snr: evaluate(Oracle(jacobian_file=cache), paths[snr], progress=False) for snr in (30.0, 300.0, 10.0)}
     stats = {snr: r["oracle"]["jacobian_cache"] for snr, r in res.items()}
     assert stats[30.0]["computed"] == 80 and stats[30.0]["reused"] == 0
     assert stats[300.0]["computed"] == 0 and stats[300.0]["reused"] == 80
@@ -196,28 +197,28 @@ def test_higher_snr_finds_more_twins_and_the_cache_is_reused(sets):
     for name in CHEMICAL_LABELS:
         assert sig[300.0][name] == pytest.approx(sig[30.0][name] / 10, rel=1e-6)
     # same seed, same result; the cache changes nothing
-    again = evaluate_oracle(paths[30.0], progress=False)
+    again = evaluate("oracle", paths[30.0], progress=False)
     for key in ("frac_rank0", "frac_rank_lt_1pct", "median_rank", "rank_cdf"):
         assert again[key] == res[30.0][key]
     assert not list(d.glob("*.tmp*"))
 
 
 def test_stale_cache_is_recomputed(tmp_path, monkeypatch):
-    import chemtwin.evaluation.oracle as oracle
+    import chemtwin.tagging.oracle as oracle
 
     monkeypatch.setattr(oracle, "READ_ROWS", 8)  # several blocks, with cached and missing stars mixed
     cache = tmp_path / "jac.h5"
     one = generate_dataset(tmp_path / "one.h5", 10, 2, snr=30.0, seed=4, progress=False)
     two = generate_dataset(tmp_path / "two.h5", 10, 2, snr=30.0, seed=5, progress=False)
-    assert evaluate_oracle(one, jacobian_file=cache, progress=False)["oracle"]["jacobian_cache"]["computed"] == 20
+    assert evaluate(Oracle(jacobian_file=cache), one, progress=False)["oracle"]["jacobian_cache"]["computed"] == 20
     # other labels: nothing in the cache matches
-    first = evaluate_oracle(two, jacobian_file=cache, progress=False)
+    first = evaluate(Oracle(jacobian_file=cache), two, progress=False)
     assert first["oracle"]["jacobian_cache"]["computed"] == 20
     # a cache made for another synthesizer is ignored, so a tampered entry is never used
     with h5py.File(cache, "r+") as f:
         f["gram"][0] = f["gram"][0] * 10
         f.attrs["synthesizer"] = "something else"
-    res = evaluate_oracle(two, jacobian_file=cache, progress=False)
+    res = evaluate(Oracle(jacobian_file=cache), two, progress=False)
     assert res["oracle"]["jacobian_cache"]["computed"] == 20
     assert res["frac_rank0"] == first["frac_rank0"] and res["rank_cdf"] == first["rank_cdf"]
     # a masked pixel changes the star's ivar pattern: only that star is recomputed
@@ -227,12 +228,12 @@ def test_stale_cache_is_recomputed(tmp_path, monkeypatch):
         ivar = b.ivar.copy()
         ivar[5, 100:200] = 0.0
         w.append(b.flux, ivar, b.labels, b.group)
-    stats = evaluate_oracle(masked, jacobian_file=cache, progress=False)["oracle"]["jacobian_cache"]
+    stats = evaluate(Oracle(jacobian_file=cache), masked, progress=False)["oracle"]["jacobian_cache"]
     assert stats["computed"] == 1 and stats["reused"] == 19
     cache.write_text("not hdf5")
-    assert evaluate_oracle(two, jacobian_file=cache, progress=False)["oracle"]["jacobian_cache"]["computed"] == 20
+    assert evaluate(Oracle(jacobian_file=cache), two, progress=False)["oracle"]["jacobian_cache"]["computed"] == 20
     monkeypatch.undo()  # one block, no cache: the same numbers
-    plain = evaluate_oracle(two, progress=False)
+    plain = evaluate("oracle", two, progress=False)
     assert plain["rank_cdf"] == first["rank_cdf"]
     # other batches: the synthesizer truncates its broadening kernel at 4 sigma of the batch's
     # widest star, so spectra and Jacobians depend on the batch at the ~3e-5 level
@@ -253,16 +254,16 @@ def test_bad_datasets_are_input_errors(sets, tmp_path):
     _, paths = sets
     src = paths[30.0]
     with pytest.raises(InputError, match="made by 'payne-emulator'"):
-        evaluate_oracle(_copy(src, tmp_path / "a.h5", generator="payne-emulator"), progress=False)
+        evaluate("oracle", _copy(src, tmp_path / "a.h5", generator="payne-emulator"), progress=False)
     augment = json.dumps({"rv_max": 5.0, "snr": None})
     with pytest.raises(InputError, match="augmented with rv_max"):
-        evaluate_oracle(_copy(src, tmp_path / "b.h5", augment=augment), progress=False)
-    with pytest.raises(InputError, match="no label.*NI_FE"):
-        evaluate_oracle(_copy(src, tmp_path / "c.h5", names=LABEL_NAMES[:-1]), progress=False)
+        evaluate("oracle", _copy(src, tmp_path / "b.h5", augment=augment), progress=False)
+    with pytest.raises(InputError, match="unknown label.*NI_FE"):
+        evaluate("oracle", _copy(src, tmp_path / "c.h5", names=LABEL_NAMES[:-1]), progress=False)
     with pytest.raises(InputError, match="no twin groups"):
-        evaluate_oracle(_copy(src, tmp_path / "d.h5", group=np.arange(80)), progress=False)
+        evaluate("oracle", _copy(src, tmp_path / "d.h5", group=np.arange(80)), progress=False)
     with pytest.raises(InputError, match="unknown metric|metric"):
-        evaluate_oracle(src, metric="l3", progress=False)
+        evaluate("oracle", src, metric="l3", progress=False)
 
 
 def test_cli_oracle(sets, tmp_path, capsys):

@@ -369,7 +369,7 @@ def test_train_reproduces_emulator(tmp_path):
     again, report2 = train_emulator(tmp_path / "train.h5", hidden=32, epochs=2, seed=0, progress=False)
     third, report3 = train_emulator(tmp_path / "train.h5", hidden=32, epochs=2, seed=0, progress=False)
     assert report2.val_loss == report3.val_loss
-    with pytest.raises(InputError, match="no label"):
+    with pytest.raises(InputError, match="unknown label"):
         train_emulator(tmp_path / "train.h5", labels=["TEFF", "NI_FE"], epochs=1, progress=False)
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
+
 from chemtwin.errors import InputError
+from chemtwin.evaluation.bench import BenchConfig, bench_methods, run_bench
 
 
 def _snrs(text: str) -> tuple:
@@ -24,8 +27,6 @@ def _snrs(text: str) -> tuple:
 
 
 def register(subparsers) -> None:
-    from chemtwin.evaluation.bench import ALL_METHODS
-
     p = subparsers.add_parser(
         "bench", help="the whole benchmark: generate, train, evaluate every method, write a report",
         description="Generate twin sets at several SNRs, train the fader and the cae baseline at each, evaluate "
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
                    help="SNR of the observed-like scenario made with perturbed atomic data (default 100; 'none' "
                         "to leave it out)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default all: {','.join(ALL_METHODS)})")
+                   help=f"comma-separated methods (default all: {','.join(bench_methods())})")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="training time per model and scenario (default 1800; quick 15)")
     p.add_argument("--preset", choices=("fast", "paper"), default=None, help="model preset (default fast)")
@@ -58,13 +59,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from chemtwin.evaluation.bench import BenchConfig, run_bench
-
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be positive, got {args.threads}")
-        import torch
-
         torch.set_num_threads(args.threads)
     given = {"n_train_pairs": args.n_train_pairs, "n_val_pairs": args.n_val_pairs, "time_limit": args.time_limit,
              "preset": args.preset, "latent_dim": args.latent_dim, "metric": args.metric, "seed": args.seed,

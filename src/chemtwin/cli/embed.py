@@ -188,13 +188,12 @@ def _embed_sharded(ct, args) -> int:
     rows.  Shards start on whole batches, so every batch, and every latent, is the one-process
     path's bit for bit.  Every shard names its stars (the dataset's star_id, else the row)."""
     from chemtwin.core.files import file_sha256
-    from chemtwin.data.dataset import MANIFEST, open_dataset
+    from chemtwin.data.dataset import MANIFEST, label_columns, open_dataset
     from chemtwin.data.shards import dask_client, run_shards, shard_ranges
-    from chemtwin.tagging.training import label_columns
 
     data, model = os.path.abspath(args.inputs[0]), os.path.abspath(args.model)
     with open_dataset(data) as ds:
-        label_columns(ds, ct.condition)  # fail here, not on every worker
+        label_columns(ds, ct.condition, "condition label")  # fail here, not on every worker
         n = ds.n_stars
     stamp = Path(data) / MANIFEST if os.path.isdir(data) else Path(data)
     rows_per_shard = -(-max(args.shard_size, 1) // args.batch_size) * args.batch_size

@@ -8,14 +8,15 @@
     chemtwin evaluate DATA.h5 --method cannon|payne --train TRAIN.h5 [--emulator EMU.npz] --json OUT.json
     chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json
 
-The JSON holds ``method``, ``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstruction``,
-``mse_swapped`` (null without a decoder), ``frac_rank0``, ``frac_rank_lt_0p1pct``,
-``frac_rank_lt_1pct``, ``median_rank``, ``rank_cdf``, ``model`` and ``dataset``
-(path and file attributes); for a model also ``condition_r2``, the cross-validated R^2 with
-which regressors read each conditioned label (TEFF, LOGG) off the latent (near 0 when
-disentangled); see ``chemtwin.evaluation.metrics``.  With ``--twin-metric`` (model and
-polyres) the tags are first whitened by the scatter between twins of ``--train`` and ranked
-with L2 by default; the JSON then holds ``twin_metric``.
+``--method`` takes any registered method (``chemtwin.methods.METHODS``); what it needs
+(``--train``, a model folder, ...) is its own declaration.  The JSON holds ``method``,
+``metric``, ``n_stars``, ``n_pairs``, ``mse_reconstruction``, ``mse_swapped`` (null without a
+decoder), ``frac_rank0``, ``frac_rank_lt_0p1pct``, ``frac_rank_lt_1pct``, ``median_rank``,
+``rank_cdf``, ``model`` and ``dataset`` (path and file attributes); for a model also
+``condition_r2``, the cross-validated R^2 with which regressors read each conditioned label
+(TEFF, LOGG) off the latent (near 0 when disentangled); see ``chemtwin.evaluation``.  With
+``--twin-metric`` (model and polyres) the tags are first whitened by the scatter between twins
+of ``--train`` and ranked with L2 by default; the JSON then holds ``twin_metric``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,24 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from chemtwin.core.files import write_json
+from chemtwin.core.files import prepare_output, write_json
+from chemtwin.core.ranks import check_metric
+from chemtwin.errors import InputError
+from chemtwin.evaluation.evaluate import evaluate
+from chemtwin.evaluation.metrics import plot_rank_cdf
+from chemtwin.methods import METHODS, get_method
+from chemtwin.methods.twin_metric import TwinMetricOn
 
 log = logging.getLogger(__name__)
 
-METHODS = ("model", "raw", "polyres", "oracle", "cannon", "payne")
-L2_METHODS = ("oracle", "cannon", "payne")  # whitened abundances: L2 is the Mahalanobis distance
+# The flag that gives each input a method may need.
+INPUT_FLAGS = {"train": "--train TRAIN.h5", "model": "MODEL_DIR", "emulator": "--emulator EMU.npz",
+               "latents": "--latents LATENTS.h5", "calibration": "--train TRAIN.h5"}
+
+
+def _method_help() -> str:
+    return "; ".join(f"{name}: {m.label}" + (f" (needs {', '.join(INPUT_FLAGS[k] for k in m.needs)})" if m.needs else "")
+                     for name, m in METHODS.items())
 
 
 def register(subparsers) -> None:
@@ -42,19 +55,20 @@ def register(subparsers) -> None:
                     "(rank 0, < 0.1% and < 1% of N), median rank and, for a model, reconstruction and "
                     "swapped-latent MSE. Writes a JSON file.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="model folder and dataset (--method model); only DATA.h5 for --method raw/polyres "
+                   help="model folder and dataset (methods that need a model); only DATA.h5 for the others, "
                         "or (optionally) with --latents")
     p.add_argument("--json", required=True, metavar="OUT.json", help="results file to write")
     p.add_argument("--plots", metavar="DIR", help="also write the cumulative rank distribution (rank_cdf.png) here")
     p.add_argument("--metric", default=None,
-                   help="distance between tags: l1 (default), l2 or cosine; --method oracle, cannon and payne "
-                        "default to l2 (Mahalanobis in their whitened abundance space)")
+                   help="distance between tags: l1 (default), l2 or cosine; methods with whitened tags (oracle, "
+                        "cannon, payne, the twin metric) default to l2 (Mahalanobis in their whitened space)")
     p.add_argument("--method", default=None,
                    help="model (default): a trained model folder; raw: the spectra themselves; "
                         "polyres: polynomial residuals + PCA, fitted on --train; oracle: true abundances plus "
                         "Cramer-Rao noise (datasets made by `chemtwin generate` only); cannon: The Cannon trained on "
                         "--train's true labels; payne: The Payne (--emulator, or one trained on --train); both rank "
-                        "their abundances whitened by their errors on held-out --train stars (docs/baselines.md)")
+                        "their abundances whitened by their errors on held-out --train stars (docs/baselines.md). "
+                        "Every registered method: " + _method_help().replace("%", "%%"))
     p.add_argument("--train", metavar="TRAIN.h5",
                    help="training dataset for --method polyres, cannon and payne (labelled: for payne with --emulator "
                         "its stars only measure the fit errors used for the whitening), and for --twin-metric")
@@ -86,100 +100,76 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from chemtwin.core.files import prepare_output
-    from chemtwin.errors import InputError
-    from chemtwin.evaluation import metrics
+def _chosen_method(args):
+    """The method the options ask for, with the options it takes."""
+    if args.latents and args.method not in (None, "model", "latents"):
+        raise InputError(f"--latents cannot be combined with --method {args.method}")
+    method = get_method("latents" if args.latents else args.method or "model")
+    if args.twin_metric:
+        if not method.wrappable:
+            others = "/".join(n for n, m in METHODS.items() if m.wrappable and "model" not in m.needs)
+            raise InputError(f"--twin-metric is for a model or --method {others}")
+        method = TwinMetricOn(method)
+    condition = tuple(c.strip() for c in args.condition.split(",") if c.strip())
+    return method.with_options(degree=args.degree, n_components=args.components, condition=condition,
+                               max_train_stars=args.train_stars, time_limit=args.time_limit,
+                               jacobian_file=args.jacobians, batch_size=args.batch_size, device=args.device)
 
-    args.metric = args.metric or ("l2" if args.method in L2_METHODS or args.twin_metric else "l1")
-    metrics.check_metric(args.metric)
-    if args.method is not None and args.method not in METHODS:
-        raise InputError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    if args.twin_metric and (args.latents or args.method not in (None, "model", "polyres")):
-        raise InputError("--twin-metric is for a model or --method polyres")
-    if args.twin_metric and not args.train:
-        raise InputError("--twin-metric needs --train TRAIN.h5 (stars in twin groups to learn the metric from)")
+
+def _inputs(method, args) -> dict:
+    """The inputs the positional arguments and the options give ``method``; InputError naming
+    the flag of anything it needs that is missing."""
+    given = {"train": args.train, "emulator": args.emulator, "latents": args.latents}
+    if "model" in method.needs:
+        if len(args.inputs) != 2:
+            raise InputError("give MODEL_DIR and DATA.h5 (or --latents LATENTS.h5, or --method raw/polyres)")
+        given["model"], data = args.inputs
+        if not Path(given["model"]).is_dir():
+            raise InputError(f"{given['model']}: not a model folder")
+    elif "latents" in method.needs:
+        if len(args.inputs) > 1:
+            raise InputError("with --latents give at most one positional argument (DATA.h5)")
+        data = args.inputs[0] if args.inputs else None
+    else:
+        if len(args.inputs) not in (1, 2):
+            raise InputError(f"give DATA.h5 for --method {method.name}")
+        if len(args.inputs) == 2:
+            log.warning("--method %s uses no model: ignoring %s", method.name, args.inputs[0])
+        data = args.inputs[-1]
+    for need, why in method.needs.items():
+        if given.get(need) is None:
+            what = "--twin-metric" if need == "train" and isinstance(method, TwinMetricOn) else f"--method {method.name}"
+            raise InputError(f"{what} needs {INPUT_FLAGS[need]} ({why})")
+    used = set(method.needs) | set(method.uses)
+    if given["emulator"] is not None and "emulator" not in used:
+        raise InputError(f"--emulator is for --method {'/'.join(n for n, m in METHODS.items() if 'emulator' in m.uses)}")
+    if given["train"] is not None and "train" not in used and "model" in method.needs:
+        log.warning("a model uses --train only with --twin-metric: ignoring %s", args.train)
+    return dict(data=data, **{k: v for k, v in given.items() if v is not None and k in used})
+
+
+def run(args) -> int:
+    method = _chosen_method(args)
+    metric = check_metric(args.metric or method.default_metric)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_queries is not None and args.max_queries < 1:
         raise InputError(f"--max-queries must be positive, got {args.max_queries}")
+    inputs = _inputs(method, args)
     out = prepare_output(args.json, args.overwrite)
     plots = Path(args.plots) if args.plots else None
     if plots is not None and plots.exists() and not plots.is_dir():
         raise InputError(f"--plots {plots} is not a directory")
     progress = logging.getLogger().level <= logging.INFO
-    common = dict(metric=args.metric, progress=progress, max_queries=args.max_queries, seed=args.seed,
-                  return_ranks=True)
-
-    if args.latents:
-        if args.method not in (None, "model"):
-            raise InputError("--latents cannot be combined with --method raw/polyres")
-        if len(args.inputs) > 1:
-            raise InputError("with --latents give at most one positional argument (DATA.h5)")
-        data = args.inputs[0] if args.inputs else None
-        result, ranks = metrics.evaluate_latent_file(args.latents, data, **common)
-    else:
-        method = args.method or "model"
-        if method == "model":
-            if len(args.inputs) != 2:
-                raise InputError("give MODEL_DIR and DATA.h5 (or --latents LATENTS.h5, or --method raw/polyres)")
-            model_dir, data = args.inputs
-            if not Path(model_dir).is_dir():
-                raise InputError(f"{model_dir}: not a model folder")
-            if args.train and not args.twin_metric:
-                log.warning("a model uses --train only with --twin-metric: ignoring %s", args.train)
-            result, ranks = metrics.evaluate_model(model_dir, data, batch_size=args.batch_size, device=args.device,
-                                                   twin_metric=args.train if args.twin_metric else None, **common)
-        else:
-            if len(args.inputs) not in (1, 2):
-                raise InputError(f"give DATA.h5 for --method {method}")
-            if len(args.inputs) == 2:
-                log.warning("--method %s uses no model: ignoring %s", method, args.inputs[0])
-            data = args.inputs[-1]
-            if method == "raw":
-                result, ranks = metrics.evaluate_raw(data, **common)
-            elif method == "oracle":
-                from chemtwin.evaluation.oracle import evaluate_oracle
-
-                result, ranks = evaluate_oracle(data, jacobian_file=args.jacobians, **common)
-            elif method in ("cannon", "payne"):
-                from chemtwin.evaluation import label_baselines
-
-                if not args.train:
-                    raise InputError(f"--method {method} needs --train TRAIN.h5 (labelled stars: "
-                                     f"{'its training set' if method == 'cannon' else 'to measure its errors'})")
-                if args.emulator and method == "cannon":
-                    raise InputError("--emulator is for --method payne")
-                if args.train_stars < 2 or not args.time_limit > 0:
-                    raise InputError("--train-stars must be at least 2 and --time-limit positive")
-                if method == "cannon":
-                    result, ranks = label_baselines.evaluate_cannon(args.train, data, max_train_stars=args.train_stars,
-                                                                    **common)
-                else:
-                    from chemtwin.spectral_models.payne import PayneEmulator
-
-                    source = PayneEmulator.load(args.emulator) if args.emulator else args.train
-                    result, ranks = label_baselines.evaluate_payne(
-                        source, data, calibration=args.train if args.emulator else None,
-                        max_train_stars=args.train_stars, time_limit=args.time_limit, **common)
-            else:
-                if not args.train:
-                    raise InputError("--method polyres needs --train TRAIN.h5 to fit the polynomials and the PCA")
-                condition = tuple(c.strip() for c in args.condition.split(",") if c.strip())
-                if not condition:
-                    raise InputError("--condition needs at least one label")
-                if args.degree < 0 or args.components < 1:
-                    raise InputError("--degree must be >= 0 and --components >= 1")
-                result, ranks = metrics.evaluate_polyres(args.train, data, degree=args.degree,
-                                                         n_components=args.components, condition=condition,
-                                                         twin_metric=args.twin_metric, **common)
+    result, ranks = evaluate(method, metric=metric, max_queries=args.max_queries, return_ranks=True, seed=args.seed,
+                             progress=progress, **inputs)
     if args.max_queries is not None:
         result["max_queries"] = args.max_queries
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         png = plots / "rank_cdf.png"
-        metrics.plot_rank_cdf([(result["method"], ranks.rank, ranks.n_stars)], png,
-                              title=f"{result['method']} ({result['metric']}), N = {result['n_stars']}")
+        plot_rank_cdf([(result["method"], ranks.rank, ranks.n_stars)], png,
+                      title=f"{result['method']} ({result['metric']}), N = {result['n_stars']}")
         result["plots"] = [str(png)]
     write_json(out, result)
     log.info("%s: rank 0 %.1f%%, < 0.1%% N %.1f%%, < 1%% N %.1f%%, median rank %g (%d pairs, N = %d) -> %s",

@@ -179,8 +179,8 @@ def add_generate_arguments(parser) -> None:
 def run_generate(args) -> int:
     """`chemtwin generate --emulator`: twin groups emulated by a Payne emulator."""
     from chemtwin.core.grids import get_grid
-    from chemtwin.data.population import RedGiantPrior
     from chemtwin.data.emulated import generate_emulator_dataset
+    from chemtwin.data.population import RedGiantPrior
     from chemtwin.spectral_models.payne import PayneEmulator
 
     prior = RedGiantPrior()  # the synthesizer's defaults: --teff / --logg must not be changed

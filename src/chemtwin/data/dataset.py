@@ -78,6 +78,17 @@ def write_star_columns(f: h5py.File, group=None, star_id=None) -> None:
 
 
 
+def label_columns(source, names, role: str = "label") -> list[int]:
+    """Columns of the labels ``names`` in anything with ``label_names`` and ``path`` (a dataset,
+    arrays, a catalogue); InputError naming the unknown ones (as ``role``s: "condition label")."""
+    have = list(source.label_names)
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise InputError(f"{source.path}: unknown {role}(s) {', '.join(missing)}; the data has labels "
+                         f"{', '.join(have) or 'none'}")
+    return [have.index(n) for n in names]
+
+
 class DatasetWriter:
     """Append batches of spectra to a new dataset file; renamed into place on success.
 
@@ -187,11 +198,8 @@ class BaseDataset:
             return values
         return values[:, self.label_columns(names)]
 
-    def label_columns(self, names) -> list[int]:
-        missing = [n for n in names if n not in self.label_names]
-        if missing:
-            raise InputError(f"{self.path}: dataset has no label(s) {', '.join(missing)}")
-        return [self.label_names.index(n) for n in names]
+    def label_columns(self, names, role: str = "label") -> list[int]:
+        return label_columns(self, names, role)
 
     def iter_batches(self, batch_size: int = 1024, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         stop = self.n_stars if stop is None else min(stop, self.n_stars)

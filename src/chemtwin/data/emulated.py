@@ -20,6 +20,7 @@ from chemtwin.data.generate import CHUNK_STARS, add_noise
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import PayneEmulator, emulator_population
 
+
 def generate_emulator_dataset(
     path: str | os.PathLike,
     emulator: PayneEmulator,

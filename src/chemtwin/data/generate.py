@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chemtwin.core.files import prepare_output
+from chemtwin.core.threads import torch_threads
 from chemtwin.data.dataset import DatasetWriter, grid_hash
 from chemtwin.data.population import RedGiantPrior, twin_groups
 from chemtwin.errors import InputError
@@ -65,14 +65,6 @@ def add_noise(flux: np.ndarray, snr: float, rng: np.random.Generator) -> tuple[n
     return noisy, np.full_like(flux, snr**2)
 
 
-@contextmanager
-def _torch_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def synthesize(synth: LineSynthesizer, labels: np.ndarray, threads: int = 2) -> np.ndarray:
@@ -82,7 +74,7 @@ def synthesize(synth: LineSynthesizer, labels: np.ndarray, threads: int = 2) -> 
     """
     tensor = torch.as_tensor(labels, dtype=synth.dtype)
     batches = torch.split(tensor, SYNTH_BATCH)
-    with _torch_threads(1), torch.no_grad(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with torch_threads(1), torch.no_grad(), ThreadPoolExecutor(max_workers=threads) as pool:
         parts = list(pool.map(synth, batches))
     return torch.cat(parts).numpy().astype(np.float32)
 
@@ -185,7 +177,7 @@ def generate_shard(spec: dict, path: str) -> dict:
     synth = _synthesizer(plan.grid, plan.mismatch)
     first, last = spec["chunks"]
     rows = sum(plan.chunk_rows(c) for c in range(first, last))
-    with _torch_threads(spec["threads"]), DatasetWriter(path, synth.wavelength, LABEL_NAMES, attrs=plan.attrs,
+    with torch_threads(spec["threads"]), DatasetWriter(path, synth.wavelength, LABEL_NAMES, attrs=plan.attrs,
                                                         overwrite=True, expected_rows=rows) as writer:
         for chunk in range(first, last):
             writer.append(*plan.chunk(synth, chunk, spec["threads"]))

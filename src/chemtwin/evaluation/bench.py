@@ -17,11 +17,15 @@ doppelganger ranks:
                          the scatter between the training set's twins): extra supervision
                          the papers did not use, so separate rows
 
+The methods are the registry's (``chemtwin.methods.METHODS``): by default every method
+whose inputs a bench can provide, each given what it declares it needs (the training set, a
+model of its kind that the bench trains, the Payne emulator the bench trains).
+
 Same seed -> same labels in every scenario, so the oracle's Jacobians are computed once
-and rows are comparable across SNRs.  Each step writes its output under ``out_dir`` and
-is skipped when that output exists; an interrupted bench resumes where it stopped
-(a model half-trained resumes from its checkpoint).  ``write_report`` turns
-``results.json`` into ``report.md`` and the figures.
+and rows are comparable across SNRs.  Each step writes its output under ``out_dir`` (the
+layout: ``chemtwin.evaluation.bench_folder``) and is skipped when that output exists; an
+interrupted bench resumes where it stopped (a model half-trained resumes from its
+checkpoint).  ``write_report`` turns ``results.json`` into ``report.md`` and the figures.
 """
 
 from __future__ import annotations
@@ -32,25 +36,41 @@ import math
 import os
 import platform
 import resource
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from chemtwin.core.files import atomic_output, json_safe, write_json
+from chemtwin.core.files import json_safe, write_json
 from chemtwin.core.ranks import check_metric
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
+from chemtwin.evaluation.bench_folder import BenchFolder
+from chemtwin.evaluation.evaluate import evaluate
+from chemtwin.evaluation.report import write_report
+from chemtwin.methods import METHODS, Method, get_method
+from chemtwin.methods.label_fit import independent_labels
+from chemtwin.tagging.fader import MODEL_KINDS, FaderConfig
+from chemtwin.tagging.payne_train import train_emulator
+from chemtwin.tagging.training import train
 
 log = logging.getLogger(__name__)
 
-MODELS = ("fader", "cae")
-BASELINES = ("oracle", "polyres", "raw", "cannon", "payne")
-TWIN_METRIC = ("fader_twin", "cae_twin", "polyres_twin")
-ALL_METHODS = MODELS + BASELINES + TWIN_METRIC
+PROVIDED = {"train", "model", "emulator"}  # the inputs a bench gives the methods it runs
 RESULT_FIELDS = ("frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank", "mse_reconstruction",
                  "mse_swapped", "n_stars", "n_pairs")
+
+
+def runnable(method: Method) -> bool:
+    """A bench can run ``method``: it provides every input it needs (a model only of a kind it trains)."""
+    return set(method.needs) <= PROVIDED and ("model" not in method.needs or method.model_kind in MODEL_KINDS)
+
+
+def bench_methods() -> tuple[str, ...]:
+    """The methods a bench runs by default: every registered one it can provide for, in registry order."""
+    return tuple(name for name, m in METHODS.items() if runnable(m))
 
 
 @dataclass
@@ -62,11 +82,11 @@ class BenchConfig:
     n_val_pairs: int = 12_500
     snrs: tuple = (math.inf, 100.0, 50.0, 30.0)
     mismatch_snr: float | None = 100.0        # None: no observed-like scenario
-    methods: tuple = ALL_METHODS
+    methods: tuple | None = None              # None: bench_methods()
     time_limit: float = 1800.0                # seconds of training per model and scenario
     preset: str = "fast"
     latent_dim: int = 20
-    metric: str = "l1"
+    metric: str = "l1"                        # the distance of tags that are not whitened
     raw_max_queries: int | None = 2000        # raw-spectrum ranks: query stars (None = all)
     payne_train_stars: int = 20_000           # noiseless training spectra for the Payne emulator
     payne_time_limit: float = 600.0           # seconds to train the Payne emulator
@@ -84,10 +104,10 @@ class BenchConfig:
 
     def __post_init__(self):
         self.snrs = tuple(float(s) for s in self.snrs)
-        self.methods = tuple(self.methods)
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        self.methods = bench_methods() if self.methods is None else tuple(self.methods)
+        unknown = [m for m in self.methods if m not in METHODS or not runnable(METHODS[m])]
         if unknown:
-            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(bench_methods())}")
         if not self.snrs and self.mismatch_snr is None:
             raise InputError("no scenario: give at least one SNR")
         for s in self.snrs + ((self.mismatch_snr,) if self.mismatch_snr is not None else ()):
@@ -100,7 +120,12 @@ class BenchConfig:
         check_metric(self.metric)
 
     def trained_models(self) -> list[str]:
-        return [m for m in MODELS if m in self.methods or f"{m}_twin" in self.methods]
+        """The model kinds the methods need trained, in the order of ``MODEL_KINDS``."""
+        kinds = {get_method(m).model_kind for m in self.methods}
+        return [k for k in MODEL_KINDS if k in kinds]
+
+    def needs_emulator(self) -> bool:
+        return any("emulator" in set(get_method(m).needs) | get_method(m).uses for m in self.methods)
 
     def scenarios(self) -> list["Scenario"]:
         out = [Scenario(snr=s, mismatch=False) for s in self.snrs]
@@ -125,31 +150,7 @@ class Scenario:
         return f"SNR {snr}" + (" mismatch" if self.mismatch else "")
 
 
-@dataclass
-class _Paths:
-    root: Path
-    data: Path = field(init=False)
-    models: Path = field(init=False)
-    evals: Path = field(init=False)
-    figures: Path = field(init=False)
-
-    def __post_init__(self):
-        self.data, self.models = self.root / "data", self.root / "models"
-        self.evals, self.figures = self.root / "evals", self.root / "figures"
-
-    def dataset(self, kind: str, sc: Scenario) -> Path:
-        return self.data / f"{kind}_{sc.name}.h5"
-
-    def model(self, method: str, sc: Scenario) -> Path:
-        return self.models / f"{method}_{sc.name}"
-
-    def result(self, method: str, sc: Scenario) -> Path:
-        return self.evals / sc.name / f"{method}.json"
-
-
 def machine() -> dict:
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -172,26 +173,22 @@ def _same_run(old: dict, new: dict) -> bool:
     return {k: v for k, v in old.items() if k != "methods"} == {k: v for k, v in new.items() if k != "methods"}
 
 
-def _prepare(out: Path, cfg: BenchConfig, overwrite: bool) -> _Paths:
-    paths = _Paths(out)
-    record = out / "bench_config.json"
+def _prepare(out: Path, cfg: BenchConfig, overwrite: bool) -> BenchFolder:
+    folder = BenchFolder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
-    if record.exists():
-        old = json.loads(record.read_text())
+    old = folder.read_config()
+    if old is not None:
         if not _same_run(old, _config_record(cfg)):
             if not overwrite:
-                raise InputError(f"{out} holds a bench run with other settings; use another folder or overwrite=True", "overwrite")
-            for p in (paths.data, paths.models, paths.evals, paths.figures):
-                shutil.rmtree(p, ignore_errors=True)
-            for name in ("results.json", "report.md"):
-                (out / name).unlink(missing_ok=True)
+                raise InputError(f"{out} holds a bench run with other settings; use another folder or overwrite=True",
+                                 "overwrite")
+            folder.clear()
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} is not empty and holds no bench run; use another folder or overwrite=True", "overwrite")
-    for p in (paths.data, paths.models, paths.evals, paths.figures):
-        p.mkdir(parents=True, exist_ok=True)
-    write_json(record, _config_record(cfg))
-    return paths
+    folder.make()
+    folder.write_config(_config_record(cfg))
+    return folder
 
 
 class _Steps:
@@ -213,8 +210,6 @@ class _Steps:
 
 
 def _generate(path: Path, n_pairs: int, seed: int, sc: Scenario, progress: bool) -> None:
-    from chemtwin.data.generate import generate_dataset
-
     generate_dataset(path, n_pairs, group_size=2, snr=sc.snr, seed=seed, mismatch=sc.mismatch, progress=progress)
 
 
@@ -225,69 +220,36 @@ def _model_done(model_dir: Path) -> bool:
     return json.loads(cfg_file.read_text()).get("status") in ("finished", "stopped at the time limit")
 
 
-def _train(model_dir: Path, train_path: Path, val_path: Path, method: str, cfg: BenchConfig, progress: bool) -> None:
-    from chemtwin.data.dataset import open_dataset
-    from chemtwin.tagging.fader import FaderConfig
-    from chemtwin.tagging.training import train
-
+def _train(model_dir: Path, train_path: Path, val_path: Path, kind: str, cfg: BenchConfig, progress: bool) -> None:
     resume = (model_dir / "checkpoint.safetensors").is_file()
-    fcfg = FaderConfig(model=method, preset=cfg.preset, latent_dim=cfg.latent_dim, epochs=100_000,
+    fcfg = FaderConfig(model=kind, preset=cfg.preset, latent_dim=cfg.latent_dim, epochs=100_000,
                        time_limit=cfg.time_limit, seed=cfg.seed, device=cfg.device)
     with open_dataset(train_path) as tr, open_dataset(val_path) as va:
         train(tr, model_dir, fcfg, val_source=va, resume=resume, overwrite=not resume, progress=progress)
 
 
-def _save_eval(paths: _Paths, method: str, sc: Scenario, result: dict, ranks, seconds: float) -> None:
-    out = paths.result(method, sc)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out.with_suffix(".ranks.npy")) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.asarray(ranks.rank, np.int64))
-    result = dict(result, eval_s=seconds)
-    write_json(out, result)
-
-
-def _evaluate(method: str, sc: Scenario, paths: _Paths, cfg: BenchConfig, progress: bool):
-    from chemtwin.evaluation import metrics
-
-    train, val = paths.dataset("train", sc), paths.dataset("val", sc)
-    common = dict(progress=progress, seed=cfg.seed, return_ranks=True)
-    if method in MODELS:
-        return metrics.evaluate_model(str(paths.model(method, sc)), str(val), cfg.metric, **common)
-    if method in ("fader_twin", "cae_twin"):
-        # L2 in the whitened space: the Mahalanobis distance, as for the oracle and label baselines
-        return metrics.evaluate_model(str(paths.model(_base(method), sc)), str(val), "l2", twin_metric=str(train),
-                                      **common)
-    if method == "polyres":
-        return metrics.evaluate_polyres(str(train), str(val), cfg.metric, **common)
-    if method == "polyres_twin":
-        return metrics.evaluate_polyres(str(train), str(val), "l2", twin_metric=True, **common)
-    if method == "raw":
-        return metrics.evaluate_raw(str(val), cfg.metric, max_queries=cfg.raw_max_queries, **common)
-    if method == "oracle":
-        from chemtwin.evaluation.oracle import evaluate_oracle
-
-        return evaluate_oracle(str(val), jacobian_file=str(paths.data / "val_jacobians.h5"), **common)
-    from chemtwin.evaluation import label_baselines
-
-    if method == "cannon":
-        return label_baselines.evaluate_cannon(str(train), str(val), holdout_stars=cfg.holdout_stars, **common)
-    if method == "payne":
+def _evaluate(name: str, sc: Scenario, folder: BenchFolder, cfg: BenchConfig, progress: bool):
+    """(result, ranks) of one method on the scenario's validation set, given what it needs."""
+    method = get_method(name).with_options(holdout_stars=cfg.holdout_stars, jacobian_file=str(folder.jacobians))
+    inputs = {"train": str(folder.dataset("train", sc.name)), "seed": cfg.seed, "progress": progress}
+    if method.model_kind is not None:
+        inputs["model"] = str(folder.model(method.model_kind, sc.name))
+    if "emulator" in set(method.needs) | method.uses:
         # Whitened by the fit errors on stars of this scenario's training set: the Payne's
         # real errors (misfit and degeneracies included), as the Cannon's row is.
-        return label_baselines.evaluate_payne(str(paths.models / "payne_emulator.npz"), str(val),
-                                              calibration=str(train), holdout_stars=cfg.holdout_stars, **common)
-    raise InputError(f"unknown method {method!r}")
+        inputs["emulator"] = str(folder.emulator)
+    # whitened tags are ranked with L2 (their Mahalanobis distance); the others with the bench's metric
+    metric = method.default_metric if method.whitened else cfg.metric
+    max_queries = cfg.raw_max_queries if name == "raw" else None  # P-dimensional tags: a subset of queries
+    return evaluate(method, str(folder.dataset("val", sc.name)), metric=metric, max_queries=max_queries,
+                    return_ranks=True, **inputs)
 
 
-def _train_payne(paths: _Paths, cfg: BenchConfig, progress: bool) -> None:
+def _train_payne(folder: BenchFolder, cfg: BenchConfig, progress: bool) -> None:
     """The Payne's emulator learns the noiseless synthesizer (the 'perfect model'; in the
     mismatch scenario it is then the wrong model, as a grid of synthetic spectra is for
     observed stars)."""
-    from chemtwin.data.dataset import open_dataset
-    from chemtwin.evaluation.label_baselines import independent_labels
-    from chemtwin.tagging.payne_train import train_emulator
-
-    clean = paths.data / "payne_train_snrinf.h5"
+    clean = folder.emulator_data
     if not clean.exists():
         _generate(clean, (cfg.payne_train_stars + 1) // 2, cfg.seed + 2, Scenario(math.inf, False), progress)
     with open_dataset(clean) as ds:
@@ -296,89 +258,77 @@ def _train_payne(paths: _Paths, cfg: BenchConfig, progress: bool) -> None:
     emulator, report = train_emulator(clean, labels=names, epochs=None, time_limit=cfg.payne_time_limit,
                                       seed=cfg.seed, max_stars=cfg.payne_train_stars, progress=progress)
     summary = {k: v for k, v in report.as_dict().items() if k != "history"}
-    write_json(paths.models / "payne_emulator.json", summary)
-    emulator.save(paths.models / "payne_emulator.npz", overwrite=True)
-
-
-def _base(method: str) -> str:
-    return method.removesuffix("_twin")
-
-
-def _applicable(method: str, sc: Scenario) -> bool:
-    return not (method == "oracle" and sc.mismatch)
+    write_json(folder.emulator_summary, summary)
+    emulator.save(folder.emulator, overwrite=True)
 
 
 def run_bench(out_dir, cfg: BenchConfig, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or finish) the benchmark into ``out_dir``; returns the results dict that is also
     written to ``out_dir/results.json`` (and turned into ``report.md`` and figures)."""
-    from chemtwin.evaluation.report import write_report
-
     t_start = time.monotonic()
     out = Path(out_dir)
-    paths = _prepare(out, cfg, overwrite)
+    folder = _prepare(out, cfg, overwrite)
     scenarios = cfg.scenarios()
     models = cfg.trained_models()
-    evals = [(m, sc) for sc in scenarios for m in cfg.methods if _applicable(m, sc)]
-    payne = "payne" in cfg.methods
+    evals = [(m, sc) for sc in scenarios for m in cfg.methods if get_method(m).applies_to_mismatch or not sc.mismatch]
+    payne = cfg.needs_emulator()
     steps = _Steps(2 * len(scenarios) + len(models) * len(scenarios) + int(payne) + len(evals))
     mach = machine()
 
     for sc in scenarios:
         for kind, n_pairs, seed in (("train", cfg.n_train_pairs, cfg.seed), ("val", cfg.n_val_pairs, cfg.seed + 1)):
-            path = paths.dataset(kind, sc)
+            path = folder.dataset(kind, sc.name)
             steps.run(f"generate {kind} set, {sc.label}", lambda: _generate(path, n_pairs, seed, sc, progress),
                       skip=path.exists())
     for sc in scenarios:
         for m in models:
-            model_dir = paths.model(m, sc)
+            model_dir = folder.model(m, sc.name)
+            train_set, val_set = folder.dataset("train", sc.name), folder.dataset("val", sc.name)
             steps.run(f"train {m}, {sc.label} ({cfg.time_limit:g} s)",
-                      lambda: _train(model_dir, paths.dataset("train", sc), paths.dataset("val", sc), m, cfg, progress),
-                      skip=_model_done(model_dir))
+                      lambda: _train(model_dir, train_set, val_set, m, cfg, progress), skip=_model_done(model_dir))
     if payne:
-        emu = paths.models / "payne_emulator.npz"
-        steps.run("train the Payne emulator", lambda: _train_payne(paths, cfg, progress), skip=emu.exists())
+        steps.run("train the Payne emulator", lambda: _train_payne(folder, cfg, progress),
+                  skip=folder.emulator.exists())
     for m, sc in evals:
-        res_path = paths.result(m, sc)
-
         def one():
             t = time.monotonic()
-            result, ranks = _evaluate(m, sc, paths, cfg, progress)
-            _save_eval(paths, m, sc, result, ranks, time.monotonic() - t)
+            result, ranks = _evaluate(m, sc, folder, cfg, progress)
+            folder.write_result(m, sc.name, dict(result, eval_s=time.monotonic() - t), ranks.rank)
 
-        steps.run(f"evaluate {m}, {sc.label}", one, skip=res_path.exists())
+        steps.run(f"evaluate {m}, {sc.label}", one, skip=folder.result(m, sc.name).exists())
 
     results = collect_results(out, cfg, scenarios)
-    emulator_report = paths.models / "payne_emulator.json"
-    if emulator_report.is_file():
-        results["payne_emulator"] = json.loads(emulator_report.read_text())
+    emulator = folder.read_emulator_summary()
+    if emulator is not None:
+        results["payne_emulator"] = emulator
     results["machine"] = mach
     results["step_seconds"] = steps.times
     results["wall_s_this_run"] = time.monotonic() - t_start
     results["peak_rss_gb_this_run"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    write_json(out / "results.json", results)
+    write_json(folder.results, results)
     write_report(out, results)
     return results
 
 
 def collect_results(out_dir, cfg: BenchConfig, scenarios=None) -> dict:
     """The table rows from the per-step JSON files under ``out_dir``."""
-    paths = _Paths(Path(out_dir))
+    folder = BenchFolder(out_dir)
     rows = []
     for sc in scenarios or cfg.scenarios():
         for m in cfg.methods:
-            f = paths.result(m, sc)
-            if not f.is_file():
+            r = folder.read_result(m, sc.name)
+            if r is None:
                 continue
-            r = json.loads(f.read_text())
+            method = get_method(m)
             row = {"scenario": sc.name, "label": sc.label, "snr": sc.snr, "mismatch": sc.mismatch, "method": m,
                    "metric": r.get("metric"), "eval_s": r.get("eval_s")}
             row.update({k: r.get(k) for k in RESULT_FIELDS})
-            if _base(m) in MODELS:
-                meta = json.loads((paths.model(_base(m), sc) / "config.json").read_text())
+            if method.model_kind is not None:
+                meta = json.loads((folder.model(method.model_kind, sc.name) / "config.json").read_text())
                 final = meta.get("final", {})
                 row.update(train_s=final.get("time_s"), train_epochs=final.get("epoch"), train_steps=final.get("step"),
                            train_batch=meta["config"].get("batch_size"))
-                if m in MODELS:  # the leakage table reads the model's own latents
+                if method.base is None:  # the leakage table reads the model's own latents
                     row["condition_r2"] = r.get("condition_r2")
             rows.append(row)
     return {"config": _config_record(cfg), "rows": rows}

@@ -9,31 +9,26 @@ Figures (PNG, matplotlib):
 * ``training_curves.png``  validation rank-0 fraction, reconstruction error and adversary
                            accuracy against training time, from each model's ``history.csv``
 
-The published anchors (docs/science.md section 3) stand beside our rows in the table.
+Row names and the published anchors (docs/science.md section 3) beside our rows are the
+methods' own (``Method.label``, ``Method.published``); the files are found through
+``chemtwin.evaluation.bench_folder``.
 """
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
 
-# Published (rank 0, < 0.1%, < 1%) in percent, by method and SNR (docs/science.md section 3).
-ANCHORS = {
-    "fader": {math.inf: [("FaderDis 2021", (99.0, 99.8, 99.9)), ("fader 2019", (60.7, 82.3, 93.7))],
-              100.0: [("FaderDis 2021", (96.7, 99.7, 99.9))],
-              50.0: [("FaderDis 2021", (64.4, 92.7, 98.9))],
-              30.0: [("FaderDis 2021", (19.3, 55.0, 82.3))]},
-    "cae": {math.inf: [("CAE 2019", (8.1, 14.4, 24.8))]},
-    "polyres": {math.inf: [("polyres 2021", (52.1, 69.2, 80.2))], 100.0: [("polyres 2021", (37.7, 61.8, 76.7))],
-                50.0: [("polyres 2021", (11.4, 35.1, 60.6))], 30.0: [("polyres 2021", (1.8, 10.9, 30.1))]},
-}
-METHOD_NAMES = {"fader": "fader (chemtwin)", "cae": "cae (no adversary)", "oracle": "oracle (Cramer-Rao)",
-                "polyres": "polynomial residuals", "raw": "raw spectra", "cannon": "The Cannon", "payne": "The Payne",
-                "fader_twin": "fader + twin metric", "cae_twin": "cae + twin metric",
-                "polyres_twin": "polynomial residuals + twin metric"}
+from chemtwin.core.files import atomic_output
+from chemtwin.core.ranks import twin_pairs
+from chemtwin.data.dataset import open_dataset
+from chemtwin.evaluation.bench_folder import BenchFolder
+from chemtwin.evaluation.metrics import draw_rank_cdf
+from chemtwin.methods import METHODS
+from chemtwin.tagging.estimator import ChemTwin
+from chemtwin.tagging.training import read_history
+
 PIXELS_SHOWN = 256
 MAP_STARS = 1500
 
@@ -42,10 +37,21 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def label_of(method: str) -> str:
+    """The report's name of a method (its name when it is no longer registered)."""
+    return METHODS[method].label if method in METHODS else method
+
+
 def anchor_text(method: str, snr: float, mismatch: bool) -> str:
-    if mismatch:
+    if mismatch or method not in METHODS:
         return ""
-    return "; ".join(f"{name}: {a:.1f} / {b:.1f} / {c:.1f}" for name, (a, b, c) in ANCHORS.get(method, {}).get(snr, []))
+    published = METHODS[method].published.get(snr, [])
+    return "; ".join(f"{name}: {a:.1f} / {b:.1f} / {c:.1f}" for name, (a, b, c) in published)
+
+
+def _trained_models() -> list[str]:
+    """The registered methods that rank a trained model's own latents, in registry order."""
+    return [name for name, m in METHODS.items() if m.model_kind is not None and m.base is None]
 
 
 def _plt():
@@ -57,10 +63,6 @@ def _plt():
     return plt
 
 
-def _model_dir(root: Path, method: str, scenario: str) -> Path:
-    return root / "models" / f"{method}_{scenario}"
-
-
 def _reference_scenario(results: dict) -> str | None:
     """SNR inf when it was run (the paper's figures are noiseless), else the first."""
     names = [r["scenario"] for r in results["rows"]]
@@ -68,10 +70,6 @@ def _reference_scenario(results: dict) -> str | None:
 
 
 def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int = 0) -> Path | None:
-    from chemtwin.core.ranks import twin_pairs
-    from chemtwin.data.dataset import open_dataset
-    from chemtwin.tagging.estimator import ChemTwin
-
     model = ChemTwin.load(model_dir)
     with open_dataset(data_path) as ds:
         qi, tj = twin_pairs(np.asarray(ds.group))
@@ -108,19 +106,18 @@ def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int 
 
 
 def plot_rank_cdfs(root: Path, results: dict, path: Path) -> Path | None:
-    from chemtwin.evaluation.metrics import draw_rank_cdf
-
+    folder = BenchFolder(root)
     by_scenario: dict[str, list] = {}
-    bases = [m for m in METHOD_NAMES if not m.endswith("_twin")]
+    bases = [name for name, m in METHODS.items() if m.base is None]
     for r in results["rows"]:
-        f = root / "evals" / r["scenario"] / f"{r['method']}.ranks.npy"
-        if f.is_file():
-            # a twin-metric row: dashed, in its method's colour
-            base = r["method"].removesuffix("_twin")
+        ranks = folder.read_ranks(r["method"], r["scenario"])
+        if ranks is not None:
+            # a wrapped row (a learned metric): dashed, in its base method's colour
+            method = METHODS.get(r["method"])
+            base = method.base.name if method is not None and method.base is not None else r["method"]
             style = {"color": f"C{bases.index(base) % 10}" if base in bases else None,
-                     "ls": "--" if r["method"].endswith("_twin") else "-"}
-            by_scenario.setdefault(r["label"], []).append((METHOD_NAMES.get(r["method"], r["method"]),
-                                                          np.load(f, allow_pickle=False), r["n_stars"], style))
+                     "ls": "--" if base != r["method"] else "-"}
+            by_scenario.setdefault(r["label"], []).append((label_of(r["method"]), ranks, r["n_stars"], style))
     if not by_scenario:
         return None
     plt = _plt()
@@ -141,22 +138,21 @@ def plot_rank_cdfs(root: Path, results: dict, path: Path) -> Path | None:
 def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Path | None:
     from sklearn.manifold import TSNE
 
-    from chemtwin.data.dataset import open_dataset
-    from chemtwin.tagging.estimator import ChemTwin
 
-    models = [m for m in ("fader", "cae") if (_model_dir(root, m, scenario) / "model.safetensors").is_file()]
+    folder = BenchFolder(root)
+    models = [m for m in _trained_models() if (folder.model(m, scenario) / "model.safetensors").is_file()]
     if not models:
         return None
     names = ("TEFF", "LOGG", "FE_H")
     units = {"TEFF": "TEFF (K)", "LOGG": "LOGG (dex)", "FE_H": "[Fe/H] (dex)"}
-    with open_dataset(root / "data" / f"val_{scenario}.h5") as ds:
+    with open_dataset(folder.dataset("val", scenario)) as ds:
         rows = np.sort(np.random.default_rng(seed).choice(ds.n_stars, min(MAP_STARS, ds.n_stars), replace=False))
         b = ds.take(rows)
         colour = b.labels[:, ds.label_columns(names)]
         plt = _plt()
         fig, axes = plt.subplots(len(models), 3, figsize=(13, 4 * len(models)), dpi=110, squeeze=False)
         for r, m in enumerate(models):
-            model = ChemTwin.load(_model_dir(root, m, scenario))
+            model = ChemTwin.load(folder.model(METHODS[m].model_kind, scenario))
             cond = b.labels[:, ds.label_columns(model.condition)].astype(np.float32)
             z = model.transform(b.flux.astype(np.float32), b.ivar.astype(np.float32), cond)
             ok = np.isfinite(z).all(axis=1)
@@ -166,7 +162,7 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
                 ax = axes[r, c]
                 sc = ax.scatter(xy[:, 0], xy[:, 1], c=colour[ok, c], s=4, cmap="viridis", edgecolors="none")
                 fig.colorbar(sc, ax=ax, label=units[name])
-                ax.set_title(f"{METHOD_NAMES[m]} latents, coloured by {name}", fontsize=9)
+                ax.set_title(f"{label_of(m)} latents, coloured by {name}", fontsize=9)
                 ax.set_xlabel("t-SNE 1")
                 ax.set_ylabel("t-SNE 2")
     fig.suptitle("A disentangled latent shows no TEFF/LOGG structure and clear [Fe/H] structure", fontsize=10)
@@ -177,18 +173,16 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
 
 
 def _history(model_dir: Path) -> dict[str, np.ndarray]:
-    with open(model_dir / "history.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-
-    def col(name):
-        return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
-
-    return {k: col(k) for k in ("time_s", "val_rank0", "train_recon", "val_swap", "val_adv_acc", "adv_chance")}
+    rows = read_history(model_dir)
+    return {k: np.array([r.get(k, np.nan) for r in rows])
+            for k in ("time_s", "val_rank0", "train_recon", "val_swap", "val_adv_acc", "adv_chance")}
 
 
 def plot_training_curves(root: Path, results: dict, path: Path) -> Path | None:
-    runs = [(r["method"], r["scenario"], r["label"]) for r in results["rows"] if r["method"] in ("fader", "cae")
-            and (_model_dir(root, r["method"], r["scenario"]) / "history.csv").is_file()]
+    folder = BenchFolder(root)
+    trained = _trained_models()
+    runs = [(r["method"], r["scenario"], r["label"]) for r in results["rows"] if r["method"] in trained
+            and (folder.model(METHODS[r["method"]].model_kind, r["scenario"]) / "history.csv").is_file()]
     if not runs:
         return None
     plt = _plt()
@@ -196,8 +190,8 @@ def plot_training_curves(root: Path, results: dict, path: Path) -> Path | None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     scen = sorted({s for _, s, _ in runs}, key=[s for _, s, _ in runs].index)
     for m, s, label in runs:
-        h = _history(_model_dir(root, m, s))
-        kw = dict(color=colours[scen.index(s) % len(colours)], ls="-" if m == "fader" else ":", marker=".", ms=3,
+        h = _history(folder.model(METHODS[m].model_kind, s))
+        kw = dict(color=colours[scen.index(s) % len(colours)], ls="-" if trained.index(m) == 0 else ":", marker=".", ms=3,
                   label=f"{m}, {label}")
         axes[0].plot(h["time_s"], h["val_rank0"], **kw)
         axes[1].plot(h["time_s"], h["train_recon"], **kw)
@@ -223,7 +217,7 @@ def _table(results: dict) -> list[str]:
     for r in results["rows"]:
         med = "-" if r.get("median_rank") is None else f"{r['median_rank']:g}"
         train_s = "" if r.get("train_s") is None else f"{r['train_s']:.0f}"
-        lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['label']} | {_pct(r['frac_rank0'])} "
+        lines.append(f"| {label_of(r['method'])} | {r['label']} | {_pct(r['frac_rank0'])} "
                      f"| {_pct(r['frac_rank_lt_0p1pct'])} | {_pct(r['frac_rank_lt_1pct'])} | {med} | {r['n_stars']} "
                      f"| {train_s} | {anchor_text(r['method'], r['snr'], r['mismatch'])} |")
     return lines
@@ -244,7 +238,7 @@ def _disentanglement_table(results: dict) -> list[str]:
              "|---|---|" + "---|" * (len(names) * len(regs) + 2)]
     for r in rows:
         r2 = " | ".join(f"{r['condition_r2'][n][reg]:.2f}" for n in names for reg in regs)
-        lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['label']} | {r2} "
+        lines.append(f"| {label_of(r['method'])} | {r['label']} | {r2} "
                      f"| {_sci(r.get('mse_reconstruction'))} | {_sci(r.get('mse_swapped'))} |")
     return lines + [""]
 
@@ -255,15 +249,14 @@ def _sci(x) -> str:
 
 def write_report(root, results: dict) -> Path:
     """Figures into ``root/figures`` and ``root/report.md``; returns the report's path."""
-    from chemtwin.core.files import atomic_output
-
     root = Path(root)
-    figures = root / "figures"
+    folder = BenchFolder(root)
+    figures = folder.figures
     figures.mkdir(parents=True, exist_ok=True)
     ref = _reference_scenario(results)
     made = {}
-    if ref is not None and (_model_dir(root, "fader", ref) / "model.safetensors").is_file():
-        made["reconstruction"] = plot_reconstruction(_model_dir(root, "fader", ref), root / "data" / f"val_{ref}.h5",
+    if ref is not None and (folder.model("fader", ref) / "model.safetensors").is_file():
+        made["reconstruction"] = plot_reconstruction(folder.model("fader", ref), folder.dataset("val", ref),
                                                      figures / "reconstruction.png")
     made["rank_cdf"] = plot_rank_cdfs(root, results, figures / "rank_cdf.png")
     if ref is not None:
@@ -316,7 +309,7 @@ def write_report(root, results: dict) -> Path:
     for key, p in made.items():
         if p is not None:
             lines += [f"![{key}](figures/{Path(p).name})", "", f"*{captions[key]}*", ""]
-    report = root / "report.md"
+    report = folder.report
     with atomic_output(report) as tmp:
         tmp.write_text("\n".join(lines))
     return report

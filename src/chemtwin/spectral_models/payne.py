@@ -159,7 +159,7 @@ class PayneEmulator(nn.Module):
         n_labels = int(np.shape(arrays["x_min"])[0])
         if names is None:
             raise InputError(
-                f"{source}: label names missing (the file has no label_names array; pass --label-names / label_names=)"
+                f"{source}: label names missing (the file has no label_names array; pass label_names)", "label_names"
             )
         if len(names) != n_labels:
             raise InputError(f"{source}: {len(names)} label names given for an emulator of {n_labels} labels")

@@ -17,20 +17,11 @@ import numpy as np
 import torch
 
 from chemtwin.core.files import write_json
-from chemtwin.data.dataset import BaseDataset, open_dataset
+from chemtwin.data.dataset import BaseDataset, label_columns, open_dataset
+from chemtwin.data.spectra import check_spectra, pixel_weights
 from chemtwin.errors import InputError
 from chemtwin.tagging.fader import FaderConfig, FaderNet
-from chemtwin.data.spectra import check_spectra, pixel_weights
-from chemtwin.tagging.training import (
-    FORMAT,
-    ArraySource,
-    label_columns,
-    load_model,
-    pick_device,
-    read_history,
-    save_model,
-    train,
-)
+from chemtwin.tagging.training import FORMAT, ArraySource, load_model, pick_device, read_history, save_model, train
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +148,7 @@ class ChemTwin:
         wl = getattr(ds, "wavelength", None)
         if self.wavelength is not None and wl is not None and not np.allclose(wl, self.wavelength, rtol=1e-7):
             log.warning("%s: wavelength grid differs from the training data's", ds.path)
-        columns = label_columns(ds, self.condition)
+        columns = label_columns(ds, self.condition, "condition label")
         for a in range(0, ds.n_stars, batch_size):
             b = ds.read(a, min(a + batch_size, ds.n_stars))
             ok = check_spectra(np.asarray(b.flux), np.asarray(b.ivar), a, str(ds.path))

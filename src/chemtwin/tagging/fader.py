@@ -49,6 +49,7 @@ PRESETS = {
         batch_size=128, lambda_adv=1e-5, lambda_warmup_frac=0.0, epochs=100,
     ),
 }
+MODEL_KINDS = ("fader", "cae")  # cae: the fader's network with lambda = 0 (the paper's baseline)
 ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "relu": nn.ReLU}
 
 
@@ -104,8 +105,8 @@ class FaderConfig:
         self.condition = tuple(str(c) for c in ([self.condition] if isinstance(self.condition, str) else self.condition))
         for key in ("encoder_hidden", "decoder_hidden", "adversary_hidden"):
             setattr(self, key, tuple(int(h) for h in getattr(self, key)))
-        if self.model not in ("fader", "cae"):
-            raise InputError(f"unknown model {self.model!r}; choose fader or cae")
+        if self.model not in MODEL_KINDS:
+            raise InputError(f"unknown model {self.model!r}; choose {' or '.join(MODEL_KINDS)}")
         if self.model == "cae":
             self.lambda_adv = 0.0
         if int(self.latent_dim) < 1:

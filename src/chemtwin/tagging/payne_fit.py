@@ -57,8 +57,8 @@ import torch
 from chemtwin import __version__
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.core.grids import SPEED_OF_LIGHT_KMS
+from chemtwin.core.threads import torch_threads
 from chemtwin.data.dataset import open_dataset, write_star_columns
-from chemtwin.data.generate import _torch_threads
 from chemtwin.data.spectra import check_spectra, ivar_weights
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import LEAKY_SLOPE, PayneEmulator
@@ -449,7 +449,7 @@ class PayneFitter:
             return part
 
         if self.threads > 1 and rows.size > size:
-            with _torch_threads(1), ThreadPoolExecutor(self.threads) as pool:
+            with torch_threads(1), ThreadPoolExecutor(self.threads) as pool:
                 parts = list(pool.map(run, range(0, rows.size, size)))
         else:
             parts = [run(a) for a in range(0, rows.size, size)]

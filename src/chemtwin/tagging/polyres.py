@@ -40,6 +40,7 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
+from chemtwin.data.dataset import label_columns
 from chemtwin.data.spectra import check_spectra, ivar_weights
 from chemtwin.errors import InputError
 
@@ -83,21 +84,16 @@ def _array_batches(flux, ivar, cond, batch_size):
 def _dataset_batches(ds, names, batch_size):
     if isinstance(ds, (str, bytes)) or hasattr(ds, "__fspath__"):
         raise TypeError("open the dataset first")
-    cols = _label_columns(ds, names)
+    cols = label_columns(ds, names)
     for a in range(0, ds.n_stars, batch_size):
         b = ds.read(a, min(a + batch_size, ds.n_stars))
         yield a, np.asarray(b.flux), np.asarray(b.ivar), np.asarray(b.labels)[:, cols]
 
 
-def _label_columns(ds, names) -> list[int]:
-    missing = [c for c in names if c not in ds.label_names]
-    if missing:
-        raise InputError(f"{ds.path}: dataset has no label(s) {', '.join(missing)}")
-    return [list(ds.label_names).index(c) for c in names]
 
 
 def _all_labels(ds, names) -> np.ndarray:
-    cols = _label_columns(ds, names)
+    cols = label_columns(ds, names)
     labels = ds.labels() if callable(getattr(ds, "labels", None)) else ds.labels_
     return np.asarray(labels)[:, cols]
 

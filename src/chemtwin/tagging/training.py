@@ -31,11 +31,19 @@ from safetensors.torch import save_file
 
 from chemtwin import __version__
 from chemtwin.core.files import atomic_output, describe_error, write_json
-from chemtwin.data.dataset import Batch
+from chemtwin.data.dataset import Batch, label_columns
+from chemtwin.data.spectra import check_spectra, pixel_weights
 from chemtwin.errors import InputError
 from chemtwin.tagging.distributed import Ranks
-from chemtwin.tagging.fader import FaderConfig, FaderNet, adversary_loss, fit_baseline, poly_exponents, poly_features, recon_loss
-from chemtwin.data.spectra import check_spectra, pixel_weights
+from chemtwin.tagging.fader import (
+    FaderConfig,
+    FaderNet,
+    adversary_loss,
+    fit_baseline,
+    poly_exponents,
+    poly_features,
+    recon_loss,
+)
 
 log = logging.getLogger(__name__)
 FORMAT = "chemtwin-fader"
@@ -73,12 +81,6 @@ class ArraySource:
         return Batch(-1, self.flux[rows], self.ivar[rows], self._labels[rows], self.group[rows])
 
 
-def label_columns(source, condition) -> list[int]:
-    missing = [c for c in condition if c not in source.label_names]
-    if missing:
-        raise InputError(f"{source.path}: unknown condition label(s) {', '.join(missing)}; "
-                         f"the data has labels {', '.join(source.label_names) or 'none'}")
-    return [source.label_names.index(c) for c in condition]
 
 
 def split_by_group(group: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -463,8 +465,8 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
         raise InputError(f"{source.path}: the dataset holds no spectra")
 
     # ---- data: split by group, validate, statistics
-    columns = label_columns(source, cfg.condition)
-    val_cols = label_columns(val_source, cfg.condition) if val_source is not None else None
+    columns = label_columns(source, cfg.condition, "condition label")
+    val_cols = label_columns(val_source, cfg.condition, "condition label") if val_source is not None else None
     if val_source is None:
         val_mask = split_by_group(source.group, cfg.val_fraction, cfg.seed)
     else:

@@ -76,7 +76,7 @@ from chemtwin.spectral_models.lines import R_MAX, LineSynthesizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["synthesizer_jacobian", "cramer_rao_covariance", "draw_abundances", "evaluate_oracle", "GENERATOR", "RCOND"]
+__all__ = ["synthesizer_jacobian", "cramer_rao_covariance", "draw_abundances", "oracle_covariance", "GENERATOR", "RCOND"]
 
 GENERATOR = "chemtwin.lines"  # the `generator` attribute of datasets made by the embedded synthesizer
 RCOND = 1e-10  # smallest eigenvalue / largest of the scaled Fisher matrix before it counts as singular
@@ -150,7 +150,7 @@ def _map_jacobians(labels, consume, *, grid: str, batch_size: int, threads: int 
     ``consume`` runs in the worker thread, so large Jacobians never pile up."""
     from tqdm.auto import tqdm
 
-    from chemtwin.data.generate import _torch_threads
+    from chemtwin.core.threads import torch_threads
 
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
@@ -164,7 +164,7 @@ def _map_jacobians(labels, consume, *, grid: str, batch_size: int, threads: int 
             consume(rows, _batch_jacobian(synth, tensor[rows]))
             bar.update(rows.stop - rows.start)
 
-        with _torch_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
+        with torch_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(work, slices))
 
 
@@ -441,72 +441,19 @@ def _fisher_grams(ds, labels: np.ndarray, grid: str, *, jacobian_file, batch_siz
     return gram, scale, stats
 
 
-def oracle_covariance(data, *, jacobian_file=None, batch_size: int = 32, threads: int | None = None,
+def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: int | None = None,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Cramer-Rao covariance (N, 17, 17) of every star of a dataset made by ``chemtwin generate``,
-    with its true labels (N, 21) and cache statistics; the Jacobians go through ``jacobian_file``."""
-    from chemtwin.evaluation.metrics import _open
-
-    ds, close = _open(data)
-    try:
-        grid = _check_generated(ds)
-        labels = np.asarray(ds.labels(list(LABEL_NAMES)), dtype=np.float64)
-        synth_pixels = len(_synthesizer(grid, torch.float32).wavelength)
-        if ds.n_pixels != synth_pixels:
-            raise InputError(f"{ds.path}: {ds.n_pixels} pixels, but the synthesizer on grid {grid!r} has {synth_pixels}")
-        gram, scale, stats = _fisher_grams(ds, labels, grid, jacobian_file=jacobian_file, batch_size=batch_size,
-                                           threads=threads, progress=progress)
-        cov = np.full((ds.n_stars, len(CHEM_COLUMNS), len(CHEM_COLUMNS)), np.nan)
-        for a in range(0, ds.n_stars, 4096):
-            cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path))
-        return cov, labels, stats
-    finally:
-        if close:
-            ds.close()
-
-
-def evaluate_oracle(data, metric: str = "l2", *, seed: int = 0, jacobian_file=None, progress: bool = True,
-                    max_queries: int | None = None, return_ranks: bool = False, batch_size: int = 32,
-                    threads: int | None = None):
-    """The Cramer-Rao oracle row: abundances drawn at the bound, ranked in the whitened space.
-
-    ``data``: a dataset made by the embedded synthesizer (``generator`` attribute
-    ``chemtwin.lines``) with all 21 labels.  ``metric`` defaults to ``l2`` = the Mahalanobis
-    distance of the pooled noise.  ``jacobian_file``: HDF5 cache of the Fisher matrices, shared
-    by sets with the same labels (e.g. one validation set at several SNRs).  Returns the
-    standard result dict (``method`` = "oracle"; see chemtwin.evaluation.metrics) with an
-    ``oracle`` entry: the median Cramer-Rao sigma per abundance, cache statistics and timing.
-    """
-    from chemtwin.core.ranks import check_metric
-    from chemtwin.core.whitening import whitening_matrix
-    from chemtwin.data.dataset import dataset_info
-    from chemtwin.evaluation.metrics import _group, _open, _require_twins, _result, evaluate_tags
-
-    check_metric(metric)
-    ds, close = _open(data)
-    try:
-        group = _group(ds)
-        _require_twins(group, ds.path)
-        cov, labels, stats = oracle_covariance(ds, jacobian_file=jacobian_file, batch_size=batch_size,
-                                               threads=threads, progress=progress)
-        estimates = draw_abundances(labels, cov, seed)
-        tags = estimates @ whitening_matrix(cov).T
-        summary, ranks = evaluate_tags(tags, group, metric, progress=progress, max_queries=max_queries, seed=seed,
-                                       return_ranks=True)
-        sigma = np.sqrt(np.einsum("nii->ni", cov))
-        finite = np.isfinite(sigma).all(axis=1)
-        extra = {"oracle": {
-            "whitening": "pooled: inverse Cholesky factor of the mean Cramer-Rao covariance",
-            "seed": seed,
-            "n_noiseless": int((finite & (sigma == 0).all(axis=1)).sum()),
-            "sigma_median": dict(zip(CHEMICAL_LABELS, np.median(sigma[finite], axis=0).tolist()))
-            if finite.any() else None,
-            "jacobian_cache": stats,
-        }}
-        info = {"path": None, "class": "CramerRaoOracle", "grid": stats["grid"], "seed": seed,
-                "free_labels": list(LABEL_NAMES)}
-        out = _result("oracle", summary, dataset_info(ds), info, extra=extra)
-        return (out, ranks) if return_ranks else out
-    finally:
-        if close:
-            ds.close()
+    """Cramer-Rao covariance (N, 17, 17) of every star of an open dataset made by ``chemtwin
+    generate``, with its true labels (N, 21) and cache statistics; the Jacobians go through
+    ``jacobian_file``."""
+    grid = _check_generated(ds)
+    labels = np.asarray(ds.labels(list(LABEL_NAMES)), dtype=np.float64)
+    synth_pixels = len(_synthesizer(grid, torch.float32).wavelength)
+    if ds.n_pixels != synth_pixels:
+        raise InputError(f"{ds.path}: {ds.n_pixels} pixels, but the synthesizer on grid {grid!r} has {synth_pixels}")
+    gram, scale, stats = _fisher_grams(ds, labels, grid, jacobian_file=jacobian_file, batch_size=batch_size,
+                                       threads=threads, progress=progress)
+    cov = np.full((ds.n_stars, len(CHEM_COLUMNS), len(CHEM_COLUMNS)), np.nan)
+    for a in range(0, ds.n_stars, 4096):
+        cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path))
+    return cov, labels, stats
