@@ -105,7 +105,7 @@ def model_for(data: Path, model: Path | None, work: Path, seconds: float) -> Pat
     if (target / "model.safetensors").is_file():
         return target
     from chemtwin.tagging import ChemTwin
-    from chemtwin.tagging.training import ArraySource
+    from chemtwin.tagging.training_data import ArraySource
 
     with open_dataset(data) as ds:
         b = ds.read(0, min(TRAIN_ROWS, ds.n_stars))

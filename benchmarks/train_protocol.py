@@ -107,7 +107,7 @@ def main() -> None:
             cmd += ["--resume"] if k else ["--overwrite"]
             run = _train(cmd, work / f"train_{preset}.log")
             meta = json.loads((model_dir / "config.json").read_text())
-            from chemtwin.tagging.training import read_history
+            from chemtwin.tagging.model_folder import read_history
 
             hist = read_history(model_dir)
             batch = meta["config"]["batch_size"]

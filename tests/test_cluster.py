@@ -13,7 +13,12 @@ import pytest
 from chemtwin.cli import main
 from chemtwin.errors import InputError
 from chemtwin.search.cluster import (
-    _drop_small, auto_eps, cluster_latents, clustering_metrics, project_2d, scale_latents,
+    _drop_small,
+    auto_eps,
+    cluster_latents,
+    clustering_metrics,
+    project_2d,
+    scale_latents,
 )
 from chemtwin.search.latents import write_latents
 

@@ -56,7 +56,7 @@ def _untrained_model(path, wavelength):
 
     torch.manual_seed(0)
     ct = ChemTwin(latent_dim=6)
-    ct.model, ct.wavelength = FaderNet(ct.config, wavelength.size), wavelength
+    ct.model, ct.wavelength = FaderNet(ct.config.net, wavelength.size), wavelength
     return ct.save(path)
 
 
@@ -174,7 +174,7 @@ TRAIN_SCRIPT = '''
 import sys, torch
 torch.set_num_threads(1)
 from chemtwin.data.dataset import open_dataset
-from chemtwin.tagging.fader import FaderConfig
+from chemtwin.tagging.fader_config import FaderConfig
 from chemtwin.tagging.training import train
 data, root = sys.argv[1], sys.argv[2]
 # "plain": no latent BatchNorm, streamed from disk; "norm": the default latent BatchNorm, then resumed.

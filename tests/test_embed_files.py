@@ -14,12 +14,11 @@ import pytest
 import torch
 from astropy.io import fits
 from astropy.table import Table
+from test_ingest import APSTARS, APVISITS, FIXTURES, IDS, pytestmark  # noqa: F401  (skips without ../shared)
 
 from chemtwin.cli import main
 from chemtwin.data.apogee import header_labels, read_spectrum
 from chemtwin.errors import InputError
-
-from test_ingest import APSTARS, APVISITS, FIXTURES, IDS, pytestmark  # noqa: F401  (skips without ../shared)
 
 torch.set_num_threads(1)
 

@@ -1,16 +1,16 @@
 """The fader model: weights, masking, bins, presets, disentanglement, save/load."""
 
-from dataclasses import replace
+import json
 
 import numpy as np
 import pytest
 import torch
 from fake_twins import LABEL_NAMES, fake_twins
 
+from chemtwin.data.spectra import check_spectra, pixel_weights
 from chemtwin.errors import InputError
 from chemtwin.tagging import ChemTwin, FaderConfig, FaderNet
 from chemtwin.tagging.fader import recon_loss
-from chemtwin.data.spectra import check_spectra, pixel_weights
 
 torch.set_num_threads(1)
 
@@ -44,7 +44,7 @@ def test_check_spectra_rejects_nan_flux_with_row_and_flags_empty_rows():
 def test_masked_pixels_are_ignored_by_loss_and_encoder():
     cfg = FaderConfig(latent_dim=4)
     torch.manual_seed(0)
-    net = FaderNet(cfg, 50)
+    net = FaderNet(cfg.net, 50)
     coef = np.zeros((len(net.exponents), 50))
     coef[0] = 1
     net.set_statistics([3500, 0], [5500, 4], coef, np.full(50, 0.1), True, True)
@@ -63,7 +63,7 @@ def test_masked_pixels_are_ignored_by_loss_and_encoder():
 
 
 def test_joint_bins_from_training_range():
-    net = FaderNet(FaderConfig(n_cat=10, baseline_degree=0), 5)
+    net = FaderNet(FaderConfig(n_cat=10, baseline_degree=0).net, 5)
     net.set_statistics([4000, 1.0], [5000, 3.0], np.ones((1, 5)), np.ones(5), False, False)
     u = torch.tensor([[4000.0, 1.0], [4999.0, 1.0], [4000.0, 2.95], [6000.0, 9.0], [3000.0, -1.0], [4150.0, 1.45]])
     assert net.u_bins(u).tolist() == [0, 9, 90, 99, 0, 1 + 10 * 2]
@@ -71,12 +71,12 @@ def test_joint_bins_from_training_range():
 
 def test_config_presets_and_validation():
     fast, paper = FaderConfig(), FaderConfig(preset="paper", lr=3e-5)
-    assert fast.standardize and fast.lr == 3e-4 and fast.adversary_lr_factor == 5
-    assert paper.encoder_hidden == (2048, 512, 128) and paper.decoder_hidden == (512, 2048, 8192)
-    assert paper.activation == "selu" and paper.optimizer == "adam" and paper.lr == 3e-5
-    assert FaderConfig(model="cae", lambda_adv=0.5).lambda_adv == 0
+    assert fast.net.standardize and fast.optim.lr == 3e-4 and fast.optim.adversary_lr_factor == 5
+    assert paper.net.encoder_hidden == (2048, 512, 128) and paper.net.decoder_hidden == (512, 2048, 8192)
+    assert paper.net.activation == "selu" and paper.optim.optimizer == "adam" and paper.optim.lr == 3e-5
+    assert FaderConfig(model="cae", lambda_adv=0.5).optim.lambda_adv == 0
     assert FaderConfig.from_dict(paper.to_dict()) == paper
-    net = FaderNet(paper, 300)
+    net = FaderNet(paper.net, 300)
     assert [m.out_features for m in net.encoder.layers] == [2048, 512, 128, 20]
     assert [m.out_features for m in net.decoder.layers] == [512, 2048, 8192, 300]
     assert net.encoder.cond.in_features == 2 and net.decoder.cond.in_features == 2  # E(x, u), D(z, u)
@@ -86,9 +86,30 @@ def test_config_presets_and_validation():
     with pytest.raises(InputError, match="preset"):
         FaderConfig(preset="huge")
     # lambda: linear warm-up from 0, then constant
-    cfg = FaderConfig(lambda_adv=1e-2, lambda_warmup_frac=0.5)
+    cfg = FaderConfig(lambda_adv=1e-2, lambda_warmup_frac=0.5).optim
     assert cfg.lambda_at(0.0, 0) == 0 and np.isclose(cfg.lambda_at(0.25, 10), 5e-3) and cfg.lambda_at(0.9, 99) == 1e-2
-    assert FaderConfig(lambda_adv=1.0, lambda_warmup_steps=100).lambda_at(0.9, 50) == 0.5
+    assert FaderConfig(lambda_adv=1.0, lambda_warmup_steps=100).optim.lambda_at(0.9, 50) == 0.5
+
+
+# config.json's "config" of a model folder written before FaderConfig was split in parts
+OLD_LAYOUT = {"model": "cae", "preset": "paper", "condition": ["TEFF", "LOGG"], "latent_dim": 8, "n_cat": 10,
+              "encoder_hidden": [2048, 512, 128], "decoder_hidden": [512, 2048, 8192], "adversary_hidden": [512, 512],
+              "activation": "selu", "baseline_degree": 0, "encoder_direct_u": True, "film": False, "linear_skip": False,
+              "latent_norm": False, "adversary_factorized": False, "adversary_dropout": 0.0, "adversary_square": False,
+              "pca_init": False, "standardize": False, "normalize_loss": False, "lambda_adv": 0.0,
+              "lambda_warmup_frac": 0.0, "lambda_warmup_steps": None, "optimizer": "adam", "lr": 1e-05,
+              "adversary_lr_factor": 1.0, "weight_decay": 0.0, "schedule": "constant", "lr_warmup_frac": 0.03,
+              "min_lr_frac": 0.02, "batch_size": 128, "epochs": 100, "time_limit": 60.0, "seed": 3,
+              "val_fraction": 0.1, "eval_max_stars": 2000, "max_memory_gb": 4.0, "device": "auto"}
+
+
+def test_a_config_of_the_flat_layout_loads_into_its_parts_and_is_written_back_the_same():
+    cfg = FaderConfig.from_dict(json.loads(json.dumps(OLD_LAYOUT)))
+    assert cfg.model == "cae" and cfg.net.latent_dim == 8 and cfg.net.encoder_hidden == (2048, 512, 128)
+    assert cfg.optim.lr == 1e-5 and cfg.optim.batch_size == 128 and cfg.run.time_limit == 60.0 and cfg.run.seed == 3
+    assert json.loads(json.dumps(cfg.to_dict())) == OLD_LAYOUT
+    assert list(cfg.to_dict()) == list(OLD_LAYOUT)
+    assert FaderConfig.from_dict({**OLD_LAYOUT, "time_limit": "inf"}).run.time_limit == float("inf")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +153,7 @@ def test_save_load_roundtrip_gives_identical_outputs(trained, tmp_path):
     ct, z = models["fader"]
     ct.save(tmp_path / "m")
     back = ChemTwin.load(tmp_path / "m")
-    assert replace(back.config, device="auto") == ct.config
+    assert FaderConfig.from_dict({**back.config.to_dict(), "device": "auto"}) == ct.config
     np.testing.assert_array_equal(back.transform(vf, vi, vl[:, :2]), z)
     cond = {"TEFF": vl[:, 0], "LOGG": vl[:, 1]}
     np.testing.assert_array_equal(back.transform(vf, vi, cond), z)

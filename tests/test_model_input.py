@@ -13,12 +13,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 from chemtwin.cli import main
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.errors import InputError
 from chemtwin.tagging import ChemTwin
-from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 torch.set_num_threads(1)
 SMALL = dict(latent_dim=4, decoder_hidden=(16,), adversary_hidden=(8,), batch_size=32, device="cpu")

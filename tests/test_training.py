@@ -12,12 +12,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 from chemtwin.cli import main
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.errors import InputError
-from chemtwin.tagging.training import Loader, read_history, split_by_group
-from fake_twins import LABEL_NAMES, fake_twins, write_fake
+from chemtwin.tagging.model_folder import read_history
+from chemtwin.tagging.training_data import Loader, split_by_group
 
 torch.set_num_threads(1)
 FAST = ["--threads", "1"]

@@ -153,7 +153,7 @@ def _write_latents(ct, ds, out: Path, args, attrs: dict, files=None) -> None:
     from chemtwin.data.dataset import write_star_columns
 
     quiet = logging.getLogger().level > logging.INFO
-    d, n = ct.config.latent_dim, ds.n_stars
+    d, n = ct.config.net.latent_dim, ds.n_stars
     with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
         z_out = f.create_dataset("z", shape=(0, d), maxshape=(None, d), dtype="f4", chunks=(min(max(n, 1), 65536), d))
         rows_out, kept = [], 0
@@ -197,7 +197,7 @@ def _embed_sharded(ct, args) -> int:
         n = ds.n_stars
     stamp = Path(data) / MANIFEST if os.path.isdir(data) else Path(data)
     rows_per_shard = -(-max(args.shard_size, 1) // args.batch_size) * args.batch_size
-    attrs = {"model": model, "data": data, "condition": ",".join(ct.condition), "latent_dim": ct.config.latent_dim,
+    attrs = {"model": model, "data": data, "condition": ",".join(ct.condition), "latent_dim": ct.config.net.latent_dim,
              "model_kind": ct.config.model}
     plan = {"command": "embed", "model": model, "model_sha256": file_sha256(Path(model) / "model.safetensors"),
             "data": data, "data_size": stamp.stat().st_size, "data_mtime_ns": stamp.stat().st_mtime_ns,
@@ -206,7 +206,7 @@ def _embed_sharded(ct, args) -> int:
              for r in shard_ranges(n, rows_per_shard)]
     with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
         manifest, records = run_shards(args.out, "latents", plan, specs, embed_shard, client,
-                                       header={"dim": ct.config.latent_dim}, overwrite=args.overwrite,
+                                       header={"dim": ct.config.net.latent_dim}, overwrite=args.overwrite,
                                        progress=logging.getLogger().level <= logging.INFO, desc="embed")
     skipped = sum(r["skipped"] for r in records)
     if skipped:
@@ -215,7 +215,7 @@ def _embed_sharded(ct, args) -> int:
         from chemtwin.errors import InputError
 
         raise InputError(f"{data}: no row has a usable spectrum; nothing written")
-    log.info("wrote %d latents (d=%d) to %s: %d shards + %s", manifest["n_rows"], ct.config.latent_dim, args.out,
+    log.info("wrote %d latents (d=%d) to %s: %d shards + %s", manifest["n_rows"], ct.config.net.latent_dim, args.out,
              len(manifest["shards"]), MANIFEST)
     return 0
 

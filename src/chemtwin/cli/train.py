@@ -66,8 +66,9 @@ RESUMABLE = {"epochs", "time_limit", "device"}
 
 def run(args) -> int:
     from chemtwin.data.dataset import open_dataset
-    from chemtwin.tagging.fader import FaderConfig
-    from chemtwin.tagging.training import read_model_dir, train
+    from chemtwin.tagging.fader_config import FaderConfig
+    from chemtwin.tagging.model_folder import read_model_dir
+    from chemtwin.tagging.training import train
 
     if args.threads:
         import torch

@@ -30,7 +30,6 @@ checkpoint).  ``write_report`` turns ``results.json`` into ``report.md`` and the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -52,7 +51,8 @@ from chemtwin.evaluation.evaluate import evaluate
 from chemtwin.evaluation.report import write_report
 from chemtwin.methods import METHODS, Method, get_method
 from chemtwin.methods.label_fit import independent_labels
-from chemtwin.tagging.fader import MODEL_KINDS, FaderConfig
+from chemtwin.tagging.fader_config import MODEL_KINDS, FaderConfig
+from chemtwin.tagging.model_folder import model_status, read_model_dir
 from chemtwin.tagging.payne_train import train_emulator
 from chemtwin.tagging.training import train
 
@@ -214,10 +214,8 @@ def _generate(path: Path, n_pairs: int, seed: int, sc: Scenario, progress: bool)
 
 
 def _model_done(model_dir: Path) -> bool:
-    cfg_file = model_dir / "config.json"
-    if not cfg_file.is_file():
-        return False
-    return json.loads(cfg_file.read_text()).get("status") in ("finished", "stopped at the time limit")
+    status = model_status(model_dir)
+    return status is not None and status.done
 
 
 def _train(model_dir: Path, train_path: Path, val_path: Path, kind: str, cfg: BenchConfig, progress: bool) -> None:
@@ -324,7 +322,7 @@ def collect_results(out_dir, cfg: BenchConfig, scenarios=None) -> dict:
                    "metric": r.get("metric"), "eval_s": r.get("eval_s")}
             row.update({k: r.get(k) for k in RESULT_FIELDS})
             if method.model_kind is not None:
-                meta = json.loads((folder.model(method.model_kind, sc.name) / "config.json").read_text())
+                meta = read_model_dir(folder.model(method.model_kind, sc.name))
                 final = meta.get("final", {})
                 row.update(train_s=final.get("time_s"), train_epochs=final.get("epoch"), train_steps=final.get("step"),
                            train_batch=meta["config"].get("batch_size"))

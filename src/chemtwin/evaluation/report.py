@@ -27,7 +27,7 @@ from chemtwin.evaluation.bench_folder import BenchFolder
 from chemtwin.evaluation.metrics import draw_rank_cdf
 from chemtwin.methods import METHODS
 from chemtwin.tagging.estimator import ChemTwin
-from chemtwin.tagging.training import read_history
+from chemtwin.tagging.model_folder import read_history
 
 PIXELS_SHOWN = 256
 MAP_STARS = 1500

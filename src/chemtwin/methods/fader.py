@@ -105,7 +105,7 @@ def model_info(model: ChemTwin, path=None) -> dict:
     cfg = model.config
     return {"path": os.path.abspath(str(path)) if path is not None else None, "class": type(model).__name__,
             "condition": list(model.condition), "model": cfg.model, "preset": cfg.preset,
-            "latent_dim": cfg.latent_dim, "lambda_adv": cfg.lambda_adv, "seed": cfg.seed}
+            "latent_dim": cfg.net.latent_dim, "lambda_adv": cfg.optim.lambda_adv, "seed": cfg.run.seed}
 
 
 @dataclass(frozen=True)

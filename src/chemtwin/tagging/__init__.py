@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "ChemTwin": "chemtwin.tagging.estimator",
-    "FaderConfig": "chemtwin.tagging.fader",
+    "FaderConfig": "chemtwin.tagging.fader_config",
     "FaderNet": "chemtwin.tagging.fader",
     "train": "chemtwin.tagging.training",
 }

@@ -16,12 +16,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from chemtwin.core.files import write_json
 from chemtwin.data.dataset import BaseDataset, label_columns, open_dataset
 from chemtwin.data.spectra import check_spectra, pixel_weights
 from chemtwin.errors import InputError
-from chemtwin.tagging.fader import FaderConfig, FaderNet
-from chemtwin.tagging.training import FORMAT, ArraySource, load_model, pick_device, read_history, save_model, train
+from chemtwin.tagging import model_folder
+from chemtwin.tagging.fader import FaderNet
+from chemtwin.tagging.fader_config import FaderConfig
+from chemtwin.tagging.model_folder import load_model, read_history
+from chemtwin.tagging.training import pick_device, train
+from chemtwin.tagging.training_data import ArraySource
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class ChemTwin:
 
     @property
     def condition(self) -> tuple:
-        return self.config.condition
+        return self.config.net.condition
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +71,7 @@ class ChemTwin:
         with tempfile.TemporaryDirectory(prefix="chemtwin-") as tmp:
             target = Path(out_dir) if out_dir is not None else Path(tmp) / "model"
             train(source, target, self.config, val_source=val, resume=resume, overwrite=overwrite, progress=progress)
-            self.model, self.meta, self.wavelength = load_model(target, pick_device(self.config.device))
+            self.model, self.meta, self.wavelength = load_model(target, pick_device(self.config.run.device))
             self.history = read_history(target)
         return self
 
@@ -118,7 +121,7 @@ class ChemTwin:
     def transform(self, flux, ivar=None, cond=None, batch_size: int = 1024) -> np.ndarray:
         """Latents z (N, latent_dim) float32; rows whose ivar is all zero give NaN."""
         self._check()
-        return self._run(flux, ivar, cond, batch_size, self.model.encode, self.config.latent_dim)
+        return self._run(flux, ivar, cond, batch_size, self.model.encode, self.config.net.latent_dim)
 
     def reconstruct(self, flux, ivar=None, cond=None, batch_size: int = 1024) -> np.ndarray:
         """D(E(x, u), u): the model's rebuild of each spectrum (N, P)."""
@@ -131,8 +134,8 @@ class ChemTwin:
         """D(z, u): the spectrum of chemistry ``z`` at the conditioned labels ``cond`` (N, P)."""
         self._check()
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
-        if z.shape[1:] != (self.config.latent_dim,) or not np.isfinite(z).all():
-            raise InputError(f"z must be finite with shape (N, {self.config.latent_dim}), got {z.shape}")
+        if z.shape[1:] != (self.config.net.latent_dim,) or not np.isfinite(z).all():
+            raise InputError(f"z must be finite with shape (N, {self.config.net.latent_dim}), got {z.shape}")
         cond = self._cond(cond, len(z))
         parts = [self.model.decode(torch.from_numpy(z[a : a + batch_size]).to(self.device),
                                    torch.from_numpy(cond[a : a + batch_size]).to(self.device)).cpu().numpy()
@@ -156,7 +159,7 @@ class ChemTwin:
             bad = ok & ~np.isfinite(cond).all(1)
             if bad.any():
                 raise InputError(f"{ds.path}: row {a + int(np.flatnonzero(bad)[0])} has a non-finite condition label")
-            z = np.full((len(ok), self.config.latent_dim), np.nan, np.float32)
+            z = np.full((len(ok), self.config.net.latent_dim), np.nan, np.float32)
             if ok.any():
                 z[ok] = self.transform(b.flux[ok], b.ivar[ok], cond[ok], batch_size)
             yield a, z, ok
@@ -164,25 +167,14 @@ class ChemTwin:
     def embed_dataset(self, ds, batch_size: int = 1024) -> np.ndarray:
         """Latents of every star of a dataset (path or ``SpectraDataset``), read in batches."""
         parts = [z for _, z, _ in self.iter_embed(ds, batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.config.latent_dim), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.net.latent_dim), np.float32)
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory) -> Path:
         """Write config.json + model.safetensors (+ history.csv) to ``directory``."""
         self._check()
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        meta = dict(self.meta or {"format": FORMAT, "format_version": 1})
-        meta.update(config=self.config.to_dict(), n_pixels=self.model.n_pixels)
-        save_model(d, self.model, self.wavelength)
-        write_json(d / "config.json", meta)
-        if self.history:
-            from chemtwin.core.files import atomic_output
-            from chemtwin.tagging.training import HISTORY_COLUMNS, _write_rows
-
-            with atomic_output(d / "history.csv") as tmp:
-                _write_rows(tmp, [{k: r.get(k, "") for k in HISTORY_COLUMNS} for r in self.history])
-        return d
+        meta = {**self.meta, "config": self.config.to_dict(), "n_pixels": self.model.n_pixels}
+        return model_folder.save(directory, self.model, meta, self.wavelength, self.history)
 
     @classmethod
     def load(cls, directory, device: str = "cpu") -> "ChemTwin":

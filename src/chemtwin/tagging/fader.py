@@ -7,152 +7,24 @@ adversary A(z) -> logits over the joint bin of the conditioned labels u.  Losses
     L_A  = CE(A(E(x, u)), u_bin)                                             (A)
 
 updated alternately, one step each (see ``training.py``).  ``model="cae"`` is the same
-network with lambda = 0 (the paper's baseline).  ``FaderConfig`` holds every knob; the
-``preset`` fills the architecture/optimiser knobs the caller leaves unset.
+network with lambda = 0 (the paper's baseline).  The network is built from a ``NetConfig``
+(``fader_config.py``: the network, optimiser and run parts of ``FaderConfig``).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chemtwin.errors import InputError
+from chemtwin.tagging.fader_config import ACTIVATION_NAMES, NetConfig
 
-# Architecture / optimiser knobs each preset fills in when the caller leaves them None.
-PRESETS = {
-    # CPU-friendly (docs/model.md): the input is the residual from a per-pixel polynomial
-    # baseline in u; a linear encoder started at its whitened principal components; a FiLM
-    # decoder with a linear path; a small, regularised, fast adversary; AdamW + cosine.
-    "fast": dict(
-        baseline_degree=4, standardize=True, normalize_loss=True, pca_init=True,
-        encoder_hidden=(), encoder_direct_u=False, latent_norm=True,
-        decoder_hidden=(256, 256), film=True, linear_skip=True, activation="silu",
-        adversary_hidden=(64, 64), adversary_square=True, adversary_factorized=True, adversary_dropout=0.3,
-        optimizer="adamw", lr=3e-4, adversary_lr_factor=5.0, weight_decay=1e-5, schedule="cosine",
-        batch_size=64, lambda_adv=1e-2, lambda_warmup_frac=0.3, epochs=200,
-    ),
-    # The published model: MLP encoder [x; u] 2048-512-128-z, decoder [z; u] 512-2048-8192-P,
-    # SELU, Adam at lr 1e-5, a small constant lambda (1e-5), raw flux.  (The adversary's
-    # size and the batch size are not published; ours.)
-    "paper": dict(
-        baseline_degree=0, standardize=False, normalize_loss=False, pca_init=False,
-        encoder_hidden=(2048, 512, 128), encoder_direct_u=True, latent_norm=False,
-        decoder_hidden=(512, 2048, 8192), film=False, linear_skip=False, activation="selu",
-        adversary_hidden=(512, 512), adversary_square=False, adversary_factorized=False, adversary_dropout=0.0,
-        optimizer="adam", lr=1e-5, adversary_lr_factor=1.0, weight_decay=0.0, schedule="constant",
-        batch_size=128, lambda_adv=1e-5, lambda_warmup_frac=0.0, epochs=100,
-    ),
-}
-MODEL_KINDS = ("fader", "cae")  # cae: the fader's network with lambda = 0 (the paper's baseline)
-ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "relu": nn.ReLU}
-
-
-@dataclass
-class FaderConfig:
-    """Every knob of the model and its training.  ``None`` = take it from the preset."""
-
-    model: str = "fader"                      # "fader" | "cae" (cae: lambda forced to 0)
-    preset: str = "fast"                      # "fast" | "paper"
-    condition: tuple = ("TEFF", "LOGG")       # conditioned (non-chemical) labels u
-    latent_dim: int = 20
-    n_cat: int = 10                           # adversary bins per conditioned label
-    encoder_hidden: tuple | None = None
-    decoder_hidden: tuple | None = None
-    adversary_hidden: tuple | None = None
-    activation: str | None = None
-    baseline_degree: int | None = None        # per-pixel polynomial in u subtracted from x (0 = the mean spectrum)
-    encoder_direct_u: bool | None = None      # u also enters the encoder's first layer directly
-    film: bool | None = None                  # FiLM conditioning of every hidden layer on u
-    linear_skip: bool | None = None           # linear encoder/decoder paths beside the MLPs (PCA-initialised)
-    latent_norm: bool | None = None           # batch-normalise z (no affine): unit variance per dimension
-    adversary_factorized: bool | None = None  # joint logits = per-label heads + a joint head
-    adversary_dropout: float | None = None    # dropout after each hidden layer of the adversary
-    adversary_square: bool | None = None      # the adversary also sees z*z (sees u-dependent scale)
-    pca_init: bool | None = None              # start the P-sized layers at the residuals' principal components
-    standardize: bool | None = None           # divide the input residual by its per-pixel std
-    normalize_loss: bool | None = None        # divide the reconstruction term by the mean residual variance
-    lambda_adv: float | None = None           # final lambda
-    lambda_warmup_frac: float | None = None   # linear warm-up from 0 over this fraction of training
-    lambda_warmup_steps: int | None = None    # ... or over this many steps (overrides the fraction)
-    optimizer: str | None = None              # "adamw" | "adam"
-    lr: float | None = None
-    adversary_lr_factor: float | None = None  # the adversary's learning rate is lr times this
-    weight_decay: float | None = None
-    schedule: str | None = None               # "cosine" (linear warm-up, cosine decay) | "constant"
-    lr_warmup_frac: float = 0.03
-    min_lr_frac: float = 0.02                 # cosine decays to lr * min_lr_frac
-    batch_size: int | None = None
-    epochs: int | None = None
-    time_limit: float | None = None           # seconds of training in all (across resumes)
-    seed: int = 0
-    val_fraction: float = 0.1                 # of the groups, when no separate validation set
-    eval_max_stars: int = 2000                # validation stars used for the per-epoch metrics
-    max_memory_gb: float = 4.0                # train in memory below this, stream from HDF5 above
-    device: str = "auto"                      # "auto" | "cpu" | "cuda"
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise InputError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for key, value in PRESETS[self.preset].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        self.condition = tuple(str(c) for c in ([self.condition] if isinstance(self.condition, str) else self.condition))
-        for key in ("encoder_hidden", "decoder_hidden", "adversary_hidden"):
-            setattr(self, key, tuple(int(h) for h in getattr(self, key)))
-        if self.model not in MODEL_KINDS:
-            raise InputError(f"unknown model {self.model!r}; choose {' or '.join(MODEL_KINDS)}")
-        if self.model == "cae":
-            self.lambda_adv = 0.0
-        if int(self.latent_dim) < 1:
-            raise InputError(f"latent dimension must be at least 1, got {self.latent_dim}")
-        if not self.condition or len(set(self.condition)) != len(self.condition):
-            raise InputError(f"condition labels must be distinct and not empty, got {','.join(self.condition) or 'none'}")
-        checks = {
-            "n_cat": self.n_cat >= 2, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 1,
-            "lr": self.lr > 0, "lambda_adv": self.lambda_adv >= 0, "val_fraction": 0 <= self.val_fraction < 1,
-            "time_limit": self.time_limit is None or self.time_limit > 0,
-            "activation": self.activation in ACTIVATIONS, "optimizer": self.optimizer in ("adam", "adamw"),
-            "schedule": self.schedule in ("cosine", "constant"), "device": self.device in ("auto", "cpu", "cuda"),
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise InputError(f"invalid {key}: {getattr(self, key)!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FaderConfig":
-        known = {f.name for f in fields(cls)}
-        # config.json spells inf as "inf" (chemtwin.core.files.json_safe), e.g. --time-limit inf
-        return cls(**{k: float(v) if v in ("inf", "nan") else v for k, v in d.items() if k in known})
-
-    def lambda_at(self, progress: float, step: int) -> float:
-        """lambda after ``step`` steps at training ``progress`` in [0, 1]: linear warm-up, then constant."""
-        if self.lambda_warmup_steps:
-            ramp = step / self.lambda_warmup_steps
-        else:
-            ramp = progress / self.lambda_warmup_frac if self.lambda_warmup_frac > 0 else 1.0
-        return self.lambda_adv * min(1.0, ramp)
-
-    def lr_factor(self, progress: float) -> float:
-        """Multiplier of the learning rate at training ``progress`` in [0, 1]."""
-        if self.schedule == "constant":
-            return 1.0
-        if progress < self.lr_warmup_frac:
-            return (progress + 1e-3) / (self.lr_warmup_frac + 1e-3)
-        t = min(1.0, (progress - self.lr_warmup_frac) / max(1e-9, 1 - self.lr_warmup_frac))
-        return self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-
-
+# in the order of fader_config.ACTIVATION_NAMES (the names a config may give)
+ACTIVATIONS = dict(zip(ACTIVATION_NAMES, (nn.SiLU, nn.SELU, lambda: nn.LeakyReLU(0.01), nn.ReLU)))
 
 
 def _mlp(sizes, act: str) -> nn.Sequential:
@@ -263,7 +135,7 @@ class FaderNet(nn.Module):
     variance with ``normalize_loss``, else 1), which makes lambda dimensionless.
     """
 
-    def __init__(self, cfg: FaderConfig, n_pixels: int):
+    def __init__(self, cfg: NetConfig, n_pixels: int):
         super().__init__()
         k, d = len(cfg.condition), cfg.latent_dim
         self.n_cat, self.n_pixels = cfg.n_cat, n_pixels

@@ -1,0 +1,223 @@
+"""The model folder (``chemtwin train --out MODEL_DIR``): its files, read and written here only.
+
+Layout (``FORMAT`` "chemtwin-fader", ``FORMAT_VERSION`` 1; docs/model.md):
+
+* ``config.json``             ``format``, ``format_version``, ``chemtwin_version``, ``config`` (the
+                              flat ``FaderConfig.to_dict()``), ``n_pixels``, ``status`` (``Status``),
+                              ``data`` (what it was trained on) and, once finished, ``final``
+                              (the last validation metrics, epoch, step, time_s)
+* ``model.safetensors``       weights and preprocessing buffers (+ ``data.wavelength``)
+* ``checkpoint.safetensors``  weights, optimizer state, RNG state and the ``TrainState`` counters
+                              (JSON metadata in the safetensors header); written atomically at
+                              every epoch end, at the time limit and on Ctrl-C
+* ``history.csv``             one row per epoch (``HISTORY_COLUMNS``)
+
+Nothing is unpickled: safetensors and JSON only.  A folder that is not a model gives an
+InputError naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from chemtwin.core.files import atomic_output, describe_error, write_json
+from chemtwin.errors import InputError
+from chemtwin.tagging.fader import FaderNet
+from chemtwin.tagging.fader_config import FaderConfig
+
+FORMAT = "chemtwin-fader"
+FORMAT_VERSION = 1
+MODEL_FILES = ("config.json", "model.safetensors", "checkpoint.safetensors", "history.csv")
+HISTORY_COLUMNS = ("epoch", "step", "time_s", "lr", "lambda", "train_loss", "train_recon", "train_adv_ce",
+                   "train_adv_acc", "val_recon", "val_swap", "val_adv_acc", "adv_chance", "val_rank0", "val_median_rank")
+
+
+class Status(str, Enum):
+    """``config.json``'s ``status``: where training stands."""
+
+    TRAINING = "training"
+    FINISHED = "finished"                     # every epoch asked for
+    TIME_LIMIT = "stopped at the time limit"
+
+    @property
+    def done(self) -> bool:
+        return self is not Status.TRAINING
+
+
+def model_status(model_dir) -> Status | None:
+    """The training status of a model folder; None when it holds no readable config.json."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return Status(json.loads(path.read_text()).get("status"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_config(out_dir, meta: dict) -> None:
+    write_json(Path(out_dir) / "config.json", meta)
+
+
+def save(out_dir, model: FaderNet, meta: dict, wavelength=None, history=()) -> Path:
+    """A whole model folder (``ChemTwin.save``): weights, config.json (``meta`` with the format
+    fields first) and, when there is one, the training history."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model, wavelength)
+    write_config(out, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
+    if history:
+        with atomic_output(out / "history.csv") as tmp:
+            write_history(tmp, [{k: r.get(k, "") for k in HISTORY_COLUMNS} for r in history])
+    return out
+
+
+def clear(out_dir) -> None:
+    """Remove a model's files (and nothing else) from ``out_dir``."""
+    for name in MODEL_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+def save_model(out_dir: Path, model: FaderNet, wavelength=None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if wavelength is not None:
+        tensors["data.wavelength"] = torch.as_tensor(np.asarray(wavelength, dtype=np.float64))
+    with atomic_output(Path(out_dir) / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+
+
+def read_model_dir(model_dir) -> dict:
+    """config.json of a model directory; InputError when the directory is not a model."""
+    d = Path(model_dir)
+    path = d / "config.json"
+    if not d.is_dir():
+        raise InputError(f"{d}: no such model directory")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{d}: not a chemtwin model (no readable config.json)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{d}: not a chemtwin model (config.json has no format {FORMAT!r})")
+    try:
+        FaderConfig.from_dict(meta["config"])
+        if int(meta["n_pixels"]) < 1:
+            raise ValueError("n_pixels < 1")
+    except InputError as exc:
+        raise InputError(f"{d}: config.json is invalid ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{d}: config.json is invalid ({exc.__class__.__name__}: {exc})") from None
+    return meta
+
+
+def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | None]:
+    """(model, config.json contents, wavelength or None) of a trained model directory."""
+    meta = read_model_dir(model_dir)
+    cfg = FaderConfig.from_dict(meta["config"])
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        raise InputError(f"{model_dir}: not a chemtwin model (no model.safetensors; training never reached a checkpoint)")
+    model = FaderNet(cfg.net, int(meta["n_pixels"]))
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error type for truncated/garbled files
+        raise InputError(f"{model_dir}: model.safetensors is unreadable ({describe_error(exc)})") from None
+    wavelength = tensors.pop("data.wavelength", None)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise InputError(f"{model_dir}: model.safetensors does not match config.json ({describe_error(exc)})") from None
+    return model.to(device).eval(), meta, None if wavelength is None else wavelength.numpy()
+
+
+def save_checkpoint(path: Path, model, opts: dict, shuffle_state, state: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"state": state, "optim": {}}
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        scalars = {}
+        for idx, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"{name}.{idx}.{key}"] = val.detach().cpu().contiguous()
+                else:
+                    scalars[f"{idx}.{key}"] = val
+        meta["optim"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.shuffle"] = shuffle_state
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"chemtwin": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, model, opts: dict, device) -> tuple[torch.Tensor, dict]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["chemtwin"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # truncated or garbled file, or no chemtwin metadata
+        raise InputError(f"{path}: unreadable checkpoint ({describe_error(exc)})") from None
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:  # e.g. resumed on data with another number of pixels
+        raise InputError(f"{path}: the checkpoint does not fit this data and model ({describe_error(exc)})") from None
+    for name, opt in opts.items():
+        m = meta["optim"][name]
+        state: dict = {}
+        for key, val in tensors.items():
+            if key.startswith(name + "."):
+                idx, sub = key[len(name) + 1 :].split(".", 1)
+                state.setdefault(int(idx), {})[sub] = val.to(device) if sub != "step" else val
+        for key, val in m["scalars"].items():
+            idx, sub = key.split(".", 1)
+            state.setdefault(int(idx), {})[sub] = val
+        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return tensors["rng.shuffle"], meta["state"]
+
+
+def append_history(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_history(model_dir) -> list[dict]:
+    path = Path(model_dir) / "history.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def truncate_history(path: Path, step: int) -> None:
+    """Drop rows written after the checkpoint (the process died between the two)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
+    with atomic_output(path) as tmp:
+        write_history(tmp, rows)
+
+
+def write_history(path, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
