@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from chemtwin.cli.arguments import name_list, positive_int
-from chemtwin.core.files import atomic_output, prepare_output
-from chemtwin.data.dataset import open_dataset, write_star_columns
+from chemtwin.core.files import prepare_output
+from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
+from chemtwin.tagging.labels_file import write_labels
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,11 @@ def run_test(args) -> int:
         "order": model.order,
         "fit_seconds": seconds,
     }
-    path = write_labels(out, names, result, keep, group=group, star_id=star_id, attrs=attrs)
+    keep = np.asarray(keep, dtype=np.int64)
+    path = write_labels(out, names, result.labels[:, keep], result.uncertainties[:, keep],
+                        result.cov[:, keep][:, :, keep], group=group, star_id=star_id, attrs=attrs,
+                        columns={"chi2": result.chi2, "reduced_chi2": result.reduced_chi2,
+                                 "n_pixels": np.asarray(result.n_pixels, dtype=np.int64), "converged": result.converged})
     rate = n / seconds if seconds > 0 else float("nan")
     print(f"wrote {path}: {n} stars, {len(names)} labels ({' '.join(names)})")
     if n:
@@ -230,24 +235,3 @@ def run_test(args) -> int:
         )
     return 0
 
-
-def write_labels(path: Path, names, result, keep, group=None, star_id=None, attrs=None) -> Path:
-    """Write the test-step results to HDF5 atomically (layout in docs/baselines.md)."""
-    import h5py
-
-    from chemtwin import __version__
-
-    keep = np.asarray(keep, dtype=np.int64)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        h5names = np.array(names, dtype=h5py.string_dtype())
-        f.create_dataset("labels", data=result.labels[:, keep].astype(np.float32)).attrs["names"] = h5names
-        f.create_dataset("labels_err", data=result.uncertainties[:, keep].astype(np.float32)).attrs["names"] = h5names
-        f.create_dataset("covariance", data=result.cov[:, keep][:, :, keep].astype(np.float32)).attrs["names"] = h5names
-        f["chi2"] = result.chi2
-        f["reduced_chi2"] = result.reduced_chi2
-        f["n_pixels"] = np.asarray(result.n_pixels, dtype=np.int64)
-        f["converged"] = result.converged
-        write_star_columns(f, group, star_id)
-        f.attrs["chemtwin_version"] = __version__
-        f.attrs.update(attrs or {})
-    return Path(path)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import logging
 
-import h5py
-import numpy as np
+from tqdm.auto import tqdm
 
-from chemtwin.core.files import atomic_output, prepare_output
-from chemtwin.data.dataset import write_star_columns
+from chemtwin.core.files import prepare_output
 from chemtwin.errors import InputError
-from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
+from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, LatentWriter, open_latents
 from chemtwin.search.twin_metric import TwinMetric
 
 log = logging.getLogger(__name__)
@@ -41,8 +39,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from tqdm.auto import tqdm
-
     if args.chunk_rows < 1:
         raise InputError(f"--chunk-rows must be positive, got {args.chunk_rows}")
     out = prepare_output(args.out, args.overwrite)
@@ -56,19 +52,14 @@ def run(args) -> int:
         if lf.dim != len(metric.centre_):
             raise InputError(f"{args.latents}: {lf.dim}-dimensional latents, {args.train}: {len(metric.centre_)}")
         progress = logging.getLogger().level <= logging.INFO
-        with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
-            z = f.create_dataset("z", shape=(lf.n_stars, lf.dim), dtype=np.float32,
-                                 chunks=(max(1, min(lf.n_stars, DEFAULT_CHUNK_ROWS)), lf.dim))
-            for a, chunk in tqdm(lf.iter_chunks(args.chunk_rows), total=-(-lf.n_stars // args.chunk_rows),
+        with LatentWriter(out, lf.dim, lf.n_stars, overwrite=args.overwrite) as w:
+            for _, chunk in tqdm(lf.iter_chunks(args.chunk_rows), total=-(-lf.n_stars // args.chunk_rows),
                                  desc="whiten", unit="chunk", disable=not progress, leave=False):
-                z[a : a + len(chunk)] = metric.transform(chunk)
-            write_star_columns(f, lf.group, lf.star_id())
-            if lf.rows is not None:
-                f["row"] = lf.rows
-            f["twin_metric/centre"] = metric.centre_
-            f["twin_metric/whitening"] = metric.whitening_
-            f.attrs.update({k: v for k, v in lf.attrs.items() if k != "shards"})
-            f.attrs.update(twin_metric_train=str(args.train), twin_metric_groups=metric.n_groups_)
+                w.append(metric.transform(chunk))
+            w.finish(group=lf.group, star_id=lf.star_id(), row=lf.rows,
+                     arrays={"twin_metric/centre": metric.centre_, "twin_metric/whitening": metric.whitening_},
+                     attrs={**{k: v for k, v in lf.attrs.items() if k != "shards"},
+                            "twin_metric_train": str(args.train), "twin_metric_groups": metric.n_groups_})
     log.info("%d latents in the twin metric of %d training groups -> %s (search and rank them with --metric l2)",
              lf.n_stars, metric.n_groups_, out)
     return 0

@@ -1,11 +1,17 @@
-"""Reading latent files (the layout ``chemtwin embed`` writes), in chunks.
+"""The latent file (``chemtwin embed`` output): its layout, read in chunks and written here only.
 
-Layout of ``LATENTS.h5``:
+Layout of ``LATENTS.h5`` (``LAYOUT_VERSION`` 1, attribute ``layout_version``; docs/search.md):
 
 * ``z``        float32 (N, d): one latent vector per star (required)
 * ``group``    int (N,): twin-group id, >= 0 for stars of a known group, -1 unknown (optional)
 * ``labels``   float (N, L) with attribute ``names`` (optional; not used for search)
 * ``star_id``  str (N,): a unique name per star, e.g. APOGEE_ID (optional)
+* ``row``      int64 (N,): the dataset row of each latent (``chemtwin embed`` writes it; optional)
+* ``file``     str (N,): the spectrum file of each latent (embedding FITS files; optional)
+* ``twin_metric/centre``, ``twin_metric/whitening``: the metric a ``chemtwin whiten`` output is in
+* attributes: ``model``, ``data``, ``condition``, ``latent_dim``, ``model_kind`` (embed), ...
+
+This module is the one that reads and writes it (``LatentWriter``, ``write_latents``).
 
 Without ``star_id`` a star is named by its row number ("0", "1", ...).
 ``chemtwin embed --workers/--scheduler`` writes a folder of such files plus
@@ -30,6 +36,7 @@ from chemtwin.data.dataset import ShardSet, write_star_columns
 from chemtwin.errors import InputError
 
 DEFAULT_CHUNK_ROWS = 65_536
+LAYOUT_VERSION = 1  # the attribute layout_version of the files written here
 
 
 def check_finite(z: np.ndarray, source: str, row0: int = 0) -> None:
@@ -195,17 +202,64 @@ def open_latents(path: str | os.PathLike, key: str = "z") -> LatentFile | Sharde
     return ShardedLatents(path, key=key) if Path(path).is_dir() else LatentFile(path, key=key)
 
 
-def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False, row=None):
-    """Write a latent file in the layout above (atomic; used by sharded embedding, tests and benchmarks)."""
-    path = prepare_output(path, overwrite)
-    z = np.asarray(z, dtype=np.float32)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("z", data=z, chunks=(min(max(len(z), 1), 65_536), z.shape[1]) if z.size else None)
+class LatentWriter:
+    """A latent file in the layout above, written as it goes (``z`` grows with each ``append``)
+    under a temporary name and renamed into place by ``finish`` (nothing is left on error).
+
+    >>> with LatentWriter("z.h5", dim=20) as w:
+    ...     w.append(z_chunk)
+    ...     w.finish(row=rows, group=group, star_id=ids, attrs={...})
+    """
+
+    def __init__(self, path, dim: int, expected_rows: int | None = None, overwrite: bool = False):
+        self.path = prepare_output(path, overwrite)
+        self._output = atomic_output(self.path)
+        self._tmp = self._output.__enter__()
+        self._file = h5py.File(self._tmp, "w")
+        rows = min(max(expected_rows or 0, 1), DEFAULT_CHUNK_ROWS)
+        self._z = self._file.create_dataset("z", shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=(rows, dim))
+        self.n_rows = 0
+
+    def append(self, z) -> None:
+        z = np.asarray(z, dtype=np.float32)
+        self._z.resize(self.n_rows + len(z), axis=0)
+        self._z[self.n_rows :] = z
+        self.n_rows += len(z)
+
+    def finish(self, *, row=None, group=None, star_id=None, labels=None, label_names=None, files=None,
+               attrs=None, arrays=None) -> Path:
+        """The per-star columns (``row``, ``group``, ``star_id``, ``labels`` + names, source ``files``),
+        extra ``arrays`` {name: values} and file ``attrs``; then the rename."""
+        f = self._file
         if row is not None:
             f.create_dataset("row", data=np.asarray(row, dtype=np.int64))
         write_star_columns(f, group, star_id)
         if labels is not None:
             ds = f.create_dataset("labels", data=np.asarray(labels, dtype=np.float32))
             ds.attrs["names"] = np.array(list(label_names or []), dtype=h5py.string_dtype())
+        if files is not None:
+            f.create_dataset("file", data=np.asarray(files, dtype=object), dtype=h5py.string_dtype())
+        for name, values in (arrays or {}).items():
+            f[name] = values
         f.attrs.update(attrs or {})
-    return path
+        f.attrs["layout_version"] = LAYOUT_VERSION
+        f.close()
+        self._output.__exit__(None, None, None)
+        return self.path
+
+    def __enter__(self) -> "LatentWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            if self._file.id.valid:
+                self._file.close()
+            self._output.__exit__(exc_type, exc, tb)
+
+
+def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False, row=None):
+    """Write a whole latent file at once (sharded embedding, tests and benchmarks)."""
+    z = np.asarray(z, dtype=np.float32)
+    with LatentWriter(path, z.shape[1], len(z), overwrite) as w:
+        w.append(z)
+        return w.finish(row=row, group=group, star_id=star_id, labels=labels, label_names=label_names, attrs=attrs)

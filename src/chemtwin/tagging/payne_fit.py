@@ -50,17 +50,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from chemtwin import __version__
-from chemtwin.core.files import atomic_output, prepare_output
+from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import SPEED_OF_LIGHT_KMS
 from chemtwin.core.threads import torch_threads
-from chemtwin.data.dataset import open_dataset, write_star_columns
+from chemtwin.data.dataset import open_dataset
 from chemtwin.data.spectra import check_spectra, ivar_weights
 from chemtwin.errors import InputError
+from chemtwin.tagging.labels_file import write_labels
 from chemtwin.spectral_models.payne import LEAKY_SLOPE, PayneEmulator
 
 # torch's forward-mode autodiff keeps global state: one thread at a time may use it
@@ -714,31 +713,14 @@ def fit_dataset(
             "weighting": fitter.weighting,
             "rv_fitted": fitter.rv,
             "n_starts": fitter.n_starts,
-            "chemtwin_version": __version__,
             "fit_seconds": seconds,
         }
-    write_labels(out_path, result, group=group, star_id=None if star_id is None else star_id[start:stop], attrs=attrs)
+    columns = {"chi2": result.chi2, "reduced_chi2": result.reduced_chi2, "n_pixels": result.n_pixels,
+               "n_iter": result.n_iter, "converged": result.converged, "at_edge": result.at_edge}
+    if result.rv is not None:
+        columns.update(rv=result.rv, rv_err=result.rv_err)
+    write_labels(out_path, result.label_names, result.labels, result.labels_err, result.covariance, columns=columns,
+                 covariance_names=result.param_names, units={"rv": "km/s"}, group=group,
+                 star_id=None if star_id is None else star_id[start:stop], attrs=attrs)
     return out_path, result, seconds
 
-
-def write_labels(path: Path, result: FitResult, group=None, star_id=None, attrs=None) -> Path:
-    """Write a FitResult to HDF5 atomically (layout in docs/baselines.md)."""
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        names = np.array(result.label_names, dtype=h5py.string_dtype())
-        f.create_dataset("labels", data=result.labels.astype(np.float32)).attrs["names"] = names
-        f.create_dataset("labels_err", data=result.labels_err.astype(np.float32)).attrs["names"] = names
-        cov = f.create_dataset("covariance", data=result.covariance.astype(np.float32))
-        cov.attrs["names"] = np.array(result.param_names, dtype=h5py.string_dtype())
-        f["chi2"] = result.chi2
-        f["reduced_chi2"] = result.reduced_chi2
-        f["n_pixels"] = result.n_pixels
-        f["n_iter"] = result.n_iter
-        f["converged"] = result.converged
-        f["at_edge"] = result.at_edge
-        if result.rv is not None:
-            f["rv"] = result.rv
-            f["rv_err"] = result.rv_err
-            f["rv"].attrs["unit"] = "km/s"
-        write_star_columns(f, group, star_id)
-        f.attrs.update(attrs or {})
-    return Path(path)
