@@ -12,7 +12,8 @@ import pytest
 from chemtwin.cli import main
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.errors import InputError
-from chemtwin.tagging.cannon import Cannon, PolynomialVectorizer, _fit_s2, polynomial_terms
+from chemtwin.tagging.cannon import Cannon, PolynomialVectorizer, polynomial_terms
+from chemtwin.tagging.cannon.fitting import fit_s2
 
 NAMES = ["TEFF", "LOGG", "FE_H", "MG_FE"]
 CENTER = np.array([4700.0, 2.4, -0.2, 0.1])
@@ -141,7 +142,7 @@ def test_s2_is_the_likelihood_maximum():
     r2 = rng.normal(size=(n, p)) ** 2 * (1 / np.where(ivar > 0, ivar, 1) + s_true**2)
     r2[ivar == 0] = 0.0
     var_scale = (ivar > 0).sum(0) / ivar.sum(0)
-    got = _fit_s2(r2, ivar, np.zeros(p), var_scale, tol=1e-7)
+    got = fit_s2(r2, ivar, np.zeros(p), var_scale, tol=1e-7)
     for k in range(p):
         good = ivar[:, k] > 0
         v, r = 1 / ivar[good, k], r2[good, k]
