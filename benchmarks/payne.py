@@ -146,12 +146,12 @@ def main(argv=None) -> int:
             fits[name] = {**speed, **label_errors(emulator.label_names, result.labels, truth[rows]), "settings": kwargs}
             print(name, json.dumps({k: v for k, v in fits[name].items() if k != "per_label"}), flush=True)
         # with a radial velocity: the noiseless spectra shifted by known velocities
-        from chemtwin.tagging.payne_fit import PayneFitter
+        from chemtwin.tagging.payne_fit.forward import SpectrumModel
 
         velocity = np.random.default_rng(5).uniform(-50, 50, flux.shape[0])
-        shifter = PayneFitter(emulator, wavelength=wavelength, rv=True, n_candidates=1)
+        shifter = SpectrumModel(emulator, wavelength, rv=True)
         with torch.no_grad():
-            shifted = shifter._shift(torch.from_numpy(flux).double(), torch.from_numpy(velocity)).numpy()
+            shifted = shifter.shift(torch.from_numpy(flux).double(), torch.from_numpy(velocity)).numpy()
         result, speed = timed_fit(emulator, shifted, noiseless, wavelength=wavelength, rv=True)
         fits["with_rv"] = {**speed, **label_errors(emulator.label_names, result.labels, truth[rows]),
                            "rv_max_abs_error_kms": float(np.abs(result.rv - velocity).max())}

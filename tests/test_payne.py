@@ -243,7 +243,7 @@ def test_fit_recovers_noiseless_labels(fmt, rv):
     if rv:  # observed spectra at known velocities, built with the fitter's own shift
         velocity = np.random.default_rng(4).uniform(-40, 40, truth.shape[0])
         with torch.no_grad():
-            flux = fitter._shift(torch.from_numpy(flux).double(), torch.from_numpy(velocity)).numpy()
+            flux = fitter.model.shift(torch.from_numpy(flux).double(), torch.from_numpy(velocity)).numpy()
     ivar = np.full_like(flux, np.inf)  # noiseless
     result = fitter.fit(flux, ivar)
     error = np.abs(result.labels - truth)
@@ -299,8 +299,8 @@ def test_shared_fisher_is_exact():
     w[:, 20:30] = 0.0  # one mask for all
     w[1] *= 9.0  # another SNR
     w[5, 100:] = 0.5  # a star with its own weights: the general path
-    fisher = fitter._fisher(theta, w)
-    jac = fitter._full_jacobian(theta).double()
+    fisher = fitter.model.fisher(theta, w)
+    jac = fitter.model.jacobian(theta).double()
     exact = torch.einsum("rpi,rp,rpj->rij", jac, w.double(), jac)
     assert torch.allclose(fisher, exact, rtol=1e-4, atol=1e-6 * float(exact.abs().max()))
 
