@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from chemtwin.cli import main
 from chemtwin.core.threads import torch_threads
-from chemtwin.data.dataset import MANIFEST, open_dataset
+from chemtwin.data.dataset import open_dataset
 from chemtwin.data.generate import generate_dataset, generate_sharded
+from chemtwin.data.shard_folder import MANIFEST
 from chemtwin.errors import InputError
 from chemtwin.search.latents import open_latents
 

@@ -9,9 +9,9 @@ import time
 from chemtwin.cli.arguments import add_cluster_options, wants_cluster
 from chemtwin.cli.payne import add_generate_arguments, run_generate
 from chemtwin.core.grids import GRID_NAMES
-from chemtwin.data.dataset import MANIFEST
 from chemtwin.data.generate import generate_dataset, generate_sharded
 from chemtwin.data.population import RedGiantPrior
+from chemtwin.data.shard_folder import MANIFEST
 from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.data.dataset import MANIFEST, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.shard_folder import MANIFEST
 
 
 def register(subparsers) -> None:

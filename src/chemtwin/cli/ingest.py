@@ -193,7 +193,7 @@ def ingest_shard(spec: dict, path: str) -> dict:
 
 def _ingest_sharded(args, files: list[str], labels: list[str] | None) -> IngestResult:
     """Shards of ``--shard-size`` files on the Dask cluster of ``--workers``/``--scheduler``."""
-    from chemtwin.data.dataset import grid_hash
+    from chemtwin.data.shard_folder import grid_hash
     from chemtwin.data.shards import run_shards, shard_ranges
 
     files = [os.path.abspath(f) for f in files]  # the workers' working folder may differ

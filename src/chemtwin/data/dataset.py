@@ -15,35 +15,29 @@ Files are written under a temporary name and renamed when complete, so a killed
 writer never leaves a file that looks finished.
 
 A dataset may also be a **folder of shards**: HDF5 files of this layout plus
-``manifest.json`` (shard paths relative to the folder, row counts, sha256 checksums,
-the pixel grid's hash), written last by the sharded writers (``chemtwin.data.shards``).
+``manifest.json`` (``chemtwin.data.shard_folder`` owns that format), written last by the
+sharded writers (``chemtwin.data.shards``).
 ``open_dataset`` opens either; ``ShardedDataset`` reads the shards as one dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import h5py
 import numpy as np
-from tqdm.auto import tqdm
 
 from chemtwin import __version__
-from chemtwin.core.files import file_sha256, json_safe, open_hdf5, prepare_output, temporary_path, write_json
+from chemtwin.core.files import json_safe, open_hdf5, prepare_output, temporary_path
+from chemtwin.data.shard_folder import MANIFEST, ShardSet, grid_hash
 from chemtwin.errors import InputError
 
 LAYOUT_VERSION = 1
 REQUIRED = ("flux", "ivar", "wavelength", "labels", "group")
 DEFAULT_CHUNK_ROWS = 64
-MANIFEST = "manifest.json"
-SHARDS_FORMAT = "chemtwin-shards"
-OPEN_SHARDS = 32  # shard files held open at once (a folder may hold thousands)
 
 
 @dataclass
@@ -61,12 +55,6 @@ class Batch:
         return self.start + len(self.flux)
 
 
-
-
-
-
-
-
 def write_star_columns(f: h5py.File, group=None, star_id=None) -> None:
     """``group`` and ``star_id`` in the dataset's layout, for files derived row by row from a
     dataset (labels, latents), so that their stars can be matched with the dataset's."""
@@ -74,8 +62,6 @@ def write_star_columns(f: h5py.File, group=None, star_id=None) -> None:
         f["group"] = np.asarray(group, dtype=np.int64)
     if star_id is not None:
         f.create_dataset("star_id", data=np.asarray(star_id, dtype=object), dtype=h5py.string_dtype())
-
-
 
 
 def label_columns(source, names, role: str = "label") -> list[int]:
@@ -317,122 +303,6 @@ class RowRange(BaseDataset):
 
 
 # ---------------------------------------------------------------- sharded datasets
-
-
-def grid_hash(wavelength: np.ndarray) -> str:
-    """sha256 of the float64 wavelength grid: shards of one dataset share it exactly."""
-    return hashlib.sha256(np.ascontiguousarray(wavelength, dtype="<f8").tobytes()).hexdigest()
-
-
-def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``folder/manifest.json`` atomically: a reader sees no manifest or a whole one."""
-    return write_json(Path(folder) / MANIFEST, manifest, indent=1)
-
-
-def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
-    """The manifest of a shard folder of ``kind`` ('dataset' or 'latents'), its shards checked
-    to exist with the recorded sizes (cheap; ``verify_shards`` compares checksums)."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise InputError(f"{folder}: a folder without {MANIFEST}, so not a sharded {kind} "
-                         f"(an unfinished sharded run leaves none: rerun the command that wrote it)")
-    try:
-        manifest = json.loads(path.read_text())
-        shards = manifest["shards"]
-        ok = manifest.get("format") == SHARDS_FORMAT and all(
-            isinstance(s["path"], str) and int(s["rows"]) >= 0 and isinstance(s["sha256"], str) for s in shards)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
-    if not ok:
-        raise InputError(f"{path}: not a chemtwin shard manifest")
-    if manifest.get("kind") != kind:
-        raise InputError(f"{folder}: holds {manifest.get('kind')!r} shards, not a {kind}")
-    if manifest.get("layout_version", LAYOUT_VERSION) > LAYOUT_VERSION:
-        raise InputError(f"{folder}: layout version {manifest['layout_version']} is newer than this chemtwin reads ({LAYOUT_VERSION})")
-    if not shards:
-        raise InputError(f"{path}: lists no shards")
-    for s in shards:
-        shard = folder / s["path"]
-        if not shard.is_file():
-            raise InputError(f"{folder}: shard {s['path']} (listed in {MANIFEST}) is missing")
-        if "bytes" in s and shard.stat().st_size != s["bytes"]:
-            raise InputError(f"{folder}: shard {s['path']} has {shard.stat().st_size} bytes, {MANIFEST} says "
-                             f"{s['bytes']} (truncated or replaced)")
-    return manifest
-
-
-def verify_shards(folder: str | os.PathLike, manifest: dict, progress: bool = False) -> None:
-    """Compare every shard's sha256 with the manifest's; InputError naming the first that differs."""
-    for s in tqdm(manifest["shards"], desc="checksums", unit="shard", disable=not progress, leave=False):
-        if file_sha256(Path(folder) / s["path"]) != s["sha256"]:
-            raise InputError(f"{folder}: shard {s['path']} does not match its checksum in {MANIFEST} (corrupt or modified)")
-
-
-class ShardSet:
-    """A manifest's shards as one row range: offsets, a small cache of open shards (each checked
-    by ``_check`` when first opened) and validation.  Shared by sharded datasets and latents."""
-
-    kind = ""
-
-    def _init_shards(self, folder: str | os.PathLike) -> None:
-        self.path = Path(folder)
-        self.manifest = read_manifest(self.path, self.kind)
-        self.shard_names = [s["path"] for s in self.manifest["shards"]]
-        self.offsets = np.concatenate([[0], np.cumsum([int(s["rows"]) for s in self.manifest["shards"]])]).astype(np.int64)
-        self.n_stars = int(self.offsets[-1])
-        self._open: OrderedDict = OrderedDict()
-        self._first = None  # shard 0, once open: what every other shard is checked against
-
-    def _open_shard(self, path: Path):
-        raise NotImplementedError
-
-    def _check(self, k: int, shard) -> None:
-        raise NotImplementedError
-
-    def _shard_rows(self, k: int) -> int:
-        return int(self.offsets[k + 1] - self.offsets[k])
-
-    def _shard(self, k: int):
-        shard = self._open.get(k)
-        if shard is not None:
-            self._open.move_to_end(k)
-            return shard
-        try:
-            shard = self._open_shard(self.path / self.shard_names[k])
-        except InputError as exc:
-            raise InputError(f"{self.path}: shard {self.shard_names[k]}: {str(exc).split(': ', 1)[-1]}") from None
-        if self._first is None:
-            self._first = shard
-        self._check(k, shard)
-        self._open[k] = shard
-        if len(self._open) > OPEN_SHARDS:
-            evicted = self._open.popitem(last=False)[1]
-            if evicted is not self._first:
-                evicted.close()
-        return shard
-
-    def _spans(self, start: int, stop: int):
-        """(shard, local start, local stop) covering global rows [start, stop)."""
-        first = max(int(np.searchsorted(self.offsets, start, side="right")) - 1, 0)
-        for k in range(first, len(self.shard_names)):
-            a, b = self.offsets[k], self.offsets[k + 1]
-            if a >= stop:
-                break
-            if b > start:
-                yield k, int(max(start, a) - a), int(min(stop, b) - a)
-
-    def validate(self, progress: bool = False) -> None:
-        """Checksum, open and check every shard; InputError naming the first bad one."""
-        verify_shards(self.path, self.manifest, progress)
-        for k in range(len(self.shard_names)):
-            self._shard(k)
-
-    def close(self) -> None:
-        for shard in {id(s): s for s in [*self._open.values(), self._first] if s is not None}.values():
-            shard.close()
-        self._open.clear()
-        self._first = None
 
 
 class ShardedDataset(ShardSet, BaseDataset):

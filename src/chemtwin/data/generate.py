@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from chemtwin.core.files import prepare_output
 from chemtwin.core.threads import torch_threads
-from chemtwin.data.dataset import DatasetWriter, grid_hash
+from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.population import RedGiantPrior, twin_groups
+from chemtwin.data.shard_folder import grid_hash
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, check_in_range
 from chemtwin.spectral_models.linelist import load_linelist

@@ -29,8 +29,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from chemtwin import __version__
-from chemtwin.core.files import describe_error, file_sha256, json_safe, json_text, prepare_output
-from chemtwin.data.dataset import LAYOUT_VERSION, MANIFEST, SHARDS_FORMAT, write_manifest
+from chemtwin.core.files import (
+    describe_error,
+    file_sha256,
+    json_safe,
+    json_text,
+    prepare_output,
+)
+from chemtwin.data.shard_folder import (
+    FOLDER_LAYOUT_VERSION,
+    MANIFEST,
+    SHARDS_FORMAT,
+    write_manifest,
+)
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -247,7 +258,7 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
             out.rmdir()
         return None, records
     manifest = {
-        "format": SHARDS_FORMAT, "format_version": 1, "kind": kind, "layout_version": LAYOUT_VERSION,
+        "format": SHARDS_FORMAT, "format_version": 1, "kind": kind, "layout_version": FOLDER_LAYOUT_VERSION,
         "chemtwin_version": __version__, "n_rows": n_rows, **(header or {}), "plan": plan,
         "shards": [{"path": r["path"], "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records if r["rows"]],
     }

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chemtwin.core.files import file_sha256
-from chemtwin.data.dataset import MANIFEST, label_columns, open_dataset
+from chemtwin.data.dataset import label_columns, open_dataset
+from chemtwin.data.shard_folder import MANIFEST
 from chemtwin.data.shards import run_shards, shard_ranges
 from chemtwin.errors import InputError
 from chemtwin.search.latents import LatentWriter, write_latents

@@ -32,7 +32,8 @@ import h5py
 import numpy as np
 
 from chemtwin.core.files import atomic_output, open_hdf5, prepare_output
-from chemtwin.data.dataset import ShardSet, write_star_columns
+from chemtwin.data.dataset import write_star_columns
+from chemtwin.data.shard_folder import ShardSet
 from chemtwin.errors import InputError
 
 DEFAULT_CHUNK_ROWS = 65_536
