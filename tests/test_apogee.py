@@ -9,9 +9,26 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from chemtwin.core.grids import APSTAR_N_PIXELS, SPEED_OF_LIGHT_KMS, apstar_wavelength, get_grid
-from chemtwin.data.apogee import BAD_PIXEL_MASK, read_apstar, read_apvisit, read_aspcapstar, read_catalog, read_spectrum
-from chemtwin.data.preprocess import continuum_pixels, fit_continuum, normalize, preprocess
+from chemtwin.core.grids import (
+    APSTAR_N_PIXELS,
+    SPEED_OF_LIGHT_KMS,
+    apstar_wavelength,
+    get_grid,
+)
+from chemtwin.data.allstar import read_catalog
+from chemtwin.data.apogee import (
+    BAD_PIXEL_MASK,
+    read_apstar,
+    read_apvisit,
+    read_aspcapstar,
+    read_spectrum,
+)
+from chemtwin.data.preprocess import (
+    continuum_pixels,
+    fit_continuum,
+    normalize,
+    preprocess,
+)
 from chemtwin.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

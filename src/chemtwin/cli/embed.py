@@ -25,10 +25,17 @@ import h5py
 import numpy as np
 
 from chemtwin.cli.arguments import add_cluster_options, wants_cluster
-from chemtwin.cli.ingest import add_spectrum_options, check_spectrum_options, expand_inputs, ingest_files, report_errors
+from chemtwin.cli.ingest import (
+    add_spectrum_options,
+    check_spectrum_options,
+    expand_inputs,
+    ingest_files,
+    report_errors,
+)
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import GRID_NAMES, get_grid, identify_grid
-from chemtwin.data.apogee import header_labels, read_catalog
+from chemtwin.data.allstar import read_catalog
+from chemtwin.data.apogee import header_labels
 from chemtwin.data.dataset import open_dataset
 from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError

@@ -16,7 +16,8 @@ import numpy as np
 from chemtwin.cli.arguments import add_cluster_options, wants_cluster
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import GRID_NAMES, get_grid
-from chemtwin.data.apogee import read_catalog, read_spectrum
+from chemtwin.data.allstar import read_catalog
+from chemtwin.data.apogee import read_spectrum
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.preprocess import CONTINUUM_MASKS, DEFAULT_DEGREE, preprocess
 from chemtwin.data.shards import dask_client

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -115,3 +116,34 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(json_text(obj, indent) + "\n")
     return path
+
+
+class open_fits:  # noqa: N801 -- used like open(): `with open_fits(path) as hdus`
+    """``astropy.io.fits.open`` that turns every way a file can be broken into one InputError line
+    naming it (a context manager yielding the HDU list)."""
+
+    def __init__(self, path: str | os.PathLike, memmap: bool = False):
+        self.path = Path(path)
+        self.memmap = memmap
+        self.hdus = None
+
+    def __enter__(self):
+        from astropy.io import fits
+
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+                warnings.filterwarnings("error", message=".*truncated.*")
+                self.hdus = fits.open(self.path, memmap=self.memmap)
+                len(self.hdus)  # read every header now, so truncation shows here
+        except InputError:
+            raise
+        except Exception as exc:  # astropy raises OSError, ValueError, warnings-as-errors, ...
+            raise InputError(f"{self.path}: not a readable FITS file ({describe_error(exc, 120)})") from None
+        return self.hdus
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.hdus is not None:
+            self.hdus.close()
