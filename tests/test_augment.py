@@ -11,16 +11,18 @@ from chemtwin.core.grids import SPEED_OF_LIGHT_KMS, get_grid
 from chemtwin.data.augment import (
     Augmenter,
     add_noise,
-    chip_segments,
-    doppler_shift,
-    macroturbulence,
     mask_tellurics,
     persistence,
-    rotation_profile,
-    rotational_broadening,
     telluric_mask,
     telluric_windows,
     zero_bad_pixels,
+)
+from chemtwin.data.broadening import (
+    chip_segments,
+    doppler_shift,
+    macroturbulence,
+    rotation_profile,
+    rotational_broadening,
 )
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.errors import InputError

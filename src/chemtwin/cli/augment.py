@@ -6,7 +6,8 @@ import sys
 
 import numpy as np
 
-from chemtwin.data.augment import CHIP_NAMES, MACRO_KINDS, Augmenter
+from chemtwin.data.augment import CHIP_NAMES, Augmenter
+from chemtwin.data.broadening import MACRO_KINDS
 from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.errors import InputError
 
