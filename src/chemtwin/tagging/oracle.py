@@ -54,8 +54,6 @@ Details (docs/oracle.md):
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import json
 import logging
 import os
@@ -73,6 +71,12 @@ from chemtwin.data.spectra import check_ivar
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES, check_in_range
 from chemtwin.spectral_models.lines import R_MAX, LineSynthesizer
+from chemtwin.tagging.oracle_cache import (
+    read_cache,
+    star_digests,
+    synthesizer_fingerprint,
+    write_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,6 @@ VMACRO_COLUMN = LABEL_NAMES.index("VMACRO")
 _SPECTRUM_CHANGING_AUGMENTS = ("rv_max", "vsini_max", "vmacro_max", "persistence")
 # Label columns that reach the line depth: all but VMACRO, which only enters the broadening.
 LINE_COLUMNS = [k for k in range(len(LABEL_NAMES)) if k != VMACRO_COLUMN]
-CACHE_FORMAT = "chemtwin-oracle-gram-v1"
 READ_ROWS = 1024  # stars of ivar read at a time (30 MB on the ASPCAP grid)
 
 
@@ -298,76 +301,6 @@ def draw_abundances(labels, covariance, seed: int = 0) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------- cache
-@functools.lru_cache(maxsize=4)
-def synthesizer_fingerprint(grid: str) -> str:
-    """Digest of what the Jacobian depends on besides the labels: grid, synthesizer source, line list."""
-    from chemtwin.spectral_models import linelist, lines
-
-    h = hashlib.sha256()
-    h.update(grid.encode())
-    for module in (lines, linelist):
-        h.update(inspect.getsource(module).encode())
-    data = Path(linelist.__file__).parent / "data"
-    for path in sorted(data.glob("*.csv")):
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _star_digests(labels: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """(n, 16) uint8: blake2b of each star's labels (float32, as stored) and relative ivar pattern."""
-    lab = np.ascontiguousarray(labels, dtype=np.float32)
-    w = np.ascontiguousarray(weight, dtype=np.float32)
-    out = np.empty((len(lab), 16), np.uint8)
-    for n in range(len(lab)):
-        h = hashlib.blake2b(lab[n].tobytes(), digest_size=16)
-        h.update(w[n].tobytes())
-        out[n] = np.frombuffer(h.digest(), np.uint8)
-    return out
-
-
-def _read_cache(path: Path, fingerprint: str) -> dict[bytes, np.ndarray]:
-    """digest -> Gram matrix from a cache file; empty (with a log line) when absent or mismatched."""
-    import h5py
-
-    if not path.is_file():
-        return {}
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != CACHE_FORMAT or f.attrs.get("synthesizer") != fingerprint:
-                log.info("%s: made for another synthesizer or format: recomputing", path)
-                return {}
-            digest, gram = f["digest"][:], f["gram"][:]
-    except (OSError, KeyError) as exc:
-        log.warning("%s: unreadable Jacobian cache (%s): recomputing", path, exc.__class__.__name__)
-        return {}
-    return {d.tobytes(): g for d, g in zip(digest, gram)}
-
-
-def _write_cache(path: Path, fingerprint: str, grid: str, digest: np.ndarray, gram: np.ndarray) -> None:
-    import h5py
-
-    from chemtwin.core.files import temporary_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = CACHE_FORMAT
-            f.attrs["synthesizer"] = fingerprint
-            f.attrs["grid"] = grid
-            f.attrs["description"] = ("per star: Gram matrix J^T diag(ivar / max finite ivar) J of the embedded "
-                                      "synthesizer (labels in LABEL_NAMES order), keyed by a digest of the labels "
-                                      "and relative ivar pattern; see chemtwin.evaluation.oracle")
-            f.attrs["label_names"] = list(LABEL_NAMES)
-            f.create_dataset("digest", data=digest)
-            f.create_dataset("gram", data=gram)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------- evaluation
 def _check_generated(ds) -> str:
     attrs = getattr(ds, "attrs", {}) or {}
@@ -400,10 +333,10 @@ def _fisher_grams(ds, labels: np.ndarray, grid: str, *, jacobian_file, batch_siz
     for b in ds.iter_batches(read):
         rows = slice(b.start, b.start + len(b.ivar))
         scale[rows], w = _ivar_pattern(np.asarray(b.ivar), b.start, str(ds.path))
-        digest[rows] = _star_digests(labels[rows], w)
+        digest[rows] = star_digests(labels[rows], w)
     fingerprint = synthesizer_fingerprint(grid)
     cache_path = Path(jacobian_file) if jacobian_file is not None else None
-    cached = _read_cache(cache_path, fingerprint) if cache_path is not None else {}
+    cached = read_cache(cache_path, fingerprint) if cache_path is not None else {}
     gram = np.full((n, len(LABEL_NAMES), len(LABEL_NAMES)), np.nan)
     todo = np.zeros(n, bool)
     for i in range(n):
@@ -435,7 +368,7 @@ def _fisher_grams(ds, labels: np.ndarray, grid: str, *, jacobian_file, batch_siz
         stats["stars_per_s"] = round(stats["computed"] / max(stats["seconds"], 1e-9), 2)
         if cache_path is not None:
             ok = scale > 0
-            _write_cache(cache_path, fingerprint, grid, digest[ok], gram[ok])
+            write_cache(cache_path, fingerprint, grid, digest[ok], gram[ok])
     log.info("oracle: %d Fisher matrices from the cache, %d computed (%.1f s)", stats["reused"], stats["computed"],
              stats["seconds"])
     return gram, scale, stats
