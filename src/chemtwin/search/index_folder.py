@@ -1,0 +1,133 @@
+"""The twin index folder: ``index.faiss`` (FAISS's own format), ``meta.json`` and ``ids.npz``.
+
+``meta.json``: ``format`` "chemtwin-twin-index", ``format_version`` (``FORMAT_VERSION``), metric,
+kind, dim, n, the index parameters, whether star ids / groups are stored, the source latent file
+and the chemtwin / FAISS versions.  ``ids.npz`` (read with ``allow_pickle=False``): ``star_id``
+(UTF-8 bytes) and ``group`` when known.  The folder is written into a temporary sibling and
+renamed into place, so a reader never sees half of it (docs/search.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from chemtwin import __version__
+from chemtwin.core.files import json_text
+from chemtwin.errors import InputError
+
+FORMAT = "chemtwin-twin-index"
+FORMAT_VERSION = 1
+INDEX_FILE, META_FILE, IDS_FILE = "index.faiss", "meta.json", "ids.npz"
+METRICS = {"l1": faiss.METRIC_L1, "l2": faiss.METRIC_L2}
+
+
+def meta(index) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metric": index.metric,
+        "kind": index.kind,
+        "dim": index.dim,
+        "n": index.ntotal,
+        "params": {"M": index.M, "ef_construction": index.ef_construction, "ef_search": index.ef_search,
+                   "nlist": index.nlist, "nprobe": index.nprobe},
+        "has_star_id": bool(index._star_id is not None),
+        "has_group": bool(index._group is not None),
+        "source": index.source,
+        "chemtwin_version": __version__,
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+    }
+
+def save(index, folder, overwrite: bool = False) -> Path:
+    """Write ``folder/`` = index.faiss + meta.json + ids.npz of ``index``, atomically.
+
+    Everything is written into a temporary sibling folder first, which is then
+    renamed into place; an existing folder needs ``overwrite=True``.
+    """
+    index._finish()
+    if index._index is None:
+        raise InputError("cannot save an untrained, empty IVF index")
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise InputError(f"{folder} exists; pass overwrite=True to replace it", "overwrite")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} exists and is not a folder")
+    parent = folder.parent if str(folder.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {parent} is not writable")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        faiss.write_index(index._index, str(tmp / INDEX_FILE))
+        arrays = {}
+        if index._star_id is not None:
+            arrays["star_id"] = np.char.encode(index._star_id, "utf-8")
+        if index._group is not None:
+            arrays["group"] = index._group
+        np.savez(tmp / IDS_FILE, **arrays)
+        (tmp / META_FILE).write_text(json_text(index.meta()) + "\n")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+def load(cls, folder):
+    """A ``cls`` (TwinIndex) read from a folder written by :func:`save`; InputError if missing or corrupt."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such index folder")
+    for name in (INDEX_FILE, META_FILE, IDS_FILE):
+        if not (folder / name).is_file():
+            raise InputError(f"{folder}: not a chemtwin index (missing {name})")
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError("wrong format tag")
+        metric, kind, dim, n = meta["metric"], meta["kind"], int(meta["dim"]), int(meta["n"])
+        params = dict(meta.get("params") or {})
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{folder}/{META_FILE}: corrupt index metadata ({exc.__class__.__name__})") from None
+    try:
+        raw = faiss.read_index(str(folder / INDEX_FILE))
+    except RuntimeError:
+        raise InputError(f"{folder}/{INDEX_FILE}: corrupt or unreadable FAISS index") from None
+    if raw.d != dim or raw.ntotal != n or raw.metric_type != METRICS.get(metric):
+        raise InputError(f"{folder}: index.faiss (d={raw.d}, n={raw.ntotal}) disagrees with meta.json (d={dim}, n={n}, metric={metric})")
+    try:
+        with np.load(folder / IDS_FILE, allow_pickle=False) as npz:
+            star_id = npz["star_id"] if "star_id" in npz.files else None
+            group = npz["group"] if "group" in npz.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{folder}/{IDS_FILE}: corrupt ({exc.__class__.__name__})") from None
+    for name, arr in (("star_id", star_id), ("group", group)):
+        if arr is not None and arr.shape != (n,):
+            raise InputError(f"{folder}/{IDS_FILE}: {name} has {arr.shape}, expected ({n},)")
+    known = {k: params[k] for k in ("M", "ef_construction", "ef_search", "nlist", "nprobe") if params.get(k) is not None}
+    index = cls(dim, metric, kind, _faiss_index=raw, **known)
+    index._star_id = None if star_id is None else np.char.decode(star_id, "utf-8")
+    index._group = None if group is None else group.astype(np.int64)
+    index._has_ids, index._has_group = star_id is not None, group is not None
+    index.source = meta.get("source")
+    index._dirty = True
+    try:
+        index._finish()
+    except InputError as exc:
+        raise InputError(f"{folder}: {exc}") from None
+    return index
