@@ -24,6 +24,7 @@ from chemtwin.core.threads import torch_threads
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.population import RedGiantPrior, twin_groups
 from chemtwin.data.shard_folder import grid_hash
+from chemtwin.data.shards import run_shards, shard_ranges
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, check_in_range
 from chemtwin.spectral_models.linelist import load_linelist
@@ -204,8 +205,6 @@ def generate_sharded(
     """``generate_dataset`` as a folder of shards + manifest, one task per shard on the Dask
     ``client`` (in this process when None); the same rows for the same seed.  Shards hold whole
     chunks (``shard_stars`` is rounded to them).  Returns the manifest."""
-    from chemtwin.data.shards import run_shards, shard_ranges
-
     chunk_stars = chunk_stars or CHUNK_STARS
     plan = Plan(n_groups, group_size, snr, seed, grid, prior or RedGiantPrior(), chunk_stars, mismatch_seed(mismatch))
     per_shard = max(1, round(shard_stars / (plan.groups_per_chunk * group_size)))

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from tqdm.auto import tqdm
+
 from chemtwin import __version__
 from chemtwin.core.files import (
     describe_error,
@@ -229,7 +231,6 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
     out = Path(out).absolute()
     run_header = {"kind": kind, "plan": plan, "chemtwin_version": __version__, "shards": len(specs)}
     previous = _prepare(out, run_header, overwrite)
-    from tqdm.auto import tqdm
 
     jobs = [(spec, str(out / SHARD_NAME.format(k)), previous.get(k)) for k, spec in enumerate(specs)]
     records: list[dict | None] = [None] * len(specs)

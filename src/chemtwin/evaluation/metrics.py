@@ -25,9 +25,21 @@ import logging
 import math
 
 import numpy as np
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from chemtwin.core.files import json_safe
-from chemtwin.core.ranks import RankResult, check_metric, doppelganger_ranks, group_sizes
+from chemtwin.core.ranks import (
+    RankResult,
+    check_metric,
+    doppelganger_ranks,
+    group_sizes,
+)
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -133,14 +145,6 @@ def condition_leakage(z, cond, names, *, max_stars: int = 3000, folds: int = 3, 
     cross-validated R^2 of a ridge regression, 10 nearest neighbours and a small MLP, on up
     to ``max_stars`` random stars.  A disentangled latent gives R^2 near 0 (chance); the no-adversary
     baseline typically gives R^2 near 1.  Returns ``{name: {regressor: R^2}}``."""
-    from sklearn.compose import TransformedTargetRegressor
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_score
-    from sklearn.neighbors import KNeighborsRegressor
-    from sklearn.neural_network import MLPRegressor
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     z, cond = np.asarray(z, np.float64), np.asarray(cond, np.float64).reshape(len(z), -1)
     ok = np.flatnonzero(np.isfinite(z).all(1) & np.isfinite(cond).all(1))
     rng = np.random.default_rng(seed)

@@ -20,10 +20,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
+from sklearn.cluster import DBSCAN, HDBSCAN
+from sklearn.metrics import adjusted_rand_score
 
-from chemtwin.core.files import json_safe
+from chemtwin import __version__
+from chemtwin.core.files import atomic_output, json_safe, prepare_output, temporary_path
+from chemtwin.data.dataset import write_star_columns
 from chemtwin.errors import InputError
+from chemtwin.search.index import TwinIndex
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,6 @@ def scale_latents(z: np.ndarray, scale: str = "none") -> np.ndarray:
 
 def knn_distance(z: np.ndarray, k: int, metric: str = "l1") -> np.ndarray:
     """Distance of every star to its k-th nearest neighbour, the star itself counted first."""
-    from chemtwin.search.index import TwinIndex
-
     index = TwinIndex.build(np.asarray(z, dtype=np.float32), metric=metric)
     k = int(min(max(k, 1), len(z)))
     dist, _ = index.search(np.asarray(z, dtype=np.float32), k)
@@ -133,8 +137,6 @@ def cluster_latents(
     params = {"method": method, "metric": metric, "scale": scale, "min_cluster_size": int(min_cluster_size),
               "min_samples": None if min_samples is None else int(min_samples)}
     if method == "hdbscan":
-        from sklearn.cluster import HDBSCAN
-
         if selection not in ("eom", "leaf"):
             raise InputError(f"unknown cluster selection '{selection}' (choose eom or leaf)")
         if len(x) < 2:
@@ -148,8 +150,6 @@ def cluster_latents(
         prob = np.asarray(model.probabilities_, dtype=np.float32)
         params["selection"] = selection
     else:
-        from sklearn.cluster import DBSCAN
-
         ms = int(min_samples if min_samples is not None else min_cluster_size)
         if eps is None:
             raise InputError("dbscan needs eps (a radius in latent units, or 'auto')", "eps")
@@ -281,7 +281,6 @@ def clustering_metrics(
         out["completeness"] = float("nan")
         out["n_recovered"] = 0
         out["recovered_fraction"] = float("nan")
-    from sklearn.metrics import adjusted_rand_score
 
     found = labels.copy()
     noise = np.flatnonzero(~clustered)
@@ -342,7 +341,6 @@ def plot_clusters(z, labels, path, group=None, title: str = "", max_points: int 
     fig.suptitle((title or "clusters") + note)
     fig.tight_layout()
     path = Path(path)
-    from chemtwin.core.files import temporary_path
 
     tmp = temporary_path(path)
     try:
@@ -359,11 +357,6 @@ def write_clusters(path, result: ClusterResult, star_id=None, group=None, metric
     """Write CLUSTERS.h5: ``cluster`` int64 (N,) (-1 noise), ``probability`` float32 (N,),
     ``star_id`` and ``group`` copied from the latent file when present; attributes
     ``params`` and ``metrics`` (JSON), ``method``, ``n_clusters``, ``source``."""
-    import h5py
-
-    from chemtwin import __version__
-    from chemtwin.core.files import atomic_output, prepare_output
-    from chemtwin.data.dataset import write_star_columns
 
     path = prepare_output(path, overwrite)
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:

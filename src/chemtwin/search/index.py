@@ -29,6 +29,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from chemtwin.errors import InputError
 from chemtwin.search import index_folder
@@ -274,8 +275,6 @@ class TwinIndex:
             chunks = lf.iter_chunks(chunk_rows)
             n_chunks = math.ceil(lf.n_stars / chunk_rows)
             if progress and n_chunks > 2:
-                from tqdm import tqdm
-
                 chunks = tqdm(chunks, total=n_chunks, desc="indexing", unit="chunk", leave=False)
             for a, z in chunks:
                 index.add(z, lf.star_id(a, a + len(z)), None if group is None else group[a : a + len(z)])

@@ -35,7 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chemtwin.core.grids import APSTAR_LOG10_START, APSTAR_LOG10_STEP, SPEED_OF_LIGHT_KMS, get_grid
+from chemtwin.core.grids import (
+    APSTAR_LOG10_START,
+    APSTAR_LOG10_STEP,
+    SPEED_OF_LIGHT_KMS,
+    get_grid,
+)
 from chemtwin.spectral_models.labels import (
     ELEMENTS,
     LABEL_NAMES,
@@ -71,10 +76,6 @@ CO_K_OFFSET = 0.77
 LSF_SIGMA_KMS = SPEED_OF_LIGHT_KMS / 22500.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 THERMAL_KMS2_PER_K_AMU = 2 * 1.380649e-23 / 1.66054e-27 / 1e6  # 2kT/m in (km/s)^2 per (K / amu)
 LORENTZ_HWHM_KMS = 2.0
-
-
-def _element_index(species: str) -> int:
-    return list(SOLAR_A).index(species)
 
 
 class LineSynthesizer(torch.nn.Module):

@@ -66,7 +66,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwad
+from tqdm.auto import tqdm
 
+from chemtwin.core.threads import torch_threads
 from chemtwin.data.spectra import check_ivar
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES, check_in_range
@@ -151,9 +153,6 @@ def _map_jacobians(labels, consume, *, grid: str, batch_size: int, threads: int 
     batches spread over ``threads`` threads (torch releases the GIL; intra-op threads are set to 1
     meanwhile, as in chemtwin.data.generate.synthesize, because small batches gain nothing from them).
     ``consume`` runs in the worker thread, so large Jacobians never pile up."""
-    from tqdm.auto import tqdm
-
-    from chemtwin.core.threads import torch_threads
 
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
@@ -325,8 +324,6 @@ def _fisher_grams(ds, labels: np.ndarray, grid: str, *, jacobian_file, batch_siz
 
     Two streaming passes over ivar, block by block (memory stays at one block): digests
     first, then the Jacobians of the stars the cache does not hold."""
-    from tqdm.auto import tqdm
-
     n, read = ds.n_stars, READ_ROWS
     scale = np.empty(n)
     digest = np.empty((n, 16), np.uint8)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from chemtwin.data.dataset import open_dataset
 from chemtwin.data.spectra import check_spectra
@@ -93,8 +94,6 @@ def train_emulator(
 
     The spectra are held in memory (on ``device``); the emulator comes back on the CPU.
     """
-    from tqdm.auto import tqdm
-
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     if hidden < 1 or batch_size < 1:

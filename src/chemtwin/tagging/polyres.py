@@ -39,8 +39,10 @@ import logging
 from itertools import combinations_with_replacement
 
 import numpy as np
+from scipy.linalg.blas import ssyrk
+from tqdm.auto import tqdm
 
-from chemtwin.data.dataset import label_columns
+from chemtwin.data.dataset import label_columns, open_dataset
 from chemtwin.data.spectra import check_spectra, ivar_weights
 from chemtwin.errors import InputError
 
@@ -99,7 +101,6 @@ def _all_labels(ds, names) -> np.ndarray:
 
 
 def _open(data):
-    from chemtwin.data.dataset import open_dataset
 
     if isinstance(data, str) or hasattr(data, "__fspath__"):
         return open_dataset(data), True
@@ -189,8 +190,6 @@ class PolyResiduals:
                 ds.close()
 
     def _fit(self, batches, cond_all, source, progress=False) -> "PolyResiduals":
-        from tqdm.auto import tqdm
-
         if len(cond_all) == 0:
             raise InputError(f"{source}: no training spectra")
         self.label_mean_ = cond_all.mean(axis=0)
@@ -225,7 +224,6 @@ class PolyResiduals:
             log.warning("%d pixels have no unmasked training star: residual 0 there", int((~self.pixel_ok_).sum()))
         self.coef_ = coef.T.copy()
         # pass 2: residual covariance
-        from scipy.linalg.blas import ssyrk
 
         total = np.zeros(p)
         cross = np.zeros((p, p))  # upper triangle of sum r^T r
@@ -281,7 +279,6 @@ class PolyResiduals:
         ds, close = _open(data)
         try:
             parts = []
-            from tqdm.auto import tqdm
 
             for a, flux, ivar, cond in tqdm(_dataset_batches(ds, self.condition, self.batch_size),
                                             total=-(-ds.n_stars // self.batch_size), desc="polyres tags",
