@@ -46,12 +46,14 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Check that ``path`` may be written; raise InputError otherwise."""
+def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = False) -> Path:
+    """Check that ``path`` (a file, or a folder when ``folder``) may be written; InputError otherwise."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass overwrite=True to replace it", "overwrite")
-    if path.is_dir():
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{path} exists and is not a folder")
+    if not folder and path.is_dir():
         raise InputError(f"{path} is a directory")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from chemtwin import __version__
-from chemtwin.core.files import json_text
+from chemtwin.core.files import json_text, prepare_output
 from chemtwin.errors import InputError
 
 FORMAT = "chemtwin-twin-index"
@@ -54,16 +54,7 @@ def save(index, folder, overwrite: bool = False) -> Path:
     index._finish()
     if index._index is None:
         raise InputError("cannot save an untrained, empty IVF index")
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise InputError(f"{folder} exists; pass overwrite=True to replace it", "overwrite")
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder} exists and is not a folder")
-    parent = folder.parent if str(folder.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {parent} is not writable")
+    folder = prepare_output(folder, overwrite, folder=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
