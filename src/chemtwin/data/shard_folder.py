@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from chemtwin import __version__
 from chemtwin.core.files import file_sha256, write_json
 from chemtwin.errors import InputError
 
 FOLDER_LAYOUT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "chemtwin-shards"
 OPEN_SHARDS = 32  # shard files held open at once (a folder may hold thousands)
@@ -31,6 +33,14 @@ OPEN_SHARDS = 32  # shard files held open at once (a folder may hold thousands)
 def grid_hash(wavelength: np.ndarray) -> str:
     """sha256 of the float64 wavelength grid: shards of one dataset share it exactly."""
     return hashlib.sha256(np.ascontiguousarray(wavelength, dtype="<f8").tobytes()).hexdigest()
+
+
+def new_manifest(kind: str, shards: list[dict], **fields) -> dict:
+    """A manifest of ``kind`` listing ``shards`` (dicts with path, rows, bytes, sha256), with this
+    module's format stamps and ``fields`` (the writer's header, plan, row count, ...)."""
+    return {"format": SHARDS_FORMAT, "format_version": MANIFEST_FORMAT_VERSION, "kind": kind,
+            "layout_version": FOLDER_LAYOUT_VERSION, "chemtwin_version": __version__, **fields,
+            "shards": [{key: s[key] for key in ("path", "rows", "bytes", "sha256")} for s in shards]}
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:

@@ -39,9 +39,8 @@ from chemtwin.core.files import (
     prepare_output,
 )
 from chemtwin.data.shard_folder import (
-    FOLDER_LAYOUT_VERSION,
     MANIFEST,
-    SHARDS_FORMAT,
+    new_manifest,
     write_manifest,
 )
 from chemtwin.errors import InputError
@@ -258,11 +257,7 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
         if not any(out.iterdir()):
             out.rmdir()
         return None, records
-    manifest = {
-        "format": SHARDS_FORMAT, "format_version": 1, "kind": kind, "layout_version": FOLDER_LAYOUT_VERSION,
-        "chemtwin_version": __version__, "n_rows": n_rows, **(header or {}), "plan": plan,
-        "shards": [{"path": r["path"], "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records if r["rows"]],
-    }
+    manifest = new_manifest(kind, [r for r in records if r["rows"]], n_rows=n_rows, **(header or {}), plan=plan)
     write_manifest(out, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     return manifest, records
