@@ -132,6 +132,11 @@ def test_info_rejects_corrupt_and_foreign_files(tmp_path, capsys):
         f["data"] = np.arange(3)
     assert main(["info", str(foreign)]) == 2
     assert "not a chemtwin dataset (missing flux" in capsys.readouterr().err
+    newer = generate_dataset(tmp_path / "newer.h5", n_groups=2, progress=False)
+    with h5py.File(newer, "a") as f:  # a file from a future chemtwin: refused, not misread
+        f.attrs["layout_version"] = 2
+    assert main(["info", str(newer)]) == 2
+    assert "layout version 2 is newer than this chemtwin reads (1)" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope.h5")]) == 2
     assert "no such file" in capsys.readouterr().err
 

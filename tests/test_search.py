@@ -213,6 +213,11 @@ def test_bad_build_inputs(tmp_path):
         f["latent"] = np.ones((3, 2))
     with pytest.raises(InputError, match="no latent array 'z'"):
         open_latents(tmp_path / "noz.h5")
+    newer = write_latents(tmp_path / "newer.h5", np.ones((3, 2), np.float32))
+    with h5py.File(newer, "a") as f:
+        f.attrs["layout_version"] = 2
+    with pytest.raises(InputError, match="layout version 2 is newer"):
+        open_latents(newer)
     with h5py.File(tmp_path / "badgroup.h5", "w") as f:
         f["z"] = np.ones((3, 2), np.float32)
         f["group"] = np.ones(4, np.int64)

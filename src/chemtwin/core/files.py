@@ -63,15 +63,21 @@ def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = Fals
     return path
 
 
-def open_hdf5(path: Path) -> h5py.File:
-    """``path`` opened read-only; InputError when it is missing or not an HDF5 file."""
+def open_hdf5(path: Path, layout_version: int | None = None) -> h5py.File:
+    """``path`` opened read-only; InputError when it is missing, not an HDF5 file, or (given the
+    ``layout_version`` this chemtwin reads) written in a newer layout."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as exc:
         raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+    found = f.attrs.get("layout_version", 0)
+    if layout_version is not None and (not np.isscalar(found) or not np.isfinite(found) or found > layout_version):
+        f.close()
+        raise InputError(f"{path}: layout version {found} is newer than this chemtwin reads ({layout_version})")
+    return f
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:

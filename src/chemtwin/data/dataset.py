@@ -211,7 +211,7 @@ class SpectraDataset(BaseDataset):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = open_hdf5(self.path)
+        self._file = open_hdf5(self.path, LAYOUT_VERSION)
         f = self._file
         missing = [name for name in REQUIRED if name not in f]
         if missing:

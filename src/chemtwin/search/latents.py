@@ -85,7 +85,7 @@ class LatentFile(_Latents):
     def __init__(self, path: str | os.PathLike, key: str = "z"):
         self.path = Path(path)
         self.key = key
-        self._file = open_hdf5(self.path)
+        self._file = open_hdf5(self.path, LAYOUT_VERSION)
         f = self._file
         try:
             if key not in f or not isinstance(f[key], h5py.Dataset):
