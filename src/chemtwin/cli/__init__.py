@@ -15,6 +15,7 @@ import re
 import sys
 
 from chemtwin import __version__
+from chemtwin.core.files import describe_error
 from chemtwin.errors import InputError
 
 # Modules in chemtwin.cli, in the order their commands appear in --help.
@@ -77,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except InputError as exc:
         print(f"chemtwin {args.command}: error: {flag_message(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The machine, not chemtwin: a full disk, a file too large, a name too long, no permission.
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"chemtwin {args.command}: error: {where}{exc.strerror or describe_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"chemtwin {args.command}: error: not enough memory for this input", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"chemtwin {args.command}: interrupted", file=sys.stderr)

@@ -24,12 +24,23 @@ def _checked(text: str, convert: Callable[[str], float], is_valid: Callable[[flo
     return value
 
 
+# Every count, size and index of chemtwin fits in 32 bits (a dataset of 2^31 stars would not fit
+# a disk); larger values are typos or attacks, refused before any work.
+COUNT_LIMIT = 2**31 - 1
+# Seeds go to numpy and torch generators; torch takes at most 64 bits, and seed + k is used.
+SEED_LIMIT = 2**63 - 1
+
+
 def positive_int(text: str) -> int:
-    return _checked(text, int, lambda value: value >= 1, "a positive integer")
+    return _checked(text, int, lambda value: 1 <= value <= COUNT_LIMIT, "a positive integer below 2^31")
 
 
 def non_negative_int(text: str) -> int:
-    return _checked(text, int, lambda value: value >= 0, "a non-negative integer")
+    return _checked(text, int, lambda value: 0 <= value <= COUNT_LIMIT, "a non-negative integer below 2^31")
+
+
+def seed(text: str) -> int:
+    return _checked(text, int, lambda value: 0 <= value <= SEED_LIMIT, "a seed from 0 to 2^63 - 1")
 
 
 def positive_float(text: str) -> float:
@@ -64,11 +75,11 @@ def name_list(values: list[str] | None) -> list[str] | None:
 def add_cluster_options(p, unit: str, default_size: int) -> None:
     """``--workers``, ``--scheduler``, ``--shard-size`` and ``--connect-timeout`` of a command."""
     g = p.add_argument_group("scale-out with Dask (docs/distributed.md); OUT is then a folder of shards + manifest.json")
-    g.add_argument("--workers", type=int, metavar="N",
+    g.add_argument("--workers", type=positive_int, metavar="N",
                    help="run on a local Dask cluster of N worker processes, one thread each")
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://10.0.0.1:8786; its workers must see OUT at the same path")
-    g.add_argument("--shard-size", type=int, default=default_size, metavar="N",
+    g.add_argument("--shard-size", type=positive_int, default=default_size, metavar="N",
                    help=f"{unit} per shard, one task each (default {default_size})")
     g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="give up on an unreachable --scheduler after this long (default 10)")

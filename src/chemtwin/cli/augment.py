@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from chemtwin.cli.arguments import positive_int, seed
 from chemtwin.data.augment import CHIP_NAMES, Augmenter
 from chemtwin.data.broadening import MACRO_KINDS
 from chemtwin.data.dataset import DatasetWriter, open_dataset
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", metavar="IN.h5", help="dataset to augment")
     p.add_argument("output", metavar="OUT.h5", help="augmented dataset to write")
-    p.add_argument("--seed", type=int, required=True, help="random seed")
+    p.add_argument("--seed", type=seed, required=True, help="random seed")
     p.add_argument("--snr", metavar="S|LO:HI", help="add Gaussian noise to reach SNR S per pixel, or log-uniform in [LO, HI]")
     p.add_argument("--rv-max", type=float, default=0.0, metavar="KMS", help="Doppler shift uniform in [-KMS, KMS] km/s")
     p.add_argument("--vsini-max", type=float, default=0.0, metavar="KMS", help="rotational broadening, vsini uniform in [0, KMS] km/s")
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--bad-pixel-frac", type=float, default=0.0, metavar="F", help="fraction of pixels set to flux 0, ivar 0")
     p.add_argument("--persistence", type=float, default=0.0, metavar="A", help="persistence-like line dilution, amplitude uniform in [0, A]")
     p.add_argument("--persistence-chip", default="green", choices=CHIP_NAMES, help="chip that gets persistence (default green, where the DR17 files flag it)")
-    p.add_argument("--batch-size", type=int, default=512, help="spectra per batch (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="spectra per batch (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p.set_defaults(func=run)
 
@@ -56,8 +57,6 @@ def parse_snr(text: str | None):
 def run(args) -> int:
     from tqdm import tqdm
 
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be >= 1")
     augmenter = Augmenter(
         snr=parse_snr(args.snr), rv_max=args.rv_max, vsini_max=args.vsini_max, limb_darkening=args.limb_darkening,
         vmacro_max=args.vmacro_max, macro_kind=args.macro, telluric=args.telluric, telluric_rv_max=args.telluric_rv_max,
@@ -76,12 +75,16 @@ def run(args) -> int:
         with DatasetWriter(args.output, wavelength, ds.label_names, attrs=attrs, overwrite=args.overwrite,
                            with_star_id=star_id is not None, expected_rows=ds.n_stars) as writer:
             bar = tqdm(total=ds.n_stars, desc="augment", unit="spectrum", disable=args.quiet or None, file=sys.stderr)
+            usable = 0
             for batch in ds.iter_batches(args.batch_size):
+                usable += int((batch.ivar > 0).any(axis=1).sum())
                 rng = np.random.default_rng([args.seed, batch.start])
                 flux, ivar = augmenter(batch.flux, batch.ivar, wavelength, rng)
                 ids = None if star_id is None else star_id[batch.start : batch.stop]
                 writer.append(flux, ivar, batch.labels, batch.group, ids)
                 bar.update(len(batch.flux))
             bar.close()
+            if usable == 0:  # inside the writer: its temporary file goes, nothing is left
+                raise InputError(f"{args.input}: no row has a usable spectrum (every ivar is 0); nothing written")
     print(f"wrote {args.output}: {ds.n_stars} augmented spectra (seed {args.seed})")
     return 0

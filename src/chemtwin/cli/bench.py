@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from chemtwin.cli.arguments import positive_int, seed
 from chemtwin.errors import InputError
 from chemtwin.evaluation.bench import BenchConfig, bench_methods, run_bench
 
@@ -37,8 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("out", metavar="OUT_DIR", help="folder for data, models, results and the report")
     p.add_argument("--quick", action="store_true",
                    help="small sets (1,000/300 pairs), 15 s of training per model: minutes on 2 CPU cores")
-    p.add_argument("--n-train-pairs", type=int, default=None, help="training twin pairs per scenario (default 25000)")
-    p.add_argument("--n-val-pairs", type=int, default=None, help="validation twin pairs per scenario (default 12500)")
+    p.add_argument("--n-train-pairs", type=positive_int, default=None, help="training twin pairs per scenario (default 25000)")
+    p.add_argument("--n-val-pairs", type=positive_int, default=None, help="validation twin pairs per scenario (default 12500)")
     p.add_argument("--snr", default=None, help="comma-separated SNRs to run (default inf,100,50,30)")
     p.add_argument("--mismatch-snr", default=None,
                    help="SNR of the observed-like scenario made with perturbed atomic data (default 100; 'none' "
@@ -48,11 +49,11 @@ def register(subparsers) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="training time per model and scenario (default 1800; quick 15)")
     p.add_argument("--preset", choices=("fast", "paper"), default=None, help="model preset (default fast)")
-    p.add_argument("--latent-dim", type=int, default=None, help="latent dimension (default 20)")
+    p.add_argument("--latent-dim", type=positive_int, default=None, help="latent dimension (default 20)")
     p.add_argument("--metric", default=None, help="latent distance: l1 (default), l2 or cosine")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=None, help="random seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to train (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over when OUT_DIR holds a run with other settings (its data and models are deleted)")
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from chemtwin.cli.arguments import positive_fraction
+from chemtwin.cli.arguments import positive_fraction, positive_int
 from chemtwin.core.files import prepare_output, write_json
 from chemtwin.errors import InputError
 from chemtwin.search.cluster import (
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("latents", help="latent file (.h5 with z (N,d), optional group, star_id)")
     p.add_argument("--out", required=True, help="output CLUSTERS.h5 (cluster, probability, star_id, group)")
     p.add_argument("--method", choices=METHODS, default="hdbscan", help="clustering algorithm (default hdbscan)")
-    p.add_argument("--min-cluster-size", type=int, default=5, help="smallest cluster reported (default 5)")
-    p.add_argument("--min-samples", type=int, default=None,
+    p.add_argument("--min-cluster-size", type=positive_int, default=5, help="smallest cluster reported (default 5)")
+    p.add_argument("--min-samples", type=positive_int, default=None,
                    help="neighbours (self included) for a core point; default = --min-cluster-size")
     p.add_argument("--eps", default=None, help="dbscan: neighbourhood radius in latent units, or 'auto' "
                    "(the knee of the sorted distances to the min-samples-th neighbour)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chemtwin.cli.arguments import add_cluster_options, wants_cluster
+from chemtwin.cli.arguments import add_cluster_options, positive_int, wants_cluster
 from chemtwin.cli.ingest import (
     add_spectrum_options,
     check_spectrum_options,
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                    help="spectrum files: allStar-style table giving the condition labels by APOGEE_ID (default: each "
                         "file's header: TEFF/LOGG/FE_H, else the RV pipeline's RV_TEFF... (apStar) or RVTEFF... (apVisit))")
     add_spectrum_options(p, grid_default=None, grid_help="spectrum files: wavelength grid (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=1024, help="spectra per batch (default 1024)")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="spectra per batch (default 1024)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to run the encoder (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing LATENTS.h5")
     add_cluster_options(p, "stars (rounded up to whole batches)", 65536)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from chemtwin.cli.arguments import non_negative_int, positive_int, seed
 from chemtwin.core.files import prepare_output, write_json
 from chemtwin.core.ranks import check_metric
 from chemtwin.errors import InputError
@@ -78,7 +79,7 @@ def register(subparsers) -> None:
                         "metric defaults to l2)")
     p.add_argument("--emulator", metavar="EMU.npz",
                    help="payne: the emulator to fit with (default: train one on --train, see --time-limit)")
-    p.add_argument("--train-stars", type=int, default=5000, metavar="N",
+    p.add_argument("--train-stars", type=positive_int, default=5000, metavar="N",
                    help="cannon / payne: training stars used at most (default 5000; plus 1000 held out for the whitening)")
     p.add_argument("--time-limit", type=float, default=300.0, metavar="S",
                    help="payne without --emulator: seconds of emulator training (default 300)")
@@ -87,14 +88,14 @@ def register(subparsers) -> None:
                         "labels (e.g. one validation set at several SNRs); written if missing or stale")
     p.add_argument("--latents", metavar="LATENTS.h5",
                    help="rank-only evaluation of a latent file (`chemtwin embed` output, with `z` and `group`)")
-    p.add_argument("--degree", type=int, default=4, help="polyres: polynomial degree (default 4)")
-    p.add_argument("--components", type=int, default=50, help="polyres: principal components kept (default 50)")
+    p.add_argument("--degree", type=non_negative_int, default=4, help="polyres: polynomial degree (default 4)")
+    p.add_argument("--components", type=positive_int, default=50, help="polyres: principal components kept (default 50)")
     p.add_argument("--condition", default="TEFF,LOGG",
                    help="polyres: comma-separated labels the polynomial uses (default TEFF,LOGG)")
-    p.add_argument("--max-queries", type=int, default=None, metavar="N",
+    p.add_argument("--max-queries", type=positive_int, default=None, metavar="N",
                    help="rank only N randomly chosen query stars (each against all stars); default all")
-    p.add_argument("--seed", type=int, default=0, help="seed for --max-queries (default 0)")
-    p.add_argument("--batch-size", type=int, default=1024, help="spectra per batch (default 1024)")
+    p.add_argument("--seed", type=seed, default=0, help="seed for --max-queries (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="spectra per batch (default 1024)")
     p.add_argument("--device", default="cpu", help="model device: cpu (default), cuda or auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.json")
     p.set_defaults(func=run)

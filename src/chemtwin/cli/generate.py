@@ -6,7 +6,12 @@ import logging
 import math
 import time
 
-from chemtwin.cli.arguments import add_cluster_options, wants_cluster
+from chemtwin.cli.arguments import (
+    add_cluster_options,
+    positive_int,
+    seed,
+    wants_cluster,
+)
 from chemtwin.cli.payne import add_generate_arguments, run_generate
 from chemtwin.core.grids import GRID_NAMES
 from chemtwin.data.generate import generate_dataset, generate_sharded
@@ -29,8 +34,8 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("out", help="output dataset (.h5); written under a temporary name and renamed when complete")
-    p.add_argument("--n-groups", type=int, default=1000, help="number of twin groups (default 1000)")
-    p.add_argument("--group-size", type=int, default=2, help="stars per group; 2 gives the paper's pairs (default 2)")
+    p.add_argument("--n-groups", type=positive_int, default=1000, help="number of twin groups (default 1000)")
+    p.add_argument("--group-size", type=positive_int, default=2, help="stars per group; 2 gives the paper's pairs (default 2)")
     p.add_argument("--snr", type=float, default=math.inf,
                    help="signal-to-noise per pixel: Gaussian noise of sigma 1/SNR, ivar = SNR^2 (default inf: no noise, ivar = inf)")
     p.add_argument("--grid", choices=GRID_NAMES, default="aspcap",
@@ -39,13 +44,13 @@ def register(subparsers) -> None:
                    help="uniform TEFF range in K (default 4000 5500; valid 3500-6500)")
     p.add_argument("--logg", type=float, nargs=2, metavar=("MIN", "MAX"), default=(1.0, 3.5),
                    help="uniform LOGG range (default 1.0 3.5; valid 0-4.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="synthesis threads (default: up to 2)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed; the same seed gives the same file (default 0)")
+    p.add_argument("--threads", type=positive_int, default=None, help="synthesis threads (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--mismatch", action="store_true",
                    help="'observed-like' spectra: the synthesizer with wrong atomic data (log gf jitter of 0.1 dex "
                         "per line, 10%% of the lines removed); same labels as without it")
-    p.add_argument("--mismatch-seed", type=int, default=None, metavar="N",
+    p.add_argument("--mismatch-seed", type=seed, default=None, metavar="N",
                    help="seed of the perturbed line list (default 0: every --mismatch file shares one list)")
     add_cluster_options(p, "stars", 8192)
     add_generate_arguments(p)  # --emulator and its options (chemtwin.cli.payne)

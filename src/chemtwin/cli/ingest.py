@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from chemtwin.cli.arguments import add_cluster_options, wants_cluster
+from chemtwin.cli.arguments import add_cluster_options, non_negative_int, wants_cluster
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import GRID_NAMES, get_grid
 from chemtwin.data.allstar import read_catalog
@@ -53,7 +53,7 @@ def add_spectrum_options(p, grid_default, grid_help) -> None:
     p.add_argument("--file-list", metavar="TXT", help="a text file with one spectrum path per line (for very many files)")
     p.add_argument("--grid", default=grid_default, choices=GRID_NAMES, help=grid_help)
     p.add_argument("--continuum", default="dr17", choices=CONTINUUM_MASKS, help="continuum-pixel mask for the normalization (default: dr17)")
-    p.add_argument("--degree", type=int, default=DEFAULT_DEGREE, help=f"Chebyshev degree of the per-chip continuum (default: {DEFAULT_DEGREE})")
+    p.add_argument("--degree", type=non_negative_int, default=DEFAULT_DEGREE, help=f"Chebyshev degree of the per-chip continuum (default: {DEFAULT_DEGREE})")
     p.add_argument("--row", default="combined", help="apStar row: combined (default), global, visitK, or an index")
     p.add_argument("--min-good", type=float, default=0.5, help="skip spectra with a smaller fraction of usable pixels (default: 0.5)")
     p.add_argument("--keep-flagged", action="store_true", help="keep stars flagged STAR_BAD (ASPCAPFLAG bit 23) in the catalogue")
@@ -65,8 +65,11 @@ def expand_inputs(patterns: list[str], file_list: str | None) -> list[str]:
     if file_list:
         if not os.path.isfile(file_list):
             raise InputError(f"--file-list {file_list}: no such file")
-        with open(file_list) as fh:
-            items += [line.strip() for line in fh if line.strip() and not line.lstrip().startswith("#")]
+        try:
+            with open(file_list, encoding="utf-8") as fh:
+                items += [line.strip() for line in fh if line.strip() and not line.lstrip().startswith("#")]
+        except (UnicodeDecodeError, OSError) as exc:
+            raise InputError(f"--file-list {file_list}: not a readable text file of paths ({exc.__class__.__name__})") from None
     paths: list[str] = []
     for item in items:
         if glob.has_magic(item) and not os.path.exists(item):

@@ -16,7 +16,14 @@ import sys
 
 import numpy as np
 
-from chemtwin.cli.arguments import fraction_below_one, name_list, positive_float, positive_int
+from chemtwin.cli.arguments import (
+    fraction_below_one,
+    name_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
 
@@ -47,7 +54,7 @@ def register(subparsers) -> None:
     t.add_argument("--loss", choices=("auto", "ivar", "mse"), default="auto",
                    help="ivar-weighted or plain squared error; auto = mse for noiseless data (ivar inf), else ivar")
     t.add_argument("--max-stars", type=positive_int, default=None, help="train on the first N stars only")
-    t.add_argument("--seed", type=int, default=0, help="seed of the split, initialization and batch order (default 0)")
+    t.add_argument("--seed", type=seed, default=0, help="seed of the split, initialization and batch order (default 0)")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, ...")
     t.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", default=None, help="also write the training report (history, validation errors) here")
@@ -69,7 +76,7 @@ def register(subparsers) -> None:
     f.add_argument("--starts", type=positive_int, default=2,
                    help="starting points per star (default 2: two linear guesses; a third is the best screened "
                         "candidate, more are random offsets from the first guess)")
-    f.add_argument("--retries", type=int, default=3,
+    f.add_argument("--retries", type=non_negative_int, default=3,
                    help="rounds of restarts for stars whose reduced chi2 is over 10x the median (default 3; 0: none)")
     f.add_argument("--candidates", type=positive_int, default=2048,
                    help="label vectors screened to pick the starting points (default 2048)")
@@ -81,7 +88,7 @@ def register(subparsers) -> None:
     f.add_argument("--batch-size", type=positive_int, default=128, help="stars fitted together (default 128)")
     f.add_argument("--threads", type=positive_int, default=None,
                    help="batches of stars fitted in parallel, one torch thread each (default: up to 2)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the screening candidates (default 0)")
+    f.add_argument("--seed", type=seed, default=0, help="seed of the screening candidates (default 0)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     f.set_defaults(func=run_fit)
     p.set_defaults(func=lambda args: _missing_subcommand(p))

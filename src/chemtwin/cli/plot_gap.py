@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chemtwin.cli.arguments import positive_int, seed
 from chemtwin.core.files import prepare_output, temporary_path
 from chemtwin.core.grids import convert, get_grid, identify_grid
 from chemtwin.data.dataset import open_dataset
@@ -29,9 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("synthetic", metavar="SYN.h5", help="synthetic (or augmented) dataset")
     p.add_argument("real", metavar="REAL.h5", help="real dataset (e.g. from `chemtwin ingest`)")
     p.add_argument("--out", required=True, metavar="PNG", help="figure to write")
-    p.add_argument("--max-spectra", type=int, default=1000, help="at most this many spectra from each file (random, default 1000; t-SNE time grows fast with it)")
+    p.add_argument("--max-spectra", type=positive_int, default=1000, help="at most this many spectra from each file (random, default 1000; t-SNE time grows fast with it)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (lowered automatically for few spectra)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the subsample and t-SNE")
+    p.add_argument("--seed", type=seed, default=0, help="seed for the subsample and t-SNE")
     p.add_argument("--overwrite", action="store_true", help="replace PNG if it exists")
     p.set_defaults(func=run)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.cli.arguments import positive_int
+from chemtwin.cli.arguments import positive_int, seed
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.index import (
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--nprobe", type=positive_int, default=None, help="ivf: cells visited per query (default nlist/16, at least 16)")
     p.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS, help=f"stars read per chunk (default {DEFAULT_CHUNK_ROWS})")
     p.add_argument("--threads", type=positive_int, default=None, help="FAISS threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the ivf training sample and k-means (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the ivf training sample and k-means (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_index)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from chemtwin.cli.arguments import non_negative_float, non_negative_int
+from chemtwin.cli.arguments import non_negative_float, non_negative_int, seed
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--lambda-warmup", type=non_negative_float, default=None,
                    help="fraction of training over which lambda rises linearly from 0 (default: the preset's)")
     p.add_argument("--n-cat", type=non_negative_int, default=None, help="adversary bins per conditioned label (default 10)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=None, help="random seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to train (default auto)")
     p.add_argument("--threads", type=non_negative_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--val-fraction", type=non_negative_float, default=None,

@@ -15,6 +15,7 @@ import logging
 
 from tqdm.auto import tqdm
 
+from chemtwin.cli.arguments import positive_int
 from chemtwin.core.files import prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, LatentWriter, open_latents
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--train", required=True, metavar="TRAIN_LATENTS.h5",
                    help="latents with twin groups (`group`) to learn the metric from")
     p.add_argument("--out", required=True, metavar="OUT.h5", help="whitened latent file to write")
-    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="latents per read (default 65536)")
+    p.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS, help="latents per read (default 65536)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5")
     p.set_defaults(func=run)
 

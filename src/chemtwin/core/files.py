@@ -15,8 +15,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import warnings
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
@@ -27,9 +29,24 @@ from chemtwin.errors import InputError
 
 
 def temporary_path(path: Path) -> Path:
-    """Name a file is written under before the atomic rename to ``path``."""
+    """Name a file is written under before the atomic rename to ``path``.  Temporary files of
+    ``path`` left by a process that no longer runs (killed with SIGKILL, power cut) are deleted."""
     path = Path(path)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # somebody else's process, or not ours to judge: leave its file alone
+    return True
 
 
 @contextmanager
@@ -63,6 +80,16 @@ def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = Fals
     return path
 
 
+def check_free_space(path: str | os.PathLike, n_bytes: float, what: str) -> None:
+    """InputError, before any work, when ``what`` (about ``n_bytes``) cannot fit where ``path`` goes."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if n_bytes > free:
+        raise InputError(f"{path}: {what} needs about {n_bytes / 1e9:.3g} GB, {folder} has {free / 1e9:.3g} GB free")
+
+
 def open_hdf5(path: Path, layout_version: int | None = None) -> h5py.File:
     """``path`` opened read-only; InputError when it is missing, not an HDF5 file, or (given the
     ``layout_version`` this chemtwin reads) written in a newer layout."""
@@ -73,11 +100,55 @@ def open_hdf5(path: Path, layout_version: int | None = None) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
-    found = f.attrs.get("layout_version", 0)
-    if layout_version is not None and (not np.isscalar(found) or not np.isfinite(found) or found > layout_version):
+    try:
+        found = f.attrs.get("layout_version", 0)
+    except (OSError, RuntimeError, KeyError, TypeError) as exc:
+        f.close()
+        raise InputError(f"{path}: unreadable file attributes (damaged file? {exc.__class__.__name__})") from None
+    if layout_version is not None and (not isinstance(found, (int, np.integer)) or found > layout_version):
         f.close()
         raise InputError(f"{path}: layout version {found} is newer than this chemtwin reads ({layout_version})")
     return f
+
+
+def check_dataset(f: h5py.File, name: str, path, kind: str = "") -> h5py.Dataset:
+    """``f[name]`` as a dataset held in this file: InputError naming ``path`` when it is a group,
+    a soft or external link, stored in another file (external storage, a virtual dataset), or
+    (given ``kind``, numpy dtype kinds such as "f" or "iu"; "U" for strings) of another type."""
+    try:
+        link = f.get(name, getlink=True)
+        node = f[name] if isinstance(link, h5py.HardLink) else None
+        if node is not None and not isinstance(node, h5py.Dataset):
+            raise InputError(f"{path}: {name} is a group, not a dataset")
+        outside = node is None or bool(node.external) or node.is_virtual
+        dtype = None if node is None else node.dtype
+    except InputError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: dataset {name} is unreadable (damaged file? {exc.__class__.__name__})") from None
+    if outside:
+        raise InputError(f"{path}: dataset {name} is a link or stored outside the file; chemtwin reads only data "
+                         "held in the file itself")
+    if kind == "U":
+        ok = h5py.check_string_dtype(dtype) is not None
+    else:
+        ok = not kind or dtype.kind in kind
+    if not ok:
+        raise InputError(f"{path}: dataset {name} has dtype {dtype}, expected "
+                         + {"f": "floating point", "iu": "integers", "U": "strings"}.get(kind, kind))
+    return node
+
+
+def read_hdf5(f: h5py.File, name: str, rows, path) -> np.ndarray:
+    """``f[name][rows]`` (strings decoded for string datasets); a damaged file (h5py's OSError,
+    KeyError, RuntimeError, ...) is an InputError naming ``path`` and the dataset."""
+    try:
+        node = f[name]
+        if h5py.check_string_dtype(node.dtype) is not None:
+            return node.asstr()[rows].astype(str)
+        return node[rows]
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: dataset {name} is unreadable (damaged file? {exc.__class__.__name__})") from None
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -31,8 +31,16 @@ import h5py
 import numpy as np
 
 from chemtwin import __version__
-from chemtwin.core.files import json_safe, open_hdf5, prepare_output, temporary_path
+from chemtwin.core.files import (
+    check_dataset,
+    json_safe,
+    open_hdf5,
+    prepare_output,
+    read_hdf5,
+    temporary_path,
+)
 from chemtwin.data.shard_folder import MANIFEST, ShardSet, grid_hash
+from chemtwin.data.spectra import check_spectra
 from chemtwin.errors import InputError
 
 LAYOUT_VERSION = 1
@@ -212,11 +220,25 @@ class SpectraDataset(BaseDataset):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file = open_hdf5(self.path, LAYOUT_VERSION)
+        try:
+            self._check_layout()
+        except BaseException:
+            self._file.close()
+            raise
+        try:
+            self.label_names = [str(x.decode() if isinstance(x, bytes) else x) for x in self._file["labels"].attrs["names"]]
+            self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._file.attrs.items()}
+        except (UnicodeDecodeError, OSError, RuntimeError, KeyError, TypeError) as exc:
+            self._file.close()
+            raise InputError(f"{self.path}: unreadable label names or attributes ({exc.__class__.__name__})") from None
+
+    def _check_layout(self) -> None:
         f = self._file
         missing = [name for name in REQUIRED if name not in f]
         if missing:
-            self._file.close()
             raise InputError(f"{self.path}: not a chemtwin dataset (missing {', '.join(missing)})")
+        for name in REQUIRED + (("star_id",) if "star_id" in f else ()):
+            check_dataset(f, name, self.path, kind="U" if name == "star_id" else "iu" if name == "group" else "f")
         n, p = f["flux"].shape if f["flux"].ndim == 2 else (-1, -1)
         consistent = (
             f["ivar"].shape == (n, p)
@@ -224,19 +246,23 @@ class SpectraDataset(BaseDataset):
             and f["labels"].ndim == 2
             and f["labels"].shape[0] == n
             and f["group"].shape == (n,)
+            and ("star_id" not in f or f["star_id"].shape == (n,))
             and "names" in f["labels"].attrs
             and len(f["labels"].attrs["names"]) == f["labels"].shape[1]
         )
         if not consistent:
-            self._file.close()
             raise InputError(f"{self.path}: corrupt chemtwin dataset (array shapes disagree)")
         self.n_stars, self.n_pixels = int(n), int(p)
-        self.label_names = [str(x.decode() if isinstance(x, bytes) else x) for x in f["labels"].attrs["names"]]
-        self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        wavelength = self._read_array("wavelength", slice(None))
+        if not (np.isfinite(wavelength).all() and (np.diff(wavelength) > 0).all()):
+            raise InputError(f"{self.path}: the wavelength grid is not finite and increasing")
+
+    def _read_array(self, name: str, rows):
+        return read_hdf5(self._file, name, rows, self.path)
 
     @property
     def wavelength(self) -> np.ndarray:
-        return self._file["wavelength"][:]
+        return self._read_array("wavelength", slice(None))
 
     @property
     def has_star_id(self) -> bool:
@@ -244,20 +270,16 @@ class SpectraDataset(BaseDataset):
 
     def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of one per-row array (flux, ivar, labels, group, star_id)."""
-        if name == "star_id":
-            return self._file["star_id"].asstr()[start:stop]
-        return self._file[name][start:stop]
+        return self._read_array(name, slice(start, stop))
 
     def read(self, start: int = 0, stop: int | None = None) -> Batch:
+        """Rows [start, stop), checked against the spectrum contract (data/spectra.py): NaN or
+        negative ivar and NaN/inf flux under ivar > 0 are InputErrors naming the row."""
         stop = self.n_stars if stop is None else min(stop, self.n_stars)
-        f = self._file
-        return Batch(
-            start=start,
-            flux=f["flux"][start:stop],
-            ivar=f["ivar"][start:stop],
-            labels=f["labels"][start:stop],
-            group=f["group"][start:stop],
-        )
+        rows = slice(start, stop)
+        batch = Batch(start, *(self._read_array(name, rows) for name in _BATCH_FIELDS))
+        check_spectra(batch.flux, batch.ivar, start, str(self.path))
+        return batch
 
     def take(self, rows: np.ndarray) -> Batch:
         """Arbitrary rows (sorted internally, returned in the order asked)."""
@@ -266,8 +288,8 @@ class SpectraDataset(BaseDataset):
         sorted_rows = rows[order]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        f = self._file
-        parts = [f[name][sorted_rows][inverse] for name in ("flux", "ivar", "labels", "group")]
+        parts = [self._read_array(name, sorted_rows)[inverse] for name in _BATCH_FIELDS]
+        check_spectra(parts[0], parts[1], 0, str(self.path))
         return Batch(-1, *parts)
 
     def close(self) -> None:

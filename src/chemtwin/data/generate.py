@@ -14,16 +14,18 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chemtwin.core.files import prepare_output
+from chemtwin.core.files import check_free_space, prepare_output
+from chemtwin.core.grids import get_grid
 from chemtwin.core.threads import torch_threads
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.population import RedGiantPrior, twin_groups
-from chemtwin.data.shard_folder import grid_hash
+from chemtwin.data.shard_folder import MANIFEST, grid_hash
 from chemtwin.data.shards import run_shards, shard_ranges
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, check_in_range
@@ -155,6 +157,7 @@ def generate_dataset(
     plan = Plan(n_groups, group_size, snr, seed, grid, prior or RedGiantPrior(), chunk_stars or CHUNK_STARS,
                 mismatch_seed(mismatch))
     prepare_output(path, overwrite)
+    check_free_space(path, dataset_bytes(n_groups * group_size, grid), f"{n_groups * group_size} spectra")
     threads = threads or min(2, os.cpu_count() or 1)
     synth = make_synthesizer(grid, plan.mismatch)
     with DatasetWriter(path, synth.wavelength, LABEL_NAMES, attrs=plan.attrs, overwrite=overwrite,
@@ -165,6 +168,11 @@ def generate_dataset(
             writer.append(flux, ivar, labels, group)
             bar.update(len(labels))
     return str(path)
+
+
+def dataset_bytes(n_stars: int, grid: str) -> int:
+    """Size of a generated dataset on disk: float32 flux and ivar per pixel, labels, group (uncompressed)."""
+    return n_stars * (8 * get_grid(grid).n_pixels + 4 * len(LABEL_NAMES) + 8)
 
 
 @lru_cache(maxsize=4)
@@ -207,6 +215,7 @@ def generate_sharded(
     chunks (``shard_stars`` is rounded to them).  Returns the manifest."""
     chunk_stars = chunk_stars or CHUNK_STARS
     plan = Plan(n_groups, group_size, snr, seed, grid, prior or RedGiantPrior(), chunk_stars, mismatch_seed(mismatch))
+    check_free_space(Path(folder) / MANIFEST, dataset_bytes(n_groups * group_size, grid), f"{n_groups * group_size} spectra")
     per_shard = max(1, round(shard_stars / (plan.groups_per_chunk * group_size)))
     specs = [{"plan": plan, "chunks": r, "threads": threads} for r in shard_ranges(plan.n_chunks, per_shard)]
     wavelength = _synthesizer(grid).wavelength

@@ -50,7 +50,7 @@ def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
 
 def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
     """The manifest of a shard folder of ``kind`` ('dataset' or 'latents'), its shards checked
-    to exist with the recorded sizes (cheap; ``verify_shards`` compares checksums)."""
+    to exist with the recorded sizes (cheap; ``ShardSet`` compares a shard's checksum when it first reads it)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -59,9 +59,12 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
     try:
         manifest = json.loads(path.read_text())
         shards = manifest["shards"]
-        ok = manifest.get("format") == SHARDS_FORMAT and all(
-            isinstance(s["path"], str) and int(s["rows"]) >= 0 and isinstance(s["sha256"], str) for s in shards)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        version = manifest.get("layout_version", FOLDER_LAYOUT_VERSION)
+        ok = (manifest.get("format") == SHARDS_FORMAT and isinstance(shards, list)
+              and isinstance(version, int) and not isinstance(version, bool)
+              and all(isinstance(s["path"], str) and isinstance(s["rows"], int) and s["rows"] >= 0
+                      and isinstance(s["sha256"], str) and isinstance(s.get("bytes", 0), int) for s in shards))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
     if not ok:
         raise InputError(f"{path}: not a chemtwin shard manifest")
@@ -71,21 +74,24 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
         raise InputError(f"{folder}: layout version {manifest['layout_version']} is newer than this chemtwin reads ({FOLDER_LAYOUT_VERSION})")
     if not shards:
         raise InputError(f"{path}: lists no shards")
+    inside = folder.resolve()
     for s in shards:
         shard = folder / s["path"]
+        # A shard is a file of this folder: no absolute path, no "..", no link leading out of it.
+        if Path(s["path"]).is_absolute() or ".." in Path(s["path"]).parts or not shard.resolve().is_relative_to(inside):
+            raise InputError(f"{folder}: shard {s['path']} (listed in {MANIFEST}) lies outside the folder")
         if not shard.is_file():
             raise InputError(f"{folder}: shard {s['path']} (listed in {MANIFEST}) is missing")
         if "bytes" in s and shard.stat().st_size != s["bytes"]:
             raise InputError(f"{folder}: shard {s['path']} has {shard.stat().st_size} bytes, {MANIFEST} says "
                              f"{s['bytes']} (truncated or replaced)")
+    for key, what in (("path", "listed twice"), ("sha256", "a copy of another shard (the same checksum)")):
+        values = [s[key] for s in shards]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            name = next(s["path"] for s in reversed(shards) if s[key] == twice[0])
+            raise InputError(f"{folder}: shard {name} is {what} in {MANIFEST}; every row must be read once")
     return manifest
-
-
-def verify_shards(folder: str | os.PathLike, manifest: dict, progress: bool = False) -> None:
-    """Compare every shard's sha256 with the manifest's; InputError naming the first that differs."""
-    for s in tqdm(manifest["shards"], desc="checksums", unit="shard", disable=not progress, leave=False):
-        if file_sha256(Path(folder) / s["path"]) != s["sha256"]:
-            raise InputError(f"{folder}: shard {s['path']} does not match its checksum in {MANIFEST} (corrupt or modified)")
 
 
 class ShardSet:
@@ -102,6 +108,7 @@ class ShardSet:
         self.n_stars = int(self.offsets[-1])
         self._open: OrderedDict = OrderedDict()
         self._first = None  # shard 0, once open: what every other shard is checked against
+        self._verified: set[int] = set()
 
     def _open_shard(self, path: Path):
         raise NotImplementedError
@@ -117,6 +124,12 @@ class ShardSet:
         if shard is not None:
             self._open.move_to_end(k)
             return shard
+        if k not in self._verified:  # each shard's bytes checked against the manifest once, when first read
+            path, expected = self.path / self.shard_names[k], self.manifest["shards"][k]["sha256"]
+            if file_sha256(path) != expected:
+                raise InputError(f"{self.path}: shard {self.shard_names[k]} does not match its checksum in {MANIFEST} "
+                                 "(corrupt or modified)")
+            self._verified.add(k)
         try:
             shard = self._open_shard(self.path / self.shard_names[k])
         except InputError as exc:
@@ -143,8 +156,7 @@ class ShardSet:
 
     def validate(self, progress: bool = False) -> None:
         """Checksum, open and check every shard; InputError naming the first bad one."""
-        verify_shards(self.path, self.manifest, progress)
-        for k in range(len(self.shard_names)):
+        for k in tqdm(range(len(self.shard_names)), desc="checksums", unit="shard", disable=not progress, leave=False):
             self._shard(k)
 
     def close(self) -> None:

@@ -45,6 +45,8 @@ def embed_to_file(ct: ChemTwin, ds, out, attrs: dict, *, batch_size: int = 1024,
                 w.append(z[ok])
                 rows_out.append(start + np.flatnonzero(ok))
                 bar.update(len(ok))
+        if w.n_rows == 0:
+            raise InputError(f"{ds.path}: no row has a usable spectrum (every ivar is 0); nothing written")
         rows = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
         star_id = ds.star_id
         if star_id is None and w.n_rows < n:

@@ -101,6 +101,9 @@ def load(cls, folder):
         raise InputError(f"{folder}/{INDEX_FILE}: corrupt or unreadable FAISS index") from None
     if raw.d != dim or raw.ntotal != n or raw.metric_type != METRICS.get(metric):
         raise InputError(f"{folder}: index.faiss (d={raw.d}, n={raw.ntotal}) disagrees with meta.json (d={dim}, n={n}, metric={metric})")
+    faiss_kind = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}.get(kind)
+    if faiss_kind is None or not isinstance(raw, faiss_kind):
+        raise InputError(f"{folder}: index.faiss is a {type(raw).__name__}, meta.json says kind {kind!r}")
     try:
         with np.load(folder / IDS_FILE, allow_pickle=False) as npz:
             star_id = npz["star_id"] if "star_id" in npz.files else None
@@ -112,7 +115,11 @@ def load(cls, folder):
             raise InputError(f"{folder}/{IDS_FILE}: {name} has {arr.shape}, expected ({n},)")
     known = {k: params[k] for k in ("M", "ef_construction", "ef_search", "nlist", "nprobe") if params.get(k) is not None}
     index = cls(dim, metric, kind, _faiss_index=raw, **known)
-    index._star_id = None if star_id is None else np.char.decode(star_id, "utf-8")
+    try:
+        index._star_id = None if star_id is None else (np.char.decode(star_id, "utf-8") if star_id.dtype.kind == "S"
+                                                        else star_id.astype(str))
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise InputError(f"{folder}/{IDS_FILE}: unreadable star ids ({exc.__class__.__name__})") from None
     index._group = None if group is None else group.astype(np.int64)
     index._has_ids, index._has_group = star_id is not None, group is not None
     index.source = meta.get("source")

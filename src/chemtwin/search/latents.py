@@ -31,7 +31,13 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from chemtwin.core.files import atomic_output, open_hdf5, prepare_output
+from chemtwin.core.files import (
+    atomic_output,
+    check_dataset,
+    open_hdf5,
+    prepare_output,
+    read_hdf5,
+)
 from chemtwin.data.dataset import write_star_columns
 from chemtwin.data.shard_folder import ShardSet
 from chemtwin.errors import InputError
@@ -88,9 +94,12 @@ class LatentFile(_Latents):
         self._file = open_hdf5(self.path, LAYOUT_VERSION)
         f = self._file
         try:
-            if key not in f or not isinstance(f[key], h5py.Dataset):
+            if key not in f:
                 raise InputError(f"{self.path}: no latent array '{key}' (expected the layout `chemtwin embed` writes)")
-            z = f[key]
+            z = check_dataset(f, key, self.path, "fiu")
+            for name, kind in (("group", "iu"), ("star_id", "U"), ("row", "iu")):
+                if name in f:
+                    check_dataset(f, name, self.path, kind)
             if z.ndim != 2 or z.shape[1] < 1:
                 raise InputError(f"{self.path}: '{key}' must be 2-D (stars, dims), got shape {z.shape}")
             if not np.issubdtype(z.dtype, np.number):
@@ -102,6 +111,9 @@ class LatentFile(_Latents):
         except InputError:
             f.close()
             raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+            f.close()
+            raise InputError(f"{self.path}: unreadable latent file (damaged? {exc.__class__.__name__})") from None
 
     @property
     def has_group(self) -> bool:
@@ -115,18 +127,22 @@ class LatentFile(_Latents):
     def group(self) -> np.ndarray | None:
         if not self.has_group:
             return None
-        return self._file["group"][:].astype(np.int64)
+        return read_hdf5(self._file, "group", slice(None), self.path).astype(np.int64)
 
     def star_id(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Star ids of rows [start, stop) as a str array, or None when the file has none."""
         if not self.has_star_id:
             return None
-        return self._file["star_id"].asstr()[start:stop].astype(str)
+        return read_hdf5(self._file, "star_id", slice(start, stop), self.path)
 
     def read(self, start: int = 0, stop: int | None = None, check: bool = True) -> np.ndarray:
         """Rows [start, stop) of the latents as C-contiguous float32."""
         stop = self.n_stars if stop is None else min(stop, self.n_stars)
-        z = np.ascontiguousarray(self._file[self.key][start:stop], dtype=np.float32)
+        try:
+            z = np.ascontiguousarray(self._file[self.key][start:stop], dtype=np.float32)
+        except (OSError, RuntimeError, ValueError, TypeError) as exc:
+            raise InputError(f"{self.path}: latent array {self.key} is unreadable (damaged file? "
+                             f"{exc.__class__.__name__})") from None
         if check:
             check_finite(z, str(self.path), start)
         return z

@@ -180,7 +180,7 @@ class ChemTwin:
     def load(cls, directory, device: str = "cpu") -> "ChemTwin":
         """A trained model from a model directory (InputError if it is not one)."""
         model, meta, wavelength = load_model(directory, pick_device(device))
-        self = cls(**{**meta["config"], "device": device})
+        self = cls(**{**FaderConfig.from_dict(meta["config"]).to_dict(), "device": device})
         self.model, self.meta, self.wavelength = model, meta, wavelength
         self.history = read_history(directory)
         return self

@@ -138,7 +138,7 @@ class FaderNet(nn.Module):
     def __init__(self, cfg: NetConfig, n_pixels: int):
         super().__init__()
         k, d = len(cfg.condition), cfg.latent_dim
-        self.n_cat, self.n_pixels = cfg.n_cat, n_pixels
+        self.n_cat, self.n_pixels, self.condition = cfg.n_cat, n_pixels, tuple(cfg.condition)
         self.exponents = poly_exponents(k, cfg.baseline_degree)
         self.encoder = CondMLP((n_pixels,) + cfg.encoder_hidden + (d,), k, cfg.activation, cfg.encoder_direct_u, cfg.film)
         self.decoder = CondMLP((d,) + cfg.decoder_hidden + (n_pixels,), k, cfg.activation, True, cfg.film)

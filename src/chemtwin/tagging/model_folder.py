@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from enum import Enum
@@ -34,6 +35,8 @@ from chemtwin.core.files import atomic_output, describe_error, write_json
 from chemtwin.errors import InputError
 from chemtwin.tagging.fader import FaderNet
 from chemtwin.tagging.fader_config import FaderConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT = "chemtwin-fader"
 FORMAT_VERSION = 1
@@ -88,10 +91,13 @@ def clear(out_dir) -> None:
 
 def save_model(out_dir: Path, model: FaderNet, wavelength=None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _check_finite(tensors, f"{out_dir}: refusing to save a model")
     if wavelength is not None:
         tensors["data.wavelength"] = torch.as_tensor(np.asarray(wavelength, dtype=np.float64))
+    # The condition order is recorded with the weights too: config.json alone could be edited to
+    # feed TEFF as LOGG, and nothing in the weights would tell.
     with atomic_output(Path(out_dir) / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"condition": json.dumps(list(model.condition))})
 
 
 def read_model_dir(model_dir) -> dict:
@@ -102,7 +108,7 @@ def read_model_dir(model_dir) -> dict:
         raise InputError(f"{d}: no such model directory")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise InputError(f"{d}: not a chemtwin model (no readable config.json)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{d}: not a chemtwin model (config.json has no format {FORMAT!r})")
@@ -112,7 +118,7 @@ def read_model_dir(model_dir) -> dict:
             raise ValueError("n_pixels < 1")
     except InputError as exc:
         raise InputError(f"{d}: config.json is invalid ({exc})") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise InputError(f"{d}: config.json is invalid ({exc.__class__.__name__}: {exc})") from None
     return meta
 
@@ -128,9 +134,14 @@ def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | No
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            recorded = (f.metadata() or {}).get("condition")
     except Exception as exc:  # safetensors raises its own error type for truncated/garbled files
         raise InputError(f"{model_dir}: model.safetensors is unreadable ({describe_error(exc)})") from None
+    if recorded is not None and recorded != json.dumps(list(cfg.net.condition)):
+        raise InputError(f"{model_dir}: config.json conditions on {', '.join(cfg.net.condition)}, the weights were "
+                         f"trained on {recorded}")
     wavelength = tensors.pop("data.wavelength", None)
+    _check_finite(tensors, f"{model_dir}: model.safetensors is unusable")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -199,19 +210,36 @@ def append_history(path: Path, row: dict) -> None:
 
 
 def read_history(model_dir) -> list[dict]:
+    """The training log; a damaged one is only a lost log (a warning), never a broken model."""
     path = Path(model_dir) / "history.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as fh:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as exc:
+        log.warning("%s: unreadable training log, ignored (%s)", path, exc.__class__.__name__)
+        return []
+
+
+def _check_finite(tensors: dict, context: str) -> None:
+    """A NaN or inf weight (a diverged run) makes every latent garbage: refuse it, naming the tensor."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise InputError(f"{context}: non-finite weights in {bad[0]}"
+                         + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "") + " (a diverged run?)")
 
 
 def truncate_history(path: Path, step: int) -> None:
     """Drop rows written after the checkpoint (the process died between the two)."""
     if not path.exists():
         return
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, csv.Error) as exc:
+        log.warning("%s: unreadable training log, started again (%s)", path, exc.__class__.__name__)
+        rows = []
     with atomic_output(path) as tmp:
         write_history(tmp, rows)
 

@@ -100,6 +100,8 @@ def scan(source, columns, train_mask=None, u_range=None, exponents=None, progres
         if not fit:
             continue
         sel = ok & train_mask[a : a + ok.size]
+        if not sel.any():
+            continue
         w = pixel_weights(b.ivar[sel]).astype(np.float64)
         uniform &= bool((w == 1).all())
         phi = poly_features((lab[sel] - lo) / (hi - lo) - 0.5, exponents)
@@ -108,6 +110,8 @@ def scan(source, columns, train_mask=None, u_range=None, exponents=None, progres
         bx += wx.T @ phi
         sxx += (wx * np.nan_to_num(b.flux[sel])).sum(0)
         cnt += w.sum(0)
+    if not usable.any():
+        raise InputError(f"{source.path}: no star has a usable pixel (every ivar is 0); nothing to learn from")
     if not fit:
         return Scan(usable, u, uniform)
     coef, resid_std = fit_baseline(A.reshape(p, n_feat, n_feat), bx, sxx, cnt)
