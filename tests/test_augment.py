@@ -262,3 +262,15 @@ def test_plot_gap_cli(tmp_path, capsys):
     assert "balanced accuracy 1.000" in capsys.readouterr().out  # deep vs shallow lines: a total gap
     assert main(["plot-gap", str(tmp_path / "syn.h5"), str(tmp_path / "real.h5"), "--out", str(png)]) == 2
     assert main(["plot-gap", str(tmp_path / "syn.h5"), str(tmp_path / "nope.h5"), "--out", str(tmp_path / "b.png")]) == 2
+
+
+def test_augment_never_writes_over_its_own_input(tmp_path, capsys):
+    data = tmp_path / "in.h5"
+    with DatasetWriter(data, WAVE, ["TEFF", "LOGG"]) as w:
+        w.append(np.ones((3, P), np.float32), np.full((3, P), 100.0, np.float32), np.full((3, 2), 4500.0, np.float32),
+                 np.arange(3))
+    before = data.read_bytes()
+    assert main(["-q", "augment", str(data), str(data), "--seed", "1", "--overwrite"]) == 2
+    assert "is also an input of this command" in capsys.readouterr().err
+    assert data.read_bytes() == before
+

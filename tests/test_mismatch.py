@@ -95,7 +95,7 @@ def test_cli_mismatch(tmp_path, capsys):
         assert ds.attrs["generator"] == "chemtwin.lines+mismatch" and ds.attrs["mismatch_seed"] == 4
     for args, message in ((["--mismatch", "--emulator", "emu.npz"], "--emulator"),
                           (["--mismatch-seed", "3"], "--mismatch-seed needs --mismatch"),
-                          (["--mismatch", "--mismatch-seed", "-2"], "seed >= 0")):
+                          (["--mismatch", "--mismatch-seed", "-2"], "expected a seed from 0")):
         capsys.readouterr()
         assert main(["generate", str(tmp_path / "bad.h5"), "--n-groups", "2", *args]) == 2
         err = capsys.readouterr().err.strip()

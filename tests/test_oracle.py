@@ -230,8 +230,17 @@ def test_stale_cache_is_recomputed(tmp_path, monkeypatch):
         w.append(b.flux, ivar, b.labels, b.group)
     stats = evaluate(Oracle(jacobian_file=cache), masked, progress=False)["oracle"]["jacobian_cache"]
     assert stats["computed"] == 1 and stats["reused"] == 19
-    cache.write_text("not hdf5")
-    assert evaluate(Oracle(jacobian_file=cache), two, progress=False)["oracle"]["jacobian_cache"]["computed"] == 20
+    # a file that is not a Jacobian cache (the user named the wrong one) is refused and left as it was
+    for foreign in (tmp_path / "notes.txt", tmp_path / "other.h5"):
+        if foreign.suffix == ".txt":
+            foreign.write_text("not hdf5")
+        else:
+            with h5py.File(foreign, "w") as f:
+                f["spectra"] = np.arange(5.0)
+        before = foreign.read_bytes()
+        with pytest.raises(InputError, match="is not a (readable )?chemtwin Jacobian cache"):
+            evaluate(Oracle(jacobian_file=foreign), two, progress=False)
+        assert foreign.read_bytes() == before
     monkeypatch.undo()  # one block, no cache: the same numbers
     plain = evaluate("oracle", two, progress=False)
     assert plain["rank_cdf"] == first["rank_cdf"]

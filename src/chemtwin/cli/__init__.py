@@ -52,8 +52,16 @@ def flag_message(exc: InputError) -> str:
     return text
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's answer to bad input: one line ``chemtwin CMD: error: ...``,
+    exit 2 (``--help`` still shows the usage); subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="chemtwin",
         description="Find chemically identical stars (chemical twins) from their spectra.",
     )
@@ -68,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's usage error (exit 2), --help or --version (0): a return code here
+        return exc.code if isinstance(exc.code, int) else 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from chemtwin.cli.arguments import positive_int, seed
+from chemtwin.core.files import prepare_output
 from chemtwin.data.augment import CHIP_NAMES, Augmenter
 from chemtwin.data.broadening import MACRO_KINDS
 from chemtwin.data.dataset import DatasetWriter, open_dataset
@@ -62,6 +63,7 @@ def run(args) -> int:
         vmacro_max=args.vmacro_max, macro_kind=args.macro, telluric=args.telluric, telluric_rv_max=args.telluric_rv_max,
         bad_pixel_frac=args.bad_pixel_frac, persistence=args.persistence, persistence_chip=args.persistence_chip,
     )
+    prepare_output(args.output, args.overwrite, inputs=(args.input,))
     with open_dataset(args.input) as ds:
         wavelength = ds.wavelength
         star_id = ds.star_id

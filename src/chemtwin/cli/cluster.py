@@ -53,9 +53,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    out = prepare_output(args.out, args.overwrite)
-    plot = prepare_output(args.plot, args.overwrite) if args.plot else None
-    json_out = prepare_output(args.json, args.overwrite) if args.json else None
+    out = prepare_output(args.out, args.overwrite, inputs=(args.latents,))
+    plot = prepare_output(args.plot, args.overwrite, inputs=(args.latents,)) if args.plot else None
+    json_out = prepare_output(args.json, args.overwrite, inputs=(args.latents,)) if args.json else None
     if args.method == "dbscan" and args.eps is None:
         raise InputError("--method dbscan needs --eps (a radius in latent units, or 'auto')")
     if args.method == "hdbscan" and args.eps is not None:

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if args.chunk_rows < 1:
         raise InputError(f"--chunk-rows must be positive, got {args.chunk_rows}")
-    out = prepare_output(args.out, args.overwrite)
+    out = prepare_output(args.out, args.overwrite, inputs=(args.latents, args.train))
     with open_latents(args.train) as tr:
         if tr.group is None:
             raise InputError(f"{args.train}: no 'group' array: the twin metric is learned from known twin groups")

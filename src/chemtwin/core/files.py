@@ -63,11 +63,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = False) -> Path:
-    """Check that ``path`` (a file, or a folder when ``folder``) may be written; InputError otherwise."""
+def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = False, inputs=()) -> Path:
+    """Check that ``path`` (a file, or a folder when ``folder``) may be written, and is none of the
+    ``inputs`` the command reads; InputError otherwise."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass overwrite=True to replace it", "overwrite")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise InputError(f"{path} is also an input of this command; write the output elsewhere")
     if folder and path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
     if not folder and path.is_dir():

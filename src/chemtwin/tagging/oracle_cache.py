@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from chemtwin.core.files import temporary_path
+from chemtwin.errors import InputError
 from chemtwin.spectral_models import linelist, lines
 from chemtwin.spectral_models.labels import LABEL_NAMES
 
@@ -55,15 +56,21 @@ def read_cache(path: Path, fingerprint: str) -> dict[bytes, np.ndarray]:
     """digest -> Gram matrix from a cache file; empty (with a log line) when absent or mismatched."""
     if not path.is_file():
         return {}
+    # A file that is not a cache of ours is somebody's data named by mistake: refused, never
+    # overwritten.  Our own cache made for another synthesizer is rebuilt.
+    foreign = InputError(f"{path} exists and is not a chemtwin Jacobian cache; name another file (this one is left "
+                         "as it is)")
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != CACHE_FORMAT or f.attrs.get("synthesizer") != fingerprint:
-                log.info("%s: made for another synthesizer or format: recomputing", path)
+            if f.attrs.get("format") != CACHE_FORMAT:
+                raise foreign
+            if f.attrs.get("synthesizer") != fingerprint:
+                log.info("%s: made for another synthesizer: recomputing", path)
                 return {}
             digest, gram = f["digest"][:], f["gram"][:]
-    except (OSError, KeyError) as exc:
-        log.warning("%s: unreadable Jacobian cache (%s): recomputing", path, exc.__class__.__name__)
-        return {}
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{path} exists and is not a readable chemtwin Jacobian cache ({exc.__class__.__name__}); "
+                         "name another file (this one is left as it is)") from None
     return {d.tobytes(): g for d, g in zip(digest, gram)}
 
 
