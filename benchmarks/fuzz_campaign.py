@@ -665,9 +665,7 @@ def run_kill_resume(c: dict, env: Env) -> dict:
     n_kills = 2 if c["trial"] % 3 == 2 else 1
     rc = None
     for attempt in range(n_kills + 1):
-        run_argv = argv + (["--resume"] if attempt else [])
-        if attempt and not (model / "checkpoint.safetensors").exists():
-            run_argv = argv  # killed before the first checkpoint: start again
+        run_argv = argv + (["--resume"] if attempt else [])  # also when killed before the first checkpoint
         p = _popen(run_argv, case_dir, f"run{attempt}_")
         if attempt < n_kills:
             start = time.monotonic()

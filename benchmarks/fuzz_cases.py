@@ -340,7 +340,7 @@ def _opts() -> list[tuple]:
     ingest = ["ingest", "{apstar}", "--catalog", "{catalog}", "--out", "{C}/i.h5"]
     bench = ["bench", "{C}/b", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr", "100",
              "--mismatch-snr", "none", "--time-limit", "1"]
-    B, A, V = "bad", "any", "valid"
+    B, A = "bad", "any"
 
     def o(flag, *values_expect):
         return [([flag, *str(v).split(" ")] if isinstance(v, str) and " " in str(v) and not str(v).startswith("'")

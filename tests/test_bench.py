@@ -81,7 +81,7 @@ def test_anchor_text_uses_the_published_numbers():
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "fader,magic"], "unknown method"),
     (["--snr", "100,loud"], "--snr takes"),
-    (["--snr", "0"], "SNR must be positive"),
+    (["--snr", "0"], "SNR must be between"),
     (["--n-val-pairs", "1"], "at least 2"),
     (["--time-limit", "0"], "time limit must be positive"),
     (["--metric", "l3"], "metric"),

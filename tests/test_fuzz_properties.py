@@ -34,7 +34,7 @@ from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.data.shard_folder import write_manifest
 from chemtwin.errors import InputError
 
-from fake_twins import fake_twins, write_fake
+from fake_twins import fake_twins
 
 torch.set_num_threads(1)
 

@@ -96,8 +96,8 @@ def test_cli_generate_info_and_plot(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--snr", "0"], "--snr must be positive"),
-        (["--snr", "-5"], "--snr must be positive"),
+        (["--snr", "0"], "--snr must be between"),
+        (["--snr", "-5"], "--snr must be between"),
         (["--group-size", "0"], "argument --group-size: expected a positive integer below 2^31, got '0'"),
         (["--n-groups", "0"], "argument --n-groups: expected a positive integer below 2^31, got '0'"),
         (["--teff", "3000", "5000"], "TEFF range"),

@@ -12,10 +12,11 @@ import argparse
 import importlib
 import logging
 import re
+import signal
 import sys
 
 from chemtwin import __version__
-from chemtwin.core.files import describe_error
+from chemtwin.core.files import describe_error, disk_error
 from chemtwin.errors import InputError
 
 # Modules in chemtwin.cli, in the order their commands appear in --help.
@@ -85,23 +86,53 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = _on_sigterm_raise()
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"chemtwin {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except InputError as exc:
-        print(f"chemtwin {args.command}: error: {flag_message(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        # The machine, not chemtwin: a full disk, a file too large, a name too long, no permission.
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"chemtwin {args.command}: error: {where}{exc.strerror or describe_error(exc)}", file=sys.stderr)
-        return 2
+        return _error(args.command, flag_message(exc))
     except MemoryError:
-        print(f"chemtwin {args.command}: error: not enough memory for this input", file=sys.stderr)
-        return 2
+        return _error(args.command, "not enough memory for this input")
     except KeyboardInterrupt:
         print(f"chemtwin {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # The machine, not chemtwin: a full disk, a file too large, a name too long, no permission
+        # (an OSError, or one that h5py or safetensors wrapped in their own exception type).
+        machine = disk_error(exc) or (exc if isinstance(exc, OSError) else None)
+        if machine is None:
+            raise
+        where = f"{machine.filename}: " if getattr(machine, "filename", None) else ""
+        return _error(args.command, f"{where}{machine.strerror or describe_error(machine)}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's stop, ``kill``), raised like Ctrl-C so that the same clean-up runs:
+    temporary files are deleted and an interrupted training writes its checkpoint."""
+
+
+def _on_sigterm_raise():
+    """Make SIGTERM raise Terminated; the previous handler (None off the main thread, where Python
+    cannot handle signals)."""
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _error(command: str, message: str) -> int:
+    """The one line of a failed command (libraries' messages can span lines: joined here)."""
+    print(f"chemtwin {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,6 +39,14 @@ def non_negative_int(text: str) -> int:
     return _checked(text, int, lambda value: 0 <= value <= COUNT_LIMIT, "a non-negative integer below 2^31")
 
 
+# More threads than this helps no machine we know of, and OpenMP and FAISS crash on absurd counts.
+THREAD_LIMIT = 1024
+
+
+def thread_count(text: str) -> int:
+    return _checked(text, int, lambda value: 1 <= value <= THREAD_LIMIT, f"a number of threads from 1 to {THREAD_LIMIT}")
+
+
 def seed(text: str) -> int:
     return _checked(text, int, lambda value: 0 <= value <= SEED_LIMIT, "a seed from 0 to 2^63 - 1")
 

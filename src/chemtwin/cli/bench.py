@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from chemtwin.cli.arguments import positive_int, seed
+from chemtwin.cli.arguments import positive_int, seed, thread_count
 from chemtwin.errors import InputError
 from chemtwin.evaluation.bench import BenchConfig, bench_methods, run_bench
 
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--metric", default=None, help="latent distance: l1 (default), l2 or cosine")
     p.add_argument("--seed", type=seed, default=None, help="random seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to train (default auto)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over when OUT_DIR holds a run with other settings (its data and models are deleted)")
     p.set_defaults(func=run)

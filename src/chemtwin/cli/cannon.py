@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.cli.arguments import name_list, positive_int
+from chemtwin.cli.arguments import name_list, positive_int, thread_count
 from chemtwin.core.files import prepare_output
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
                    help=".npy/.npz boolean array, one value per pixel: True = leave this pixel out "
                         "(e.g. the continuum pixels)")
     t.add_argument("--no-scatter", action="store_true", help="fix the intrinsic scatter s^2 at 0")
-    t.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
+    t.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: all available)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     t.set_defaults(func=run_train)
 
@@ -85,7 +85,7 @@ def register(subparsers) -> None:
     f.add_argument("--rows", type=_rows, default=None, metavar="START:STOP",
                    help="fit dataset rows [START, STOP) only (default: all)")
     f.add_argument("--batch-size", type=positive_int, default=4096, help="spectra read per batch (default 4096)")
-    f.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
+    f.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: all available)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     f.set_defaults(func=run_test)
     p.set_defaults(func=lambda args: _missing_subcommand(p))
@@ -137,7 +137,7 @@ def run_train(args) -> int:
     from chemtwin.tagging.cannon import Cannon
 
     names = name_list(args.labels)
-    out = prepare_output(args.out, args.overwrite)
+    out = prepare_output(args.out, args.overwrite, inputs=(args.data,))
     with open_dataset(args.data) as ds:
         columns = ds.label_columns(names)
         start, stop = _row_range(args.rows, ds.n_stars, ds.path)
@@ -180,7 +180,7 @@ def run_test(args) -> int:
 
     from chemtwin.tagging.cannon import Cannon, CannonTestResult
 
-    out = prepare_output(args.out, args.overwrite)
+    out = prepare_output(args.out, args.overwrite, inputs=(args.model, args.data))
     model = Cannon.load(args.model)
     if args.threads:
         model.n_jobs = args.threads
@@ -224,7 +224,8 @@ def run_test(args) -> int:
     path = write_labels(out, names, result.labels[:, keep], result.uncertainties[:, keep],
                         result.cov[:, keep][:, :, keep], group=group, star_id=star_id, attrs=attrs,
                         columns={"chi2": result.chi2, "reduced_chi2": result.reduced_chi2,
-                                 "n_pixels": np.asarray(result.n_pixels, dtype=np.int64), "converged": result.converged})
+                                 "n_pixels": np.asarray(result.n_pixels, dtype=np.int64), "converged": result.converged},
+                        overwrite=args.overwrite)
     rate = n / seconds if seconds > 0 else float("nan")
     print(f"wrote {path}: {n} stars, {len(names)} labels ({' '.join(names)})")
     if n:

@@ -32,7 +32,7 @@ from chemtwin.cli.ingest import (
     ingest_files,
     report_errors,
 )
-from chemtwin.core.files import prepare_output
+from chemtwin.core.files import prepare_output, scratch_path
 from chemtwin.core.grids import GRID_NAMES, get_grid, identify_grid
 from chemtwin.data.allstar import read_catalog
 from chemtwin.data.apogee import header_labels
@@ -84,7 +84,8 @@ def run(args) -> int:
                           shard_size=args.shard_size, device=args.device, client=client, overwrite=args.overwrite,
                           progress=_progress())
         return 0
-    out = prepare_output(args.out, args.overwrite)
+    sources = (*args.inputs, *filter(None, (args.catalog, args.file_list)))
+    out = prepare_output(args.out, args.overwrite, inputs=sources)
     if len(args.inputs) == 1 and not args.file_list and _is_hdf5(args.inputs[0]):
         with open_dataset(args.inputs[0]) as ds:
             embed_to_file(ct, ds, out, {**model_attrs(ct, args.model), "data": os.path.abspath(args.inputs[0])},
@@ -139,7 +140,7 @@ def _embed_files(ct, out: Path, args) -> int:
                          f"{'' if args.grid is None else f', not the {args.grid} grid'}; {hint}")
     args.grid = grid
     files = expand_inputs(args.inputs, args.file_list)
-    spectra = out.with_name(f".{out.name}.spectra-{os.getpid()}.h5")
+    spectra = scratch_path(out, "spectra")
     try:
         result = ingest_files(files, spectra, names, labels_of, args,
                               {"catalog": os.path.basename(args.catalog) if args.catalog else "headers"},

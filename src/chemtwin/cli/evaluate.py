@@ -157,10 +157,12 @@ def run(args) -> int:
     if args.max_queries is not None and args.max_queries < 1:
         raise InputError(f"--max-queries must be positive, got {args.max_queries}")
     inputs = _inputs(method, args)
-    out = prepare_output(args.json, args.overwrite)
+    out = prepare_output(args.json, args.overwrite, inputs=[p for p in inputs.values() if p is not None])
     plots = Path(args.plots) if args.plots else None
     if plots is not None and plots.exists() and not plots.is_dir():
         raise InputError(f"--plots {plots} is not a directory")
+    if plots is not None and plots.is_dir():
+        prepare_output(plots / "rank_cdf.png", args.overwrite)
     progress = logging.getLogger().level <= logging.INFO
     result, ranks = evaluate(method, metric=metric, max_queries=args.max_queries, return_ranks=True, seed=args.seed,
                              progress=progress, **inputs)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 from chemtwin.cli.arguments import (
     add_cluster_options,
     positive_int,
     seed,
+    thread_count,
     wants_cluster,
 )
 from chemtwin.cli.payne import add_generate_arguments, run_generate
+from chemtwin.core.files import check_free_space
 from chemtwin.core.grids import GRID_NAMES
-from chemtwin.data.generate import generate_dataset, generate_sharded
+from chemtwin.data.generate import dataset_bytes, generate_dataset, generate_sharded
 from chemtwin.data.population import RedGiantPrior
 from chemtwin.data.shard_folder import MANIFEST
 from chemtwin.data.shards import dask_client
@@ -45,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--logg", type=float, nargs=2, metavar=("MIN", "MAX"), default=(1.0, 3.5),
                    help="uniform LOGG range (default 1.0 3.5; valid 0-4.5)")
     p.add_argument("--seed", type=seed, default=0, help="random seed; the same seed gives the same file (default 0)")
-    p.add_argument("--threads", type=positive_int, default=None, help="synthesis threads (default: up to 2)")
+    p.add_argument("--threads", type=thread_count, default=None, help="synthesis threads (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--mismatch", action="store_true",
                    help="'observed-like' spectra: the synthesizer with wrong atomic data (log gf jitter of 0.1 dex "
@@ -72,6 +75,8 @@ def run(args) -> int:
                     prior=prior, overwrite=args.overwrite, progress=not args.quiet,
                     mismatch=args.mismatch if args.mismatch_seed is None else args.mismatch_seed)
     if wants_cluster(args):
+        n_stars = args.n_groups * args.group_size  # refused before a cluster starts, not after
+        check_free_space(Path(args.out) / MANIFEST, dataset_bytes(n_stars, args.grid), f"{n_stars} spectra")
         with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
             manifest = generate_sharded(args.out, client=client, shard_stars=args.shard_size, threads=args.threads or 1,
                                         **settings)

@@ -25,7 +25,7 @@ def _shards(folder: Path, quiet: bool) -> bool:
     kind = "dataset"
     try:
         kind = json.loads((folder / MANIFEST).read_text()).get("kind", kind)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         pass  # open_dataset names the problem
     if kind == "latents":
         from chemtwin.search.latents import ShardedLatents

@@ -7,9 +7,9 @@ import glob
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 
@@ -120,7 +120,7 @@ def ingest_files(files: list[str], out, label_names, labels_of: Callable, args, 
     result = IngestResult(0, [], [], [])
     buffer: dict[str, list] = {"flux": [], "ivar": [], "labels": [], "star_id": []}
     writer = DatasetWriter(
-        out, get_grid(args.grid).wavelength, label_names, overwrite=overwrite, with_star_id=True,
+        out, get_grid(args.grid).wavelength, label_names, overwrite=overwrite, with_star_id=True, expected_rows=len(files),
         # snr NaN: real spectra have one SNR each; seed -1: no randomness.
         attrs={"generator": "chemtwin ingest", "grid": args.grid, "seed": -1, "snr": float("nan"), "continuum": args.continuum,
                "continuum_degree": args.degree, **attrs},
@@ -225,7 +225,7 @@ def run(args) -> int:
     if wants_cluster(args):
         result = _ingest_sharded(args, files, labels)
     else:
-        prepare_output(args.out, args.overwrite)
+        prepare_output(args.out, args.overwrite, inputs=(*files, args.catalog))
         result = ingest_files(files, args.out, catalog.label_names,
                               lambda spectrum: catalog.lookup(spectrum.apogee_id, keep_flagged=args.keep_flagged),
                               args, {"catalog": os.path.basename(args.catalog)}, overwrite=args.overwrite,

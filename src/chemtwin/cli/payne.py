@@ -23,6 +23,7 @@ from chemtwin.cli.arguments import (
     positive_float,
     positive_int,
     seed,
+    thread_count,
 )
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     t.add_argument("--max-stars", type=positive_int, default=None, help="train on the first N stars only")
     t.add_argument("--seed", type=seed, default=0, help="seed of the split, initialization and batch order (default 0)")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, ...")
-    t.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=thread_count, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", default=None, help="also write the training report (history, validation errors) here")
     t.add_argument("--overwrite", action="store_true", help="replace existing output files")
     t.set_defaults(func=run_train)
@@ -86,7 +87,7 @@ def register(subparsers) -> None:
                    help="Gauss-Newton matrix during the iterations: exact, or shared across the batch (MLP only; "
                         "auto = shared for MLP). Uncertainties always use the exact Jacobian")
     f.add_argument("--batch-size", type=positive_int, default=128, help="stars fitted together (default 128)")
-    f.add_argument("--threads", type=positive_int, default=None,
+    f.add_argument("--threads", type=thread_count, default=None,
                    help="batches of stars fitted in parallel, one torch thread each (default: up to 2)")
     f.add_argument("--seed", type=seed, default=0, help="seed of the screening candidates (default 0)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -115,9 +116,9 @@ def run_train(args) -> int:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise InputError(f"device {args.device!r} is not available ({str(exc).splitlines()[0]})") from None
-    prepare_output(args.out, args.overwrite)
+    prepare_output(args.out, args.overwrite, inputs=(args.data,))
     if args.json:
-        prepare_output(args.json, args.overwrite)
+        prepare_output(args.json, args.overwrite, inputs=(args.data,))
     epochs = args.epochs if args.epochs is not None or args.time_limit is not None else 100
     emulator, report = train_emulator(
         args.data, labels=name_list(args.labels), hidden=args.hidden, epochs=epochs, time_limit=args.time_limit,
@@ -147,7 +148,7 @@ def run_fit(args) -> int:
     from chemtwin.spectral_models.payne import PayneEmulator
     from chemtwin.tagging.payne_fit import fit_dataset
 
-    prepare_output(args.out, args.overwrite)
+    prepare_output(args.out, args.overwrite, inputs=(args.emulator, args.data))
     emulator = PayneEmulator.load(args.emulator, name_list(args.label_names))
     path, result, seconds = fit_dataset(
         emulator, args.data, args.out, overwrite=args.overwrite, progress=_progress(args), rv=args.rv,

@@ -35,7 +35,7 @@ def run(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = prepare_output(args.out, args.overwrite)
+    out = prepare_output(args.out, args.overwrite, inputs=(args.file,))
     with open_dataset(args.file) as ds:
         bad = [i for i in args.index if not 0 <= i < len(ds)]
         if bad:

@@ -87,7 +87,7 @@ def run(args) -> int:
         raise InputError("--max-spectra must be >= 1")
     if args.perplexity <= 0:
         raise InputError("--perplexity must be > 0")
-    out = prepare_output(args.out, args.overwrite)
+    out = prepare_output(args.out, args.overwrite, inputs=(args.synthetic, args.real))
     if out.suffix.lower() != ".png":
         raise InputError(f"{out}: the figure is written as PNG; name it *.png")
     rng = np.random.default_rng(args.seed)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
-from chemtwin.cli.arguments import positive_int, seed
+from chemtwin.cli.arguments import positive_int, seed, thread_count
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.index import (
@@ -25,6 +24,7 @@ from chemtwin.search.index import (
     METRICS,
     TwinIndex,
 )
+from chemtwin.search.index_folder import prepare_index_folder
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--nlist", type=positive_int, default=None, help="ivf: number of k-means cells (default about sqrt(N))")
     p.add_argument("--nprobe", type=positive_int, default=None, help="ivf: cells visited per query (default nlist/16, at least 16)")
     p.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS, help=f"stars read per chunk (default {DEFAULT_CHUNK_ROWS})")
-    p.add_argument("--threads", type=positive_int, default=None, help="FAISS threads (default: all cores)")
+    p.add_argument("--threads", type=thread_count, default=None, help="FAISS threads (default: all cores)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the ivf training sample and k-means (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_index)
@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     s.add_argument("--show", type=int, default=50, help="print the tables of at most this many queries (default 50, -1 = all; all go to --json)")
     s.add_argument("--nprobe", type=positive_int, default=None, help="ivf: override the cells visited per query")
     s.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: override the search candidate list")
-    s.add_argument("--threads", type=positive_int, default=None, help="FAISS threads (default: all cores)")
+    s.add_argument("--threads", type=thread_count, default=None, help="FAISS threads (default: all cores)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     s.set_defaults(func=run_search)
 
@@ -82,11 +82,7 @@ def _threads(n: int | None) -> None:
 
 
 def run_index(args) -> int:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist")
+    out = prepare_index_folder(args.out, args.overwrite)
     _threads(args.threads)
     t0 = time.perf_counter()
     index = TwinIndex.from_file(
@@ -109,7 +105,7 @@ def _format_distance(d: float) -> str:
 
 
 def run_search(args) -> int:
-    json_path = prepare_output(args.json, args.overwrite) if args.json else None
+    json_path = prepare_output(args.json, args.overwrite, inputs=(args.index,)) if args.json else None
     _threads(args.threads)
     index = TwinIndex.load(args.index)
     if args.nprobe is not None:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from chemtwin.cli.arguments import non_negative_float, non_negative_int, seed
+from chemtwin.cli.arguments import non_negative_float, non_negative_int, seed, thread_count
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-cat", type=non_negative_int, default=None, help="adversary bins per conditioned label (default 10)")
     p.add_argument("--seed", type=seed, default=None, help="random seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to train (default auto)")
-    p.add_argument("--threads", type=non_negative_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--val-fraction", type=non_negative_float, default=None,
                    help="fraction of the groups held out for validation (split by group; default 0.1)")
     p.add_argument("--val-data", default=None, help="separate validation dataset (replaces --val-fraction)")

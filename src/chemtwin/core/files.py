@@ -11,16 +11,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import resource
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -34,12 +38,24 @@ def temporary_path(path: Path) -> Path:
     path = Path(path)
     for stale in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
             stale.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _running(pid: int) -> bool:
+def scratch_path(path: Path, tag: str) -> Path:
+    """A private intermediate file next to ``path`` (``.NAME.TAG-PID.h5``, deleted by its user when
+    done).  Those of processes that no longer run, and their temporary files, are deleted."""
+    path = Path(path)
+    prefix = f".{path.name}.{tag}-"
+    for stale in [*path.parent.glob(f"{glob_escape(prefix)}*"), *path.parent.glob(f".{glob_escape(prefix)}*")]:
+        pid = stale.name.split(f"{tag}-", 1)[1].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+            stale.unlink(missing_ok=True)
+    return path.with_name(f"{prefix}{os.getpid()}.h5")
+
+
+def process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,16 +66,108 @@ def _running(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """The temporary path to write ``path``'s content to: renamed onto ``path`` when the block
-    succeeds and deleted when it fails, so that no reader ever sees a half-written file."""
+    succeeds and deleted when it fails, so that no reader ever sees a half-written file.
+    Without ``overwrite`` the file is published only if ``path`` still does not exist."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish(tmp, path, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` onto ``path``.  Without ``overwrite``, a hard link that fails
+    when ``path`` exists: another run that wrote the same output since prepare_output looked is
+    then refused, not silently replaced (the last rename would win)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(f"{path} was written by another run meanwhile; pass overwrite=True to replace it",
+                         "overwrite") from None
+    except OSError:  # a file system without hard links: the plain rename
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def close_after_failure(f: h5py.File) -> None:
+    """Close an HDF5 file whose writing already failed (a full disk), so that the caller can delete it.
+
+    libhdf5 retries its dirty metadata on every close, and a close that fails leaves h5py's ids
+    half-closed: the interpreter's exit then segfaults.  The file's descriptor is pointed at
+    /dev/null first: those last writes succeed into nothing, and the close frees everything (the
+    file is deleted anyway).  For the same reason writers ``flush()`` before their final
+    ``close()``: a full disk then fails the flush, which leaves the ids intact for this close."""
+    if not f.id.valid:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, f.id.get_vfd_handle())
+        finally:
+            os.close(null)
+    except (OSError, RuntimeError, TypeError, ValueError):
+        pass  # not a plain file descriptor (another driver): close as it is
+    try:
+        f.close()
+    except (OSError, RuntimeError):
+        pass
+
+
+@contextmanager
+def destructor_write_errors() -> Iterator[None]:
+    """Raise, at the end of the block, the first write error that h5py met in a destructor.
+
+    A dataset handle that goes out of scope writes its last bytes while it is freed, where an
+    error (a full disk) is only printed ("Exception ignored in ... __dealloc__") and the writing
+    goes on: the file would then be renamed as if whole.  Such errors are caught here instead."""
+    caught: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if "h5py" in str(unraisable.object) and isinstance(unraisable.exc_value, (OSError, RuntimeError)):
+            caught.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+    if caught:
+        raise caught[0]
+
+
+def create_hdf5(tmp: Path) -> h5py.File:
+    """A new HDF5 file for writing, without a sieve buffer: raw data then reaches the disk in the
+    write call, which raises on a full disk, rather than when a dataset handle is freed, which
+    only prints (see destructor_write_errors)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_sieve_buf_size(0)
+    return h5py.File(h5py.h5f.create(os.fsencode(tmp), h5py.h5f.ACC_TRUNC, fapl=fapl))
+
+
+@contextmanager
+def new_hdf5(tmp: Path) -> Iterator[h5py.File]:
+    """``h5py.File(tmp, "w")`` that, when the block, a destructor's write or the final close fails,
+    closes with ``close_after_failure`` (the caller's atomic_output then deletes ``tmp``)."""
+    f = create_hdf5(tmp)
+    try:
+        with destructor_write_errors():
+            yield f
+            f.flush()  # the last writes: a full disk may fail only now (see close_after_failure)
+        f.close()
+    except BaseException:
+        close_after_failure(f)
         raise
 
 
@@ -81,17 +189,50 @@ def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = Fals
         raise InputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output folder {parent} is not writable")
+    check_free_space(path / "_" if folder else path)
     return path
 
 
-def check_free_space(path: str | os.PathLike, n_bytes: float, what: str) -> None:
-    """InputError, before any work, when ``what`` (about ``n_bytes``) cannot fit where ``path`` goes."""
+# Below this, no chemtwin output fits (HDF5 metadata, a checkpoint, a PNG, a JSON): a full disk is
+# refused before any work rather than met half-way through a write, where libhdf5 may not recover.
+MIN_FREE_BYTES = 1 << 20
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.3g} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.3g} MB"
+
+
+def check_free_space(path: str | os.PathLike, n_bytes: float = 0.0, what: str = "this output") -> None:
+    """InputError, before any work, when ``what`` (about ``n_bytes``, plus MIN_FREE_BYTES) cannot
+    fit where ``path`` goes: the free space of its file system and the file-size limit (ulimit -f)."""
     folder = Path(path).absolute().parent
     while not folder.exists():
         folder = folder.parent
+    need = n_bytes + MIN_FREE_BYTES
     free = shutil.disk_usage(folder).free
-    if n_bytes > free:
-        raise InputError(f"{path}: {what} needs about {n_bytes / 1e9:.3g} GB, {folder} has {free / 1e9:.3g} GB free")
+    if need > free:
+        raise InputError(f"{path}: {what} needs about {_size(need)}, {folder} has {_size(free)} free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and need > limit:
+        raise InputError(f"{path}: {what} needs about {_size(need)}, the file-size limit (ulimit -f) is {_size(limit)}")
+
+
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EFBIG: "File too large",
+              errno.EDQUOT: "Disk quota exceeded"}
+
+
+def disk_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` when it is the machine refusing a write (full disk, file-size
+    limit, quota), however the library that wrote wrapped it (h5py's RuntimeError, safetensors'
+    SafetensorError, ...): None otherwise."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return exc
+    text = str(exc)
+    for code, words in _DISK_FULL.items():
+        if words in text or f"errno = {code}," in text:
+            named = re.search(r"filename = '([^']+)'", text)  # libhdf5 names the file in its message
+            return OSError(code, words, getattr(exc, "filename", None) or (named and named.group(1)))
+    return None
 
 
 def open_hdf5(path: Path, layout_version: int | None = None) -> h5py.File:
@@ -228,5 +369,11 @@ class open_fits:  # noqa: N801 -- used like open(): `with open_fits(path) as hdu
         return self.hdus
 
     def __exit__(self, exc_type, exc, tb):
+        from astropy.io.fits.verify import VerifyError
+
         if self.hdus is not None:
             self.hdus.close()
+        # astropy parses headers and reads data lazily: a broken card or a short data block
+        # shows only when the block touches it.
+        if isinstance(exc, (VerifyError, OSError)) and not isinstance(exc, InputError):
+            raise InputError(f"{self.path}: not a readable FITS file ({describe_error(exc, 120)})") from None

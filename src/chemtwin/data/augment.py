@@ -57,12 +57,27 @@ def as_generator(rng) -> np.random.Generator:
 # noise, masks, detector effects (broadening and shifts: chemtwin.data.broadening)
 
 
+# An SNR whose noise sigma 1/SNR and ivar SNR^2 are ordinary float32 numbers, with room on both
+# sides of any survey's (APOGEE spectra: SNR 10 to a few 1,000s).
+SNR_RANGE = (1e-3, 1e9)
+
+
+def check_snr(values, name: str = "SNR", allow_inf: bool = False, option: str | None = None) -> None:
+    """InputError unless every value lies in SNR_RANGE (or is +inf, no noise, when ``allow_inf``)."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    lo, hi = SNR_RANGE
+    ok = (values >= lo) & (values <= hi) | (allow_inf & (values == np.inf))
+    if values.size == 0 or not ok.all():
+        shown = ", ".join(f"{v:g}" for v in values[~ok][:3]) if values.size else "nothing"
+        raise InputError(f"{name} must be between {lo:g} and {hi:g}{' (or inf)' if allow_inf else ''}, got {shown}",
+                         *([option] if option else []))
+
+
 def draw_snr(snr, n: int, rng) -> np.ndarray:
     """SNR per spectrum: a number; (lo, hi) -> log-uniform; an array of > 2 samples -> drawn from them."""
     rng = as_generator(rng)
     values = np.asarray(snr, dtype=np.float64).reshape(-1)
-    if values.size == 0 or np.any(~np.isfinite(values)) or np.any(values <= 0):
-        raise InputError(f"SNR must be positive and finite, got {snr!r}")
+    check_snr(values)
     if values.size == 1:
         return np.full(n, values[0])
     if values.size == 2:

@@ -23,9 +23,9 @@ sharded writers (``chemtwin.data.shards``).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -33,9 +33,14 @@ import numpy as np
 from chemtwin import __version__
 from chemtwin.core.files import (
     check_dataset,
+    check_free_space,
+    close_after_failure,
+    create_hdf5,
+    describe_error,
     json_safe,
     open_hdf5,
     prepare_output,
+    publish,
     read_hdf5,
     temporary_path,
 )
@@ -102,14 +107,26 @@ class DatasetWriter:
         expected_rows: int | None = None,
     ):
         self.path = prepare_output(path, overwrite)
-        self.tmp = temporary_path(self.path)
+        self.overwrite = overwrite
         wavelength = np.asarray(wavelength, dtype=np.float64)
         self.n_pixels = wavelength.size
         self.n_labels = len(label_names)
+        if expected_rows:
+            check_free_space(self.path, expected_rows * (8 * self.n_pixels + 4 * self.n_labels + 8),
+                             f"{expected_rows} spectra")
+        self.tmp = temporary_path(self.path)
         self.n_rows = 0
-        self._file = h5py.File(self.tmp, "w")
-        f = self._file
+        self._file = None
         rows = max(1, min(chunk_rows, expected_rows or chunk_rows))
+        try:  # a failure (a full disk, SIGTERM) before the first append leaves no file either
+            self._file = create_hdf5(self.tmp)
+            self._create_layout(wavelength, label_names, attrs, with_star_id, rows)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create_layout(self, wavelength, label_names, attrs, with_star_id: bool, rows: int) -> None:
+        f = self._file
         for name in ("flux", "ivar"):
             f.create_dataset(
                 name, shape=(0, self.n_pixels), maxshape=(None, self.n_pixels), dtype="f4",
@@ -124,6 +141,9 @@ class DatasetWriter:
         f.create_dataset("group", shape=(0,), maxshape=(None,), dtype="i8", chunks=(max(rows, 4096),))
         if with_star_id:
             f.create_dataset("star_id", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
+        # Held open until close: a dataset handle dropped mid-file flushes its chunk cache in a
+        # destructor, where a full disk is only a printed warning and the writing goes on.
+        self._columns = {name: f[name] for name in ("flux", "ivar", "labels", "group", "star_id") if name in f}
         f.attrs["chemtwin_version"] = __version__
         f.attrs["layout_version"] = LAYOUT_VERSION
         for key, value in (attrs or {}).items():
@@ -136,29 +156,34 @@ class DatasetWriter:
             raise InputError(f"batch flux {flux.shape} / ivar {np.shape(ivar)} do not match {self.n_pixels} pixels")
         if np.shape(labels) != (n, self.n_labels) or np.shape(group) != (n,):
             raise InputError("batch labels/group do not match the batch size")
-        f = self._file
-        stop = self.n_rows + n
-        for name, values in (("flux", flux), ("ivar", ivar), ("labels", labels), ("group", group)):
-            f[name].resize(stop, axis=0)
-            f[name][self.n_rows : stop] = values
-        if "star_id" in f:
+        columns = {"flux": flux, "ivar": ivar, "labels": labels, "group": group}
+        if "star_id" in self._columns:
             if star_id is None or len(star_id) != n:
                 raise InputError("this dataset stores star_id: give one per row")
-            f["star_id"].resize(stop, axis=0)
-            f["star_id"][self.n_rows : stop] = np.asarray(star_id, dtype=object)
+            columns["star_id"] = np.asarray(star_id, dtype=object)
+        stop = self.n_rows + n
+        for name, values in columns.items():
+            self._columns[name].resize(stop, axis=0)
+            self._columns[name][self.n_rows : stop] = values
         self.n_rows = stop
 
     def close(self) -> Path:
         """Finish the file and move it to its final name."""
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._file.flush()  # the last writes: a full disk may fail only now (see close_after_failure)
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        publish(self.tmp, self.path, self.overwrite)
         return self.path
 
     def abort(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            close_after_failure(self._file)
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -200,7 +225,7 @@ class BaseDataset:
         for a in range(start, stop, batch_size):
             yield self.read(a, min(a + batch_size, stop))
 
-    def rows(self, start: int, stop: int) -> "RowRange":
+    def rows(self, start: int, stop: int) -> RowRange:
         """Rows [start, stop) as a dataset of their own (nothing is read until asked)."""
         return RowRange(self, start, stop)
 
@@ -222,6 +247,12 @@ class SpectraDataset(BaseDataset):
         self._file = open_hdf5(self.path, LAYOUT_VERSION)
         try:
             self._check_layout()
+        except InputError:
+            self._file.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # libhdf5 meets damaged metadata
+            self._file.close()
+            raise InputError(f"{self.path}: damaged HDF5 structure ({describe_error(exc)})") from None
         except BaseException:
             self._file.close()
             raise

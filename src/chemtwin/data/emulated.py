@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import identify_grid
+from chemtwin.data.augment import check_snr
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.generate import CHUNK_STARS, add_noise
 from chemtwin.errors import InputError
@@ -45,8 +46,7 @@ def generate_emulator_dataset(
         raise InputError(f"n_groups must be >= 1, got {n_groups}", "n_groups")
     if group_size < 1:
         raise InputError(f"group_size must be >= 1, got {group_size}", "group_size")
-    if not (snr > 0):
-        raise InputError(f"snr must be positive (or inf), got {snr}", "snr")
+    check_snr(snr, "snr", allow_inf=True, option="snr")
     prepare_output(path, overwrite)
     wavelength = emulator.wavelength if wavelength is None else np.asarray(wavelength, dtype=np.float64)
     if wavelength is None or wavelength.size != emulator.n_pixels:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from chemtwin.core.files import check_free_space, prepare_output
 from chemtwin.core.grids import get_grid
 from chemtwin.core.threads import torch_threads
+from chemtwin.data.augment import check_snr
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.population import RedGiantPrior, twin_groups
 from chemtwin.data.shard_folder import MANIFEST, grid_hash
@@ -101,8 +102,7 @@ class Plan:
             raise InputError(f"n_groups must be >= 1, got {self.n_groups}", "n_groups")
         if self.group_size < 1:
             raise InputError(f"group_size must be >= 1, got {self.group_size}", "group_size")
-        if not (self.snr > 0):
-            raise InputError(f"snr must be positive (or inf), got {self.snr}", "snr")
+        check_snr(self.snr, "snr", allow_inf=True, option="snr")
 
     @property
     def groups_per_chunk(self) -> int:

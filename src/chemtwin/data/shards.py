@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +39,7 @@ from chemtwin.core.files import (
     json_safe,
     json_text,
     prepare_output,
+    process_running,
 )
 from chemtwin.data.shard_folder import (
     MANIFEST,
@@ -65,6 +68,18 @@ def _probe(address: str, timeout: float) -> None:
     get_backend(scheme)  # ValueError for an unknown scheme
     if scheme in ("tcp", "tls"):
         socket.create_connection(get_address_host_port(address), timeout=timeout).close()
+
+
+SCRATCH_PREFIX = "chemtwin-dask-"
+
+
+def _remove_stale_scratch() -> None:
+    """Delete the scratch folders (``chemtwin-dask-PID-*`` in TMPDIR) of local clusters whose
+    process no longer runs (killed with SIGKILL)."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = stale.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextmanager
@@ -99,9 +114,17 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, timeou
     # spectrum-sized array is then mapped and page-faulted anew, and a generate shard took 2.5x
     # as long (docs/distributed.md).  Our workers keep glibc's defaults (the user's own
     # environment variable, if set, still wins).
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                         silence_logs=logging.CRITICAL) as cluster, Client(cluster, set_as_default=False) as client:
+    # The cluster's scratch space is a folder of ours, removed with the cluster (Dask's default
+    # leaves TMPDIR/dask-scratch-space behind), and by the next run when this one was killed.
+    # The scheduler always serves HTTP; ":0" picks a free port instead of warning on stderr when
+    # 8787 is taken (another cluster, another run).
+    _remove_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch, \
+            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                             "temporary-directory": scratch}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         local_directory=scratch, silence_logs=logging.CRITICAL) as cluster, \
+            Client(cluster, set_as_default=False) as client:
         yield client
 
 

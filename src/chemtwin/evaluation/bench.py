@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-from chemtwin.core.files import json_safe, write_json
+from chemtwin.core.files import check_free_space, json_safe, write_json
 from chemtwin.core.ranks import check_metric
+from chemtwin.data.augment import check_snr
 from chemtwin.data.dataset import open_dataset
 from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
@@ -96,7 +97,7 @@ class BenchConfig:
     quick: bool = False
 
     @classmethod
-    def quick_config(cls, **overrides) -> "BenchConfig":
+    def quick_config(cls, **overrides) -> BenchConfig:
         cfg = dict(n_train_pairs=1000, n_val_pairs=300, time_limit=15.0, raw_max_queries=None,
                    payne_train_stars=2000, payne_time_limit=20.0, holdout_stars=200, quick=True)
         cfg.update(overrides)
@@ -110,9 +111,7 @@ class BenchConfig:
             raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(bench_methods())}")
         if not self.snrs and self.mismatch_snr is None:
             raise InputError("no scenario: give at least one SNR")
-        for s in self.snrs + ((self.mismatch_snr,) if self.mismatch_snr is not None else ()):
-            if not s > 0:
-                raise InputError(f"SNR must be positive (or inf), got {s}")
+        check_snr(self.snrs + ((self.mismatch_snr,) if self.mismatch_snr is not None else ()), allow_inf=True)
         if self.n_train_pairs < 2 or self.n_val_pairs < 2:
             raise InputError("need at least 2 training and 2 validation pairs")
         if not self.time_limit > 0:
@@ -127,7 +126,7 @@ class BenchConfig:
     def needs_emulator(self) -> bool:
         return any("emulator" in set(get_method(m).needs) | get_method(m).uses for m in self.methods)
 
-    def scenarios(self) -> list["Scenario"]:
+    def scenarios(self) -> list[Scenario]:
         out = [Scenario(snr=s, mismatch=False) for s in self.snrs]
         if self.mismatch_snr is not None:
             out.append(Scenario(snr=float(self.mismatch_snr), mismatch=True))
@@ -177,6 +176,7 @@ def _prepare(out: Path, cfg: BenchConfig, overwrite: bool) -> BenchFolder:
     folder = BenchFolder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
+    check_free_space(folder.results, what="a bench run")
     old = folder.read_config()
     if old is not None:
         if not _same_run(old, _config_record(cfg)):

@@ -14,12 +14,17 @@ Returns the JSON-ready result (``metrics.result_dict``), and the ``RankResult`` 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from chemtwin.core.ranks import check_metric, require_twins
 from chemtwin.data.dataset import dataset_info, open_dataset
+from chemtwin.errors import InputError
 from chemtwin.evaluation.metrics import condition_leakage, evaluate_tags, result_dict
 from chemtwin.methods import Inputs, Method, get_method
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(method: Method | str, data=None, *, metric: str | None = None, max_queries: int | None = None,
@@ -45,7 +50,11 @@ def evaluate(method: Method | str, data=None, *, metric: str | None = None, max_
         extra = dict(tags.extra)
         if fitted.condition:
             names = list(fitted.condition)
-            extra["condition_r2"] = condition_leakage(tags.values, ds.labels(names), names, seed=inputs.seed)
+            try:
+                extra["condition_r2"] = condition_leakage(tags.values, ds.labels(names), names, seed=inputs.seed)
+            except InputError as exc:  # a diagnostic beside the ranks: too few stars skip it, not the ranks
+                log.warning("condition leakage not measured: %s", exc)
+                extra["condition_r2"] = None
         out = result_dict(method.result_name, summary, tags.dataset or dataset_info(ds), fitted.info,
                           tags.mse_reconstruction, tags.mse_swapped, extra)
         return (out, ranks) if return_ranks else out

@@ -20,13 +20,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 from sklearn.cluster import DBSCAN, HDBSCAN
 from sklearn.metrics import adjusted_rand_score
 
 from chemtwin import __version__
-from chemtwin.core.files import atomic_output, json_safe, prepare_output, temporary_path
+from chemtwin.core.files import atomic_output, json_safe, new_hdf5, prepare_output, temporary_path
 from chemtwin.data.dataset import write_star_columns
 from chemtwin.errors import InputError
 from chemtwin.search.index import TwinIndex
@@ -359,7 +358,7 @@ def write_clusters(path, result: ClusterResult, star_id=None, group=None, metric
     ``params`` and ``metrics`` (JSON), ``method``, ``n_clusters``, ``source``."""
 
     path = prepare_output(path, overwrite)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_output(path) as tmp, new_hdf5(tmp) as f:
         f.create_dataset("cluster", data=result.labels.astype(np.int64))
         f.create_dataset("probability", data=result.probabilities.astype(np.float32))
         write_star_columns(f, group, star_id)

@@ -45,6 +45,18 @@ def meta(index) -> dict:
         "faiss_version": getattr(faiss, "__version__", "unknown"),
     }
 
+def prepare_index_folder(folder, overwrite: bool = False) -> Path:
+    """Check, before any work, that ``folder`` may be written: new, or (with ``overwrite``) an index
+    folder of ours.  A folder holding anything else is refused, since saving replaces it whole."""
+    folder = prepare_output(folder, overwrite, folder=True)
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in (INDEX_FILE, META_FILE, IDS_FILE))
+        if foreign:
+            raise InputError(f"{folder} holds files that are not a chemtwin index ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); not replaced: write the index elsewhere")
+    return folder
+
+
 def save(index, folder, overwrite: bool = False) -> Path:
     """Write ``folder/`` = index.faiss + meta.json + ids.npz of ``index``, atomically.
 
@@ -54,7 +66,7 @@ def save(index, folder, overwrite: bool = False) -> Path:
     index._finish()
     if index._index is None:
         raise InputError("cannot save an untrained, empty IVF index")
-    folder = prepare_output(folder, overwrite, folder=True)
+    folder = prepare_index_folder(folder, overwrite)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +105,7 @@ def load(cls, folder):
             raise ValueError("wrong format tag")
         metric, kind, dim, n = meta["metric"], meta["kind"], int(meta["dim"]), int(meta["n"])
         params = dict(meta.get("params") or {})
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{folder}/{META_FILE}: corrupt index metadata ({exc.__class__.__name__})") from None
     try:
         raw = faiss.read_index(str(folder / INDEX_FILE))

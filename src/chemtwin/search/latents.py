@@ -25,8 +25,8 @@ a missing file, a file that is not HDF5, a missing/mis-shaped ``z`` or non-finit
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -34,6 +34,11 @@ import numpy as np
 from chemtwin.core.files import (
     atomic_output,
     check_dataset,
+    check_free_space,
+    close_after_failure,
+    create_hdf5,
+    describe_error,
+    destructor_write_errors,
     open_hdf5,
     prepare_output,
     read_hdf5,
@@ -154,7 +159,10 @@ class LatentFile(_Latents):
 
     @property
     def attrs(self) -> dict:
-        return dict(self._file.attrs)
+        try:
+            return dict(self._file.attrs)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise InputError(f"{self.path}: unreadable file attributes ({describe_error(exc)})") from None
 
     def close(self) -> None:
         self._file.close()
@@ -230,12 +238,19 @@ class LatentWriter:
 
     def __init__(self, path, dim: int, expected_rows: int | None = None, overwrite: bool = False):
         self.path = prepare_output(path, overwrite)
-        self._output = atomic_output(self.path)
+        if expected_rows:
+            check_free_space(self.path, expected_rows * (4 * dim + 64), f"latents of {expected_rows} stars")
+        self._output = atomic_output(self.path, overwrite)
         self._tmp = self._output.__enter__()
-        self._file = h5py.File(self._tmp, "w")
+        self._file, self.n_rows = None, 0
         rows = min(max(expected_rows or 0, 1), DEFAULT_CHUNK_ROWS)
-        self._z = self._file.create_dataset("z", shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=(rows, dim))
-        self.n_rows = 0
+        try:  # a failure (a full disk, SIGTERM) before the first append leaves no file either
+            self._file = create_hdf5(self._tmp)
+            self._z = self._file.create_dataset("z", shape=(0, dim), maxshape=(None, dim), dtype="f4",
+                                                chunks=(rows, dim))
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     def append(self, z) -> None:
         z = np.asarray(z, dtype=np.float32)
@@ -247,30 +262,32 @@ class LatentWriter:
                attrs=None, arrays=None) -> Path:
         """The per-star columns (``row``, ``group``, ``star_id``, ``labels`` + names, source ``files``),
         extra ``arrays`` {name: values} and file ``attrs``; then the rename."""
-        f = self._file
-        if row is not None:
-            f.create_dataset("row", data=np.asarray(row, dtype=np.int64))
-        write_star_columns(f, group, star_id)
-        if labels is not None:
-            ds = f.create_dataset("labels", data=np.asarray(labels, dtype=np.float32))
-            ds.attrs["names"] = np.array(list(label_names or []), dtype=h5py.string_dtype())
-        if files is not None:
-            f.create_dataset("file", data=np.asarray(files, dtype=object), dtype=h5py.string_dtype())
-        for name, values in (arrays or {}).items():
-            f[name] = values
-        f.attrs.update(attrs or {})
-        f.attrs["layout_version"] = LAYOUT_VERSION
+        with destructor_write_errors():
+            f = self._file
+            if row is not None:
+                f.create_dataset("row", data=np.asarray(row, dtype=np.int64))
+            write_star_columns(f, group, star_id)
+            if labels is not None:
+                ds = f.create_dataset("labels", data=np.asarray(labels, dtype=np.float32))
+                ds.attrs["names"] = np.array(list(label_names or []), dtype=h5py.string_dtype())
+            if files is not None:
+                f.create_dataset("file", data=np.asarray(files, dtype=object), dtype=h5py.string_dtype())
+            for name, values in (arrays or {}).items():
+                f[name] = values
+            f.attrs.update(attrs or {})
+            f.attrs["layout_version"] = LAYOUT_VERSION
+            f.flush()  # the last writes: a full disk may fail only now (then __exit__ cleans up)
         f.close()
         self._output.__exit__(None, None, None)
         return self.path
 
-    def __enter__(self) -> "LatentWriter":
+    def __enter__(self) -> LatentWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            if self._file.id.valid:
-                self._file.close()
+            if self._file is not None:
+                close_after_failure(self._file)
             self._output.__exit__(exc_type, exc, tb)
 
 

@@ -19,10 +19,14 @@ InputError naming what is wrong.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import math
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -62,7 +66,7 @@ def model_status(model_dir) -> Status | None:
     path = Path(model_dir) / "config.json"
     try:
         return Status(json.loads(path.read_text()).get("status"))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -83,10 +87,49 @@ def save(out_dir, model: FaderNet, meta: dict, wavelength=None, history=()) -> P
     return out
 
 
+@contextmanager
+def exclusive(out_dir) -> Iterator[None]:
+    """Hold the model folder for one training run (an advisory lock on the folder itself, so no
+    lock file is left behind); InputError when another run holds it."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out_dir}: another training run is writing this model folder") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def clear(out_dir) -> None:
     """Remove a model's files (and nothing else) from ``out_dir``."""
     for name in MODEL_FILES:
         (Path(out_dir) / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out_dir)
+
+
+# safetensors' save_file writes through a sibling named by Rust's tempfile crate (".tmp" and six
+# characters) and renames it: a run killed inside save_file leaves that file behind.
+_SAVE_FILE_TEMPORARY = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+
+
+def remove_stale_temporaries(out_dir) -> None:
+    """Delete what a killed ``save_file`` left in a model folder: ``.tmpXXXXXX`` files that are empty
+    or begin as a safetensors file does (a little-endian header length, then ``{``).  A training
+    run owns its model folder, so no other writer's file can match (a user's file cannot be
+    empty and named so by accident, or it is no loss)."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if not (_SAVE_FILE_TEMPORARY.match(path.name) and path.is_file()):
+            continue
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) < 9 or (head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000):
+            path.unlink(missing_ok=True)
+            log.info("%s: removed a temporary file left by a killed run", path)
 
 
 def save_model(out_dir: Path, model: FaderNet, wavelength=None) -> None:
@@ -130,7 +173,6 @@ def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | No
     path = Path(model_dir) / "model.safetensors"
     if not path.is_file():
         raise InputError(f"{model_dir}: not a chemtwin model (no model.safetensors; training never reached a checkpoint)")
-    model = FaderNet(cfg.net, int(meta["n_pixels"]))
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -142,6 +184,15 @@ def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | No
                          f"trained on {recorded}")
     wavelength = tensors.pop("data.wavelength", None)
     _check_finite(tensors, f"{model_dir}: model.safetensors is unusable")
+    # The network config.json describes, built without memory first: a damaged config.json can
+    # ask for any size, and only the weights on disk say what is real.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FaderNet(cfg.net, int(meta["n_pixels"])).state_dict().items()}
+    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if wrong:
+        raise InputError(f"{model_dir}: model.safetensors does not match config.json ({wrong[0]} has shape "
+                         f"{tuple(tensors[wrong[0]].shape)}, config.json asks for {expected[wrong[0]]})")
+    model = FaderNet(cfg.net, int(meta["n_pixels"]))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chemtwin.core.files import temporary_path
+from chemtwin.core.files import check_free_space, new_hdf5, temporary_path
 from chemtwin.errors import InputError
 from chemtwin.spectral_models import linelist, lines
 from chemtwin.spectral_models.labels import LABEL_NAMES
@@ -76,9 +76,10 @@ def read_cache(path: Path, fingerprint: str) -> dict[bytes, np.ndarray]:
 
 def write_cache(path: Path, fingerprint: str, grid: str, digest: np.ndarray, gram: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path, gram.nbytes + digest.nbytes, f"a Jacobian cache of {len(gram)} stars")
     tmp = temporary_path(path)
     try:
-        with h5py.File(tmp, "w") as f:
+        with new_hdf5(tmp) as f:
             f.attrs["format"] = CACHE_FORMAT
             f.attrs["synthesizer"] = fingerprint
             f.attrs["grid"] = grid

@@ -252,6 +252,9 @@ class PolyResiduals:
         k = min(self.n_components, p, n_used - 1)
         if k < self.n_components:
             log.warning("only %d principal components possible (%d pixels, %d training stars)", k, p, n_used)
+        if not np.isfinite(cov).all():  # float32 residual products overflow above ~1e19
+            raise InputError(f"{source}: residual flux too large for its covariance (float32 overflow); "
+                             "continuum-normalised flux (of order 1) is expected")
         values, vectors = _top_eigen(cov, k)
         self.components_ = vectors.T.astype(np.float32)
         self.explained_variance_ = values

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chemtwin import __version__
+from chemtwin.core.files import check_free_space
 from chemtwin.core.ranks import doppelganger_ranks
 from chemtwin.errors import InputError
 from chemtwin.tagging import model_folder
@@ -119,17 +120,21 @@ class TrainState:
         return {**asdict(self), "sums": [*self.sums.values(), self.sums.n]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainState":
+    def from_dict(cls, d: dict) -> TrainState:
         *values, n = d["sums"]
         return cls(d["epoch"], d["step"], d["batch_in_epoch"], d["elapsed"], Sums(*values, n))
 
 
-def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether the run resumes; InputError when ``out`` may not be written."""
+    check_free_space(out / "checkpoint.safetensors", what="a model folder")
     if resume:
-        if not (out / "checkpoint.safetensors").is_file():
-            raise InputError(f"{out}: nothing to resume (no checkpoint.safetensors)")
         model_folder.read_model_dir(out)
-        return
+        if not (out / "checkpoint.safetensors").is_file():
+            # killed before its first checkpoint: nothing learnt is lost by starting again
+            log.warning("%s: no checkpoint.safetensors yet (stopped before the first one); training starts again", out)
+            return False
+        return True
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
@@ -140,6 +145,7 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             raise InputError(f"{out} is not empty and holds no chemtwin model; refusing to overwrite it")
     if not out.parent.is_dir():
         raise InputError(f"output folder {out.parent} does not exist")
+    return False
 
 
 class Trainer:
@@ -167,6 +173,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.state = TrainState()
         if resume:
+            _check_same_data(out, data.summary())
             shuffle_state, saved = model_folder.load_checkpoint(self.ckpt_path, model, self.opts, device)
             self.state = TrainState.from_dict(saved)
             self.gen.set_state(shuffle_state)
@@ -312,6 +319,18 @@ class Trainer:
         return self.meta["final"]
 
 
+def _check_same_data(out: Path, now: dict) -> None:
+    """InputError when a resumed run is given other data than the checkpoint was trained on: the
+    split, the batches and the baseline statistics would silently change mid-run.  Counts are
+    compared, not paths (a dataset may have been moved)."""
+    before = model_folder.read_model_dir(out).get("data") or {}
+    keys = ("n_train", "n_val", "skipped_rows")
+    if any(k in before and before[k] != now[k] for k in keys):
+        raise InputError(f"{out}: the checkpoint was trained on other data ({before.get('train')}: "
+                         f"{before.get('n_train')} training / {before.get('n_val')} validation stars; now "
+                         f"{now['n_train']} / {now['n_val']}); resume with the same dataset")
+
+
 def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, overwrite=False, progress=True) -> dict:
     """Train (or, with ``resume``, continue training) a model into ``out_dir``; returns the
     last validation metrics.  ``source``/``val_source``: a dataset or an ``ArraySource``."""
@@ -319,10 +338,17 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
     out = Path(out_dir)
     ranks, device = Ranks.setup(pick_device(cfg.run.device))  # several under torchrun (tagging/distributed.py)
     progress = progress and ranks.main
-    _check_out_dir(out, resume, overwrite)
+    resumable = _check_out_dir(out, resume, overwrite)
+    overwrite, resume = overwrite or (resume and not resumable), resumable  # killed before a checkpoint: restart
     ranks.barrier()  # every rank has looked at MODEL_DIR before rank 0 writes to it
     data = prepare(source, val_source, cfg, with_eval_set=ranks.main, progress=progress)
-    if not resume and ranks.main:  # the data are fine: (re)create the model folder (rank 0 alone writes it)
-        model_folder.clear(out)
-        out.mkdir(exist_ok=True)
-    return Trainer(cfg, data, out, ranks, device, resume, t0).run(progress)
+    if not ranks.main:
+        return Trainer(cfg, data, out, ranks, device, resume, t0).run(progress)
+    out.mkdir(exist_ok=True)  # the data are fine: (re)create the model folder (rank 0 alone writes it)
+    with model_folder.exclusive(out):
+        model_folder.remove_stale_temporaries(out)
+        if not resume:
+            if not overwrite and any(out.iterdir()):  # written by another run since the first look
+                raise InputError(f"{out} is not empty; pass overwrite=True to replace it", "overwrite")
+            model_folder.clear(out)
+        return Trainer(cfg, data, out, ranks, device, resume, t0).run(progress)

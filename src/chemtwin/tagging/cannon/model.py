@@ -159,6 +159,8 @@ class Cannon:
             if wavelength.shape != (n_pixels,):
                 raise InputError(f"wavelength has shape {wavelength.shape}, expected ({n_pixels},)")
 
+        if n_stars < 2:  # before the vectorizer, whose label scaling needs stars
+            raise InputError(f"{n_stars} training star(s): The Cannon needs more stars than polynomial terms")
         vec = PolynomialVectorizer(self.label_names, self.order).fit(labels)
         design = Design(vec, vec.scale(labels))
         X = design.X  # (N, T)

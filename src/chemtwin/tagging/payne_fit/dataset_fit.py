@@ -64,5 +64,5 @@ def fit_dataset(
         columns.update(rv=result.rv, rv_err=result.rv_err)
     write_labels(out_path, result.label_names, result.labels, result.labels_err, result.covariance, columns=columns,
                  covariance_names=result.param_names, units={"rv": "km/s"}, group=group,
-                 star_id=None if star_id is None else star_id[start:stop], attrs=attrs)
+                 star_id=None if star_id is None else star_id[start:stop], attrs=attrs, overwrite=overwrite)
     return out_path, result, seconds

@@ -380,7 +380,12 @@ def _chi2_matrix(data: torch.Tensor, w: torch.Tensor, models: torch.Tensor, cent
 def _inverse(m: torch.Tensor) -> torch.Tensor:
     """Inverse of symmetric positive semi-definite matrices; NaN where singular."""
     inv, info = torch.linalg.inv_ex(m)
-    bad = (info != 0) | ~torch.isfinite(inv).all(-1).all(-1)
+    finite = torch.isfinite(m).all(-1).all(-1)  # an overflowed Fisher matrix (absurd ivar) has none
+    inv[~finite] = torch.nan
+    bad = finite & ((info != 0) | ~torch.isfinite(inv).all(-1).all(-1))
     if bad.any():
-        inv[bad] = torch.linalg.pinv(m[bad], hermitian=True)
+        try:
+            inv[bad] = torch.linalg.pinv(m[bad], hermitian=True)
+        except torch.linalg.LinAlgError:  # eigh did not converge: too ill-conditioned to invert
+            inv[bad] = torch.nan
     return inv
