@@ -902,6 +902,9 @@ def select(cases: list[dict], args) -> list[dict]:
         for cat, items in by_cat.items():
             k = max(1, round(args.cases * len(items) / len(cases)))
             chosen += rng.sample(items, min(k, len(items)))
+        picked = {c["id"] for c in chosen}
+        rest = [c for c in cases if c["id"] not in picked]
+        chosen += rng.sample(rest, max(0, min(args.cases - len(chosen), len(rest))))  # rounding fell short
         order = {c["id"]: k for k, c in enumerate(cases)}
         cases = sorted(chosen, key=lambda c: order[c["id"]])
     return cases

@@ -358,9 +358,10 @@ def _dataset_structure() -> dict:
                 f.create_dataset("ivar", shape=(n_rows, n_pixels), dtype="f4", chunks=ch, fillvalue=1e4)
                 f.create_dataset("wavelength", data=np.linspace(15100.0, 17000.0, n_pixels)) if n_pixels < 10**7 else \
                     f.create_dataset("wavelength", shape=(n_pixels,), dtype="f8", chunks=(65536,), fillvalue=16000.0)
-                lab = f.create_dataset("labels", shape=(n_rows, n_labels), dtype="f4", chunks=(4096, n_labels), fillvalue=4500.0)
+                lab = f.create_dataset("labels", shape=(n_rows, n_labels), dtype="f4", chunks=(min(4096, n_rows), n_labels),
+                                       fillvalue=4500.0)
                 lab.attrs["names"] = names_attr
-                f.create_dataset("group", shape=(n_rows,), dtype="i8", chunks=(65536,), fillvalue=-1)
+                f.create_dataset("group", shape=(n_rows,), dtype="i8", chunks=(min(65536, n_rows),), fillvalue=-1)
         return run
 
     m["rows-huge"] = (huge(10**9, 7214), {"any"})
@@ -989,14 +990,24 @@ def _fits() -> dict:
                 hdus[k].header[key] = value
         return _fits_hdu(edit)
 
-    m["crval1-nan"] = (header(1, "CRVAL1", float("nan")), {"structure"})
+    def header_nan(k, key):
+        """A NaN value card, which astropy refuses to write: a number first, then its bytes patched."""
+        def run(p, ctx):
+            header(k, key, 1.0)(p, ctx)
+            raw = bytearray(Path(p).read_bytes())
+            at = raw.index(f"{key:<8}= ".encode()) + 10
+            raw[at : at + 20] = b"NaN".rjust(20)
+            Path(p).write_bytes(bytes(raw))
+        return run
+
+    m["crval1-nan"] = (header_nan(1, "CRVAL1"), {"structure"})
     m["crval1-str"] = (header(1, "CRVAL1", "abc"), {"structure"})
     m["cdelt1-zero"] = (header(1, "CDELT1", 0.0), {"structure"})
     m["cdelt1-huge"] = (header(1, "CDELT1", 1e10), {"structure"})
     m["crval1-missing"] = (header(1, "CRVAL1", None), {"structure"})
     m["apogee-id-missing"] = (lambda p, ctx: (header(0, "APOGEE_ID", None)(p, ctx), header(0, "OBJID", None)(p, ctx),
                                               header(0, "OBJECT", None)(p, ctx)), {"any"})
-    m["vhelio-nan"] = (header(0, "VHELIO", float("nan")), {"any"})
+    m["vhelio-nan"] = (header_nan(0, "VHELIO"), {"any"})
     m["vrad-huge"] = (lambda p, ctx: (header(0, "VHELIO", 1e9)(p, ctx), header(0, "VRAD", 1e9)(p, ctx)), {"any"})
     m["teff-header-str"] = (lambda p, ctx: (header(0, "TEFF", "hot")(p, ctx), header(0, "RV_TEFF", "hot")(p, ctx)), {"any"})
     for name, (fn, tags) in FITS_BYTES.items():

@@ -146,10 +146,11 @@ def test_embed_fits_nothing_usable_or_bad_setup_is_one_line_exit_2(model, catalo
     lat = out / "z.h5"
     truncated = tmp_path / "cut.fits"
     truncated.write_bytes(APSTARS[0].read_bytes()[:200_000])
-    # every file bad: the per-file list, then one error line; nothing written
+    # every file bad: one error line with the first file's reason; nothing written
     assert main(["embed", str(model), str(truncated), str(catalog), "--catalog", str(catalog), "--out", str(lat)]) == 2
     err = _err_lines(capsys)
-    assert len(err) == 4 and err[-1].startswith("chemtwin embed: error: no usable spectrum among 2 file(s)")
+    assert len(err) == 1 and err[0].startswith("chemtwin embed: error: no usable spectrum among 2 file(s) (first: ")
+    assert str(truncated) in err[0]
     no_teff = tmp_path / "noteff.fits"
     Table({"APOGEE_ID": IDS, "LOGG": [1.0, 2.0, 3.0, 4.0]}).write(no_teff)
     fe_only = tmp_path / "fe.fits"

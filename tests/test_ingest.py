@@ -92,9 +92,9 @@ def test_ingest_nothing_usable_exits_2_and_writes_nothing(tmp_path, catalog, cap
     Table({"A": [1]}).write(not_a_spectrum)
     out = tmp_path / "none.h5"
     assert main(["ingest", str(not_a_spectrum), str(catalog), "--catalog", str(catalog), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "not an APOGEE apStar, aspcapStar or apVisit spectrum" in err
-    assert err.strip().splitlines()[-1].startswith("chemtwin ingest: error: no usable spectrum")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chemtwin ingest: error: no usable spectrum among 2 file(s) (first: ")
+    assert "not an APOGEE apStar, aspcapStar or apVisit spectrum" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
 
 

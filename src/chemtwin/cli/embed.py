@@ -145,9 +145,7 @@ def _embed_files(ct, out: Path, args) -> int:
         result = ingest_files(files, spectra, names, labels_of, args,
                               {"catalog": os.path.basename(args.catalog) if args.catalog else "headers"},
                               progress=_progress())
-        report_errors("embed", result.errors, len(files))
-        if result.n_rows == 0:
-            raise InputError(f"no usable spectrum among {len(files)} file(s); nothing written")
+        report_errors("embed", result, len(files))
         with open_dataset(spectra) as ds:
             embed_to_file(ct, ds, out, {**model_attrs(ct, args.model), "data": f"{len(files)} spectrum file(s)",
                                         "grid": grid, "labels_from": args.catalog or "headers"},

@@ -167,12 +167,17 @@ def ingest_files(files: list[str], out, label_names, labels_of: Callable, args, 
     return result
 
 
-def report_errors(command: str, errors: list[tuple[str, str]], n_files: int) -> None:
-    """The per-file list of skipped files, to stderr."""
-    if errors:
-        print(f"chemtwin {command}: {len(errors)} of {n_files} file(s) skipped:", file=sys.stderr)
-    for path, message in errors:
-        message = message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
+def report_errors(command: str, result: IngestResult, n_files: int) -> None:
+    """The per-file list of skipped files, to stderr; when no file was usable, one InputError line
+    with the first reason instead (the command then writes nothing)."""
+    reasons = [(path, message[len(path) + 2 :] if message.startswith(f"{path}: ") else message)
+               for path, message in result.errors]
+    if result.n_rows == 0:
+        first = f" (first: {reasons[0][0]}: {reasons[0][1]})" if reasons else ""
+        raise InputError(f"no usable spectrum among {n_files} file(s){first}; nothing written")
+    if reasons:
+        print(f"chemtwin {command}: {len(reasons)} of {n_files} file(s) skipped:", file=sys.stderr)
+    for path, message in reasons:
         print(f"  {path}: {message}", file=sys.stderr)
 
 
@@ -230,9 +235,7 @@ def run(args) -> int:
                               lambda spectrum: catalog.lookup(spectrum.apogee_id, keep_flagged=args.keep_flagged),
                               args, {"catalog": os.path.basename(args.catalog)}, overwrite=args.overwrite,
                               progress=not args.quiet)
-    report_errors("ingest", result.errors, len(files))
-    if result.n_rows == 0:
-        raise InputError(f"no usable spectrum among {len(files)} file(s); nothing written")
+    report_errors("ingest", result, len(files))
     finite = [s for s in result.snrs if np.isfinite(s)]
     median_snr = f"{np.median(finite):.0f}" if finite else "unknown"
     print(f"wrote {args.out}: {result.n_rows} spectra on grid {args.grid} ({grid.n_pixels} px), median header SNR "

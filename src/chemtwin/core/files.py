@@ -90,6 +90,7 @@ def publish(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
+        tmp.unlink(missing_ok=True)
         raise InputError(f"{path} was written by another run meanwhile; pass overwrite=True to replace it",
                          "overwrite") from None
     except OSError:  # a file system without hard links: the plain rename
@@ -180,6 +181,8 @@ def prepare_output(path: str | os.PathLike, overwrite: bool, folder: bool = Fals
     for source in inputs:
         if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
             raise InputError(f"{path} is also an input of this command; write the output elsewhere")
+    if not folder and path.exists() and not path.is_dir() and not path.is_file():
+        raise InputError(f"{path} is not a regular file (a device, FIFO or socket); not replaced")
     if folder and path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
     if not folder and path.is_dir():
@@ -356,15 +359,21 @@ class open_fits:  # noqa: N801 -- used like open(): `with open_fits(path) as hdu
 
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
+        # Header cards are parsed lazily, inside the block too: astropy's warnings about damaged
+        # cards stay quiet while the file is open (what cannot be parsed raises, and is reported).
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", fits.verify.VerifyWarning)
                 warnings.filterwarnings("error", message=".*truncated.*")
                 self.hdus = fits.open(self.path, memmap=self.memmap)
                 len(self.hdus)  # read every header now, so truncation shows here
         except InputError:
+            self._quiet.__exit__(None, None, None)
             raise
         except Exception as exc:  # astropy raises OSError, ValueError, warnings-as-errors, ...
+            self._quiet.__exit__(None, None, None)
             raise InputError(f"{self.path}: not a readable FITS file ({describe_error(exc, 120)})") from None
         return self.hdus
 
@@ -373,6 +382,7 @@ class open_fits:  # noqa: N801 -- used like open(): `with open_fits(path) as hdu
 
         if self.hdus is not None:
             self.hdus.close()
+        self._quiet.__exit__(None, None, None)
         # astropy parses headers and reads data lazily: a broken card or a short data block
         # shows only when the block touches it.
         if isinstance(exc, (VerifyError, OSError)) and not isinstance(exc, InputError):

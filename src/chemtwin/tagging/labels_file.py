@@ -41,9 +41,9 @@ def write_labels(path, names, labels, labels_err, covariance, *, columns: dict, 
     columns = _flag_unmeasured(labels, labels_err, covariance, columns)
     h5names = np.array(list(names), dtype=h5py.string_dtype())
     with atomic_output(path, overwrite) as tmp, new_hdf5(tmp) as f:
-        f.create_dataset("labels", data=np.asarray(labels, np.float32)).attrs["names"] = h5names
-        f.create_dataset("labels_err", data=np.asarray(labels_err, np.float32)).attrs["names"] = h5names
-        cov = f.create_dataset("covariance", data=np.asarray(covariance, np.float32))
+        f.create_dataset("labels", data=_stored(labels)).attrs["names"] = h5names
+        f.create_dataset("labels_err", data=_stored(labels_err)).attrs["names"] = h5names
+        cov = f.create_dataset("covariance", data=_stored(covariance))
         cov.attrs["names"] = h5names if covariance_names is None else np.array(list(covariance_names),
                                                                              dtype=h5py.string_dtype())
         for name, values in columns.items():
@@ -65,8 +65,14 @@ def _flag_unmeasured(labels, labels_err, covariance, columns: dict) -> dict:
     finite = np.ones(n, bool)
     for values in (labels, labels_err, covariance, columns.get("chi2"), columns.get("reduced_chi2")):
         if values is not None and n:
-            finite &= np.isfinite(np.asarray(values, np.float64).reshape(n, -1)).all(1)
+            finite &= np.isfinite(_stored(values).reshape(n, -1)).all(1)
     given = np.asarray(columns.get("converged", np.ones(n, bool)), bool)
     if newly := int((given & ~finite).sum()):
         log.warning("%d star(s) with non-finite labels, errors or chi2 flagged converged = False", newly)
     return {**columns, "converged": given & finite}
+
+
+def _stored(values) -> np.ndarray:
+    """``values`` as the file stores them, float32: beyond its range a value is inf (and flagged)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, np.float32)

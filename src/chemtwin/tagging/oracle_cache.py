@@ -54,6 +54,8 @@ def star_digests(labels: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def read_cache(path: Path, fingerprint: str) -> dict[bytes, np.ndarray]:
     """digest -> Gram matrix from a cache file; empty (with a log line) when absent or mismatched."""
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path} is not a regular file (a device, FIFO, socket or folder); name another file")
     if not path.is_file():
         return {}
     # A file that is not a cache of ours is somebody's data named by mistake: refused, never
