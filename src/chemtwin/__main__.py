@@ -1,5 +1,5 @@
 import sys
 
-from chemtwin.cli import main
+from chemtwin.cli import run
 
-sys.exit(main())
+sys.exit(run())

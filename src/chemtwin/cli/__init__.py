@@ -112,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> int:
+    """The ``chemtwin`` program: ``main`` on sys.argv, then signals ignored while the interpreter
+    shuts down (the work is done and its files are in place: a late Ctrl-C or SIGTERM must not
+    interrupt library finalizers with a traceback)."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's stop, ``kill``), raised like Ctrl-C so that the same clean-up runs:
     temporary files are deleted and an interrupted training writes its checkpoint."""
@@ -135,4 +145,4 @@ def _error(command: str, message: str) -> int:
     return 2
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

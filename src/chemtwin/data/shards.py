@@ -269,6 +269,9 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
             raise InputError(f"shard {failure.k} ({SHARD_NAME.format(failure.k)}) failed: "
                              f"{describe_error(failure.exc, 200)}; {done} of {len(specs)} shards are finished and kept "
                              f"in {out}: rerun the same command to write the rest") from None
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM reach the workers too: they stop mid-shard
+            _remove_worker_temporaries(out)
+            raise
     reused = sum(bool(r.get("reused")) for r in records)
     if reused:
         log.info("kept %d shard(s) of the earlier run (checksums verified)", reused)
@@ -286,6 +289,24 @@ def run_shards(out, kind: str, plan: dict, specs: list[dict], task: Callable, cl
     return manifest, records
 
 
+
+
+def _remove_worker_temporaries(out: Path, wait_s: float = 10.0) -> None:
+    """Delete the shard temporaries (``.shard-*.tmp-PID``) left by workers stopped with this run,
+    waiting up to ``wait_s`` for their processes to end (a file whose writer still runs after
+    that is left to the next run, which clears ``.shard-*`` files)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for tmp in out.glob(".shard-*.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and process_running(int(pid)):
+                left.append(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
