@@ -61,6 +61,11 @@ def non_negative_float(text: str) -> float:
     return _checked(text, float, lambda value: value >= 0, "a non-negative number")
 
 
+def finite_non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a weight, where inf would make every loss inf or NaN)."""
+    return _checked(text, float, lambda value: 0 <= value < math.inf, "a finite non-negative number")
+
+
 def fraction_below_one(text: str) -> float:
     """A number in [0, 1), such as the share of stars held out for validation."""
     return _checked(text, float, lambda value: 0 <= value < 1, "a number in [0, 1)")

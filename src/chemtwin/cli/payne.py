@@ -148,6 +148,8 @@ def run_fit(args) -> int:
     from chemtwin.spectral_models.payne import PayneEmulator
     from chemtwin.tagging.payne_fit import fit_dataset
 
+    if args.rv_max > 10_000:  # no star bound to the Galaxy moves faster than ~1,000 km/s
+        raise InputError(f"--rv-max {args.rv_max:g} km/s is beyond any star's radial velocity; give at most 10000")
     prepare_output(args.out, args.overwrite, inputs=(args.emulator, args.data))
     emulator = PayneEmulator.load(args.emulator, name_list(args.label_names))
     path, result, seconds = fit_dataset(

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from chemtwin.cli.arguments import non_negative_float, non_negative_int, seed, thread_count
+from chemtwin.cli.arguments import finite_non_negative_float, non_negative_float, non_negative_int, seed, thread_count
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                         "the learning-rate and lambda schedules are stretched to fit it")
     p.add_argument("--batch-size", type=non_negative_int, default=None, help="batch size (default: the preset's)")
     p.add_argument("--lr", type=non_negative_float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--lambda", dest="lambda_adv", type=non_negative_float, default=None,
+    p.add_argument("--lambda", dest="lambda_adv", type=finite_non_negative_float, default=None,
                    help="final adversarial weight lambda (default: the preset's; ignored for --model cae)")
     p.add_argument("--lambda-warmup", type=non_negative_float, default=None,
                    help="fraction of training over which lambda rises linearly from 0 (default: the preset's)")

@@ -356,6 +356,7 @@ class open_fits:  # noqa: N801 -- used like open(): `with open_fits(path) as hdu
 
     def __enter__(self):
         from astropy.io import fits
+        from astropy.utils.exceptions import AstropyUserWarning
 
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
@@ -364,6 +365,7 @@ class open_fits:  # noqa: N801 -- used like open(): `with open_fits(path) as hdu
         self._quiet = warnings.catch_warnings()
         self._quiet.__enter__()
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        warnings.filterwarnings("ignore", category=AstropyUserWarning, module=r"astropy\.io\.fits")
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("error", message=".*truncated.*")

@@ -103,6 +103,9 @@ def load(cls, folder):
         meta = json.loads((folder / META_FILE).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError("wrong format tag")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise InputError(f"{folder}: index format_version {meta['format_version']} is newer than this chemtwin reads "
+                             f"({FORMAT_VERSION}); upgrade chemtwin")
         metric, kind, dim, n = meta["metric"], meta["kind"], int(meta["dim"]), int(meta["n"])
         params = dict(meta.get("params") or {})
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
@@ -125,6 +128,10 @@ def load(cls, folder):
     for name, arr in (("star_id", star_id), ("group", group)):
         if arr is not None and arr.shape != (n,):
             raise InputError(f"{folder}/{IDS_FILE}: {name} has {arr.shape}, expected ({n},)")
+    if group is not None and group.dtype.kind not in "iu":
+        raise InputError(f"{folder}/{IDS_FILE}: group has dtype {group.dtype}, expected integers")
+    if bool(meta.get("has_star_id")) != (star_id is not None) or bool(meta.get("has_group")) != (group is not None):
+        raise InputError(f"{folder}: meta.json and {IDS_FILE} disagree on which star ids / groups are stored")
     known = {k: params[k] for k in ("M", "ef_construction", "ef_search", "nlist", "nprobe") if params.get(k) is not None}
     index = cls(dim, metric, kind, _faiss_index=raw, **known)
     try:

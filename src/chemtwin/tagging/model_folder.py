@@ -184,14 +184,17 @@ def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | No
                          f"trained on {recorded}")
     wavelength = tensors.pop("data.wavelength", None)
     _check_finite(tensors, f"{model_dir}: model.safetensors is unusable")
+    if wavelength is not None and not bool(torch.isfinite(wavelength).all()):
+        raise InputError(f"{model_dir}: model.safetensors is unusable (data.wavelength is not finite)")
     # The network config.json describes, built without memory first: a damaged config.json can
     # ask for any size, and only the weights on disk say what is real.
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in FaderNet(cfg.net, int(meta["n_pixels"])).state_dict().items()}
-    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if wrong:
-        raise InputError(f"{model_dir}: model.safetensors does not match config.json ({wrong[0]} has shape "
-                         f"{tuple(tensors[wrong[0]].shape)}, config.json asks for {expected[wrong[0]]})")
+        expected = dict(FaderNet(cfg.net, int(meta["n_pixels"])).state_dict())
+    for key, want in expected.items():
+        got = tensors.get(key)
+        if got is not None and (got.shape != want.shape or got.dtype != want.dtype):
+            raise InputError(f"{model_dir}: model.safetensors does not match config.json ({key} is {got.dtype} "
+                             f"{tuple(got.shape)}, config.json asks for {want.dtype} {tuple(want.shape)})")
     model = FaderNet(cfg.net, int(meta["n_pixels"]))
     try:
         model.load_state_dict(tensors)

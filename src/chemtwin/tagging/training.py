@@ -129,6 +129,9 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Whether the run resumes; InputError when ``out`` may not be written."""
     check_free_space(out / "checkpoint.safetensors", what="a model folder")
     if resume:
+        if out.is_dir() and not any(not p.name.startswith(".") for p in out.iterdir()):
+            log.warning("%s: empty (stopped before config.json was written); training starts again", out)
+            return False
         model_folder.read_model_dir(out)
         if not (out / "checkpoint.safetensors").is_file():
             # killed before its first checkpoint: nothing learnt is lost by starting again
