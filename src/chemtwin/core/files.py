@@ -38,7 +38,7 @@ def temporary_path(path: Path) -> Path:
     path = Path(path)
     for stale in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+        if left_by_ended_process(pid):
             stale.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -50,9 +50,15 @@ def scratch_path(path: Path, tag: str) -> Path:
     prefix = f".{path.name}.{tag}-"
     for stale in [*path.parent.glob(f"{glob_escape(prefix)}*"), *path.parent.glob(f".{glob_escape(prefix)}*")]:
         pid = stale.name.split(f"{tag}-", 1)[1].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+        if left_by_ended_process(pid):
             stale.unlink(missing_ok=True)
     return path.with_name(f"{prefix}{os.getpid()}.h5")
+
+
+def left_by_ended_process(pid: str) -> bool:
+    """Whether a file named with the process id ``pid`` (text from its name) was left by another
+    process that no longer runs: the file is then stale and safe to delete."""
+    return pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid))
 
 
 def process_running(pid: int) -> bool:

@@ -38,8 +38,8 @@ from chemtwin.core.files import (
     file_sha256,
     json_safe,
     json_text,
+    left_by_ended_process,
     prepare_output,
-    process_running,
 )
 from chemtwin.data.shard_folder import (
     MANIFEST,
@@ -78,7 +78,7 @@ def _remove_stale_scratch() -> None:
     process no longer runs (killed with SIGKILL)."""
     for stale in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
         pid = stale.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+        if left_by_ended_process(pid):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -299,11 +299,10 @@ def _remove_worker_temporaries(out: Path, wait_s: float = 10.0) -> None:
     while True:
         left = []
         for tmp in out.glob(".shard-*.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and process_running(int(pid)):
-                left.append(tmp)
-            else:
+            if left_by_ended_process(tmp.name.rsplit("-", 1)[-1]):
                 tmp.unlink(missing_ok=True)
+            else:
+                left.append(tmp)
         if not left or time.monotonic() > deadline:
             return
         time.sleep(0.1)
