@@ -19,7 +19,8 @@ Builds small valid seed inputs once (benchmarks/fuzz_seeds.py), derives the case
   (a file that existed before the run and is not the command's own changed or vanished),
   ``unflagged_nonfinite`` (an output HDF5/npz/JSON/safetensors holds NaN/inf and no flag column
   marks those rows), ``nonfinite_flagged`` (NaN rows marked by ``converged`` False or a ``*flag*``
-  column: the documented convention, counted apart), ``wrote_on_failure`` (a failed run left a
+  column, or NaN dataset labels exactly where an input dataset has them: docs/dataset.md's
+  "unknown" label, passed on; the documented conventions, counted apart), ``wrote_on_failure`` (a failed run left a
   new output file), ``nondeterministic`` (determinism trials).
 
 How a case runs: the parent imports chemtwin.cli, torch, h5py, FAISS, scikit-learn, matplotlib
@@ -217,8 +218,29 @@ def _flag_rows(arrays: dict, n: int):
     return marked
 
 
-def nonfinite_report(path: Path) -> list[dict]:
-    """Arrays of an output file with non-finite values: [{array, n, flagged}] (ivar = +inf is a noiseless pixel)."""
+def _input_label_nans(case_dir: Path, files: list[str]) -> list:
+    """NaN masks of the ``labels`` of the dataset files among ``files`` (the case's inputs)."""
+    import h5py
+    import numpy as np
+
+    masks = []
+    for rel in files:
+        path = case_dir / rel
+        try:
+            if not h5py.is_hdf5(path):
+                continue
+            with h5py.File(path, "r") as f:
+                labels = f.get("labels")
+                if isinstance(labels, h5py.Dataset) and "flux" in f and labels.dtype.kind == "f" and labels.size <= 20_000_000:
+                    masks.append(np.isnan(labels[()]))
+        except Exception:  # a damaged input is the case's business, not a source of known NaNs
+            continue
+    return masks
+
+
+def nonfinite_report(path: Path, input_label_nans: list = ()) -> list[dict]:
+    """Arrays of an output file with non-finite values: [{array, n, flagged}] (ivar = +inf is a noiseless
+    pixel; NaN dataset labels where an input dataset had them are a passed-on "unknown")."""
     import numpy as np
 
     arrays: dict = {}
@@ -256,8 +278,9 @@ def nonfinite_report(path: Path) -> list[dict]:
         bad = np.isnan(a) | np.isneginf(a) if key.split("/")[-1] == "ivar" else ~np.isfinite(a)
         if not bad.any():
             continue
-        flagged = False
-        if a.ndim >= 1:
+        flagged = key == "labels" and "flux" in arrays and any(
+            m.shape == a.shape and not (bad & ~m).any() and not np.isinf(a).any() for m in input_label_nans)
+        if a.ndim >= 1 and not flagged:
             rows = bad.reshape(a.shape[0], -1).any(1)
             marked = _flag_rows(arrays, a.shape[0])
             flagged = marked is not None and bool(np.all(marked[rows]))
@@ -282,8 +305,9 @@ def post_check(c: dict, case_dir: Path, before: dict, primary: str, own: list[st
     foreign = [k for k in changed + removed if not is_own(k)]
     outputs = [k for k in new if k not in leftovers and after[k][0] == "file" and not k.startswith("elsewhere")]
     nonfinite = {}
+    input_label_nans = _input_label_nans(case_dir, [k for k in before if before[k][0] == "file"])
     for k in outputs + [k for k in changed if is_own(k) and after[k][0] == "file"]:
-        rep = nonfinite_report(case_dir / k)
+        rep = nonfinite_report(case_dir / k, input_label_nans)
         if rep:
             nonfinite[k] = rep
     flags = []

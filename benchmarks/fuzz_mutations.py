@@ -877,8 +877,15 @@ def _indexes() -> dict:
             import faiss
 
             if which in ("hnsw", "ivf", "flat"):
-                src = Path(ctx.seeds[{"hnsw": "index_hnsw", "ivf": "index_ivf", "flat": "index"}[which]]) / "index.faiss"
-                shutil.copy(src, p / "index.faiss")
+                # another valid index of that kind, with the seed's d, n and metric but other vectors
+                seed = faiss.read_index(str(Path(ctx.seeds[{"hnsw": "index_hnsw", "ivf": "index_ivf", "flat": "index"}[which]])
+                                            / "index.faiss"))
+                vectors = np.random.default_rng(0).normal(size=(seed.ntotal, seed.d)).astype(np.float32)
+                kind = {"hnsw": "HNSW8,Flat", "ivf": f"IVF{min(4, seed.ntotal)},Flat", "flat": "Flat"}[which]
+                index = faiss.index_factory(seed.d, kind, seed.metric_type)
+                index.train(vectors)
+                index.add(vectors)
+                faiss.write_index(index, str(p / "index.faiss"))
             elif which == "dim5":
                 index = faiss.IndexFlatL2(5)
                 index.add(np.zeros((40, 5), np.float32))

@@ -247,6 +247,34 @@ def test_load_missing_or_corrupt(tmp_path):
             TwinIndex.load(folder)
 
 
+def test_load_checks_checksums_and_reads_version_1(tmp_path):
+    import shutil
+
+    z = np.random.default_rng(3).normal(size=(50, 4)).astype(np.float32)
+    good = TwinIndex.build(z, star_ids=[f"s{i}" for i in range(50)]).save(tmp_path / "good")
+    meta = json.loads((good / "meta.json").read_text())
+    assert meta["format_version"] == 2 and set(meta["sha256"]) == {"index.faiss", "ids.npz"}
+    # one flipped bit in a stored vector: FAISS still reads the file, but the neighbours would change
+    flipped = shutil.copytree(good, tmp_path / "flipped")
+    data = bytearray((flipped / "index.faiss").read_bytes())
+    data[-20] ^= 0x10
+    (flipped / "index.faiss").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="sha256 differs"):
+        TwinIndex.load(flipped)
+    no_params = shutil.copytree(good, tmp_path / "no_params")
+    (no_params / "meta.json").write_text(json.dumps({**meta, "params": None}))
+    with pytest.raises(InputError, match="corrupt index metadata"):
+        TwinIndex.load(no_params)
+    # a version-1 folder (written before checksums) is read as before; a version-2 one must have them
+    old = shutil.copytree(good, tmp_path / "old")
+    (old / "meta.json").write_text(json.dumps({k: v for k, v in {**meta, "format_version": 1}.items() if k != "sha256"}))
+    np.testing.assert_array_equal(TwinIndex.load(old).search(z[:3], k=1)[1][:, 0], [0, 1, 2])
+    unsigned = shutil.copytree(good, tmp_path / "unsigned")
+    (unsigned / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    with pytest.raises(InputError, match="corrupt index metadata"):
+        TwinIndex.load(unsigned)
+
+
 # ------------------------------------------------------------------------ CLI
 def test_cli_index_and_search(tmp_path, latents, capsys):
     path, z, group, ids = latents

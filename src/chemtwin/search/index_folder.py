@@ -1,8 +1,9 @@
 """The twin index folder: ``index.faiss`` (FAISS's own format), ``meta.json`` and ``ids.npz``.
 
 ``meta.json``: ``format`` "chemtwin-twin-index", ``format_version`` (``FORMAT_VERSION``), metric,
-kind, dim, n, the index parameters, whether star ids / groups are stored, the source latent file
-and the chemtwin / FAISS versions.  ``ids.npz`` (read with ``allow_pickle=False``): ``star_id``
+kind, dim, n, the index parameters, whether star ids / groups are stored, the source latent file,
+the chemtwin / FAISS versions and (from format_version 2) the ``sha256`` of index.faiss and ids.npz,
+checked at load: a flipped byte in the index changes neighbours without making FAISS fail.  ``ids.npz`` (read with ``allow_pickle=False``): ``star_id``
 (UTF-8 bytes) and ``group`` when known.  The folder is written into a temporary sibling and
 renamed into place, so a reader never sees half of it (docs/search.md).
 """
@@ -19,11 +20,11 @@ import faiss
 import numpy as np
 
 from chemtwin import __version__
-from chemtwin.core.files import json_text, prepare_output
+from chemtwin.core.files import file_sha256, json_text, prepare_output
 from chemtwin.errors import InputError
 
 FORMAT = "chemtwin-twin-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_FILE, META_FILE, IDS_FILE = "index.faiss", "meta.json", "ids.npz"
 METRICS = {"l1": faiss.METRIC_L1, "l2": faiss.METRIC_L2}
 
@@ -79,7 +80,8 @@ def save(index, folder, overwrite: bool = False) -> Path:
         if index._group is not None:
             arrays["group"] = index._group
         np.savez(tmp / IDS_FILE, **arrays)
-        (tmp / META_FILE).write_text(json_text(index.meta()) + "\n")
+        checksums = {name: file_sha256(tmp / name) for name in (INDEX_FILE, IDS_FILE)}
+        (tmp / META_FILE).write_text(json_text({**index.meta(), "sha256": checksums}) + "\n")
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
@@ -107,9 +109,18 @@ def load(cls, folder):
             raise InputError(f"{folder}: index format_version {meta['format_version']} is newer than this chemtwin reads "
                              f"({FORMAT_VERSION}); upgrade chemtwin")
         metric, kind, dim, n = meta["metric"], meta["kind"], int(meta["dim"]), int(meta["n"])
-        params = dict(meta.get("params") or {})
+        params = meta["params"]
+        if not isinstance(params, dict):
+            raise TypeError("params is not a mapping")
+        checksums = meta.get("sha256")
+        if int(meta.get("format_version", 0)) >= 2 and not (isinstance(checksums, dict)
+                                                     and all(isinstance(checksums.get(k), str) for k in (INDEX_FILE, IDS_FILE))):
+            raise KeyError("sha256")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{folder}/{META_FILE}: corrupt index metadata ({exc.__class__.__name__})") from None
+    for name in (INDEX_FILE, IDS_FILE) if checksums else ():
+        if file_sha256(folder / name) != checksums[name]:
+            raise InputError(f"{folder}/{name}: sha256 differs from meta.json (damaged or replaced); rebuild the index")
     try:
         raw = faiss.read_index(str(folder / INDEX_FILE))
     except RuntimeError:

@@ -89,8 +89,10 @@ class ChemTwin:
         cond = np.asarray(cond, dtype=np.float32).reshape(n, -1) if n else np.zeros((0, len(self.condition)), np.float32)
         if cond.shape != (n, len(self.condition)):
             raise InputError(f"cond must be ({n}, {len(self.condition)}) for labels {','.join(self.condition)}, got {cond.shape}")
-        if not np.isfinite(cond).all():
-            raise InputError(f"cond row {int(np.flatnonzero(~np.isfinite(cond).all(1))[0])} is not finite")
+        bad = ~np.isfinite(cond).all(axis=1)
+        if bad.any():
+            raise InputError(f"{','.join(self.condition)} not finite for {int(bad.sum())} star(s) (first: row "
+                             f"{int(np.flatnonzero(bad)[0])}); a conditioning label must be known for every star")
         return cond
 
     def _inputs(self, flux, ivar):

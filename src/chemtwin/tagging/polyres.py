@@ -73,7 +73,8 @@ def _check_cond(cond, n: int, k: int, names) -> np.ndarray:
         raise InputError(f"cond must be ({n}, {k}) for labels {', '.join(names)}, got {cond.shape}")
     bad = ~np.isfinite(cond).all(axis=1)
     if bad.any():
-        raise InputError(f"cond row {int(np.flatnonzero(bad)[0])} is not finite")
+        raise InputError(f"{', '.join(names)} not finite for {int(bad.sum())} star(s) (first: row {int(np.flatnonzero(bad)[0])});"
+                         " a conditioning label must be known for every star")
     return cond
 
 
