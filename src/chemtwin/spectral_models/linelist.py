@@ -1,4 +1,11 @@
-"""The shipped line list and element windows (made by scripts/derive_linelist.py)."""
+"""The shipped line lists and element windows.
+
+Two line lists, as two radiative-transfer codes have two: ``"drawn"`` (lines drawn inside the ASPCAP
+windows: scripts/derive_linelist.py; still the default) and ``"calibrated"`` (lines found in the
+real APOGEE fixtures, strengths and excitation calibrated on them: scripts/derive_calibrated_linelist.py;
+it becomes the default once the synthesizer's physics tests hold on it, issue 15).
+docs/synthesizer.md says what came from data and what was assumed in each.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,10 @@ MASS_AMU = {"C": 12.0, "N": 14.0, "O": 16.0, "Na": 23.0, "Mg": 24.3, "Al": 27.0,
             "K": 39.1, "Ca": 40.1, "Ti": 47.9, "V": 50.9, "Cr": 52.0, "Mn": 54.9, "Fe": 55.8, "Co": 58.9,
             "Ni": 58.7, "CO": 28.0, "CN": 26.0, "OH": 17.0}
 MOLECULES = ("CO", "CN", "OH")
+# A real line outside every window of the elements the synthesizer varies: a blend or a line of an
+# element without a label.  It behaves as Fe I (its strength follows FE_H, as real blends mostly do).
+UNIDENTIFIED = "X"
+LINELISTS = {"calibrated": "linelist_calibrated.csv", "drawn": "linelist.csv"}
 DISSOCIATION_EV = {"CO": 11.09, "CN": 7.76, "OH": 4.39}
 
 
@@ -58,9 +69,12 @@ class LineList:
         return replace(self, log_strength_ref=self.log_strength_ref + jitter).select(keep)
 
 
-@lru_cache(maxsize=1)
-def load_linelist() -> LineList:
-    path = resources.files("chemtwin.spectral_models") / "data" / "linelist.csv"
+@lru_cache(maxsize=2)
+def load_linelist(name: str = "drawn") -> LineList:
+    """One of the shipped line lists (``LINELISTS``)."""
+    if name not in LINELISTS:
+        raise InputError(f"unknown line list {name!r}; choose from {', '.join(LINELISTS)}")
+    path = resources.files("chemtwin.spectral_models") / "data" / LINELISTS[name]
     with path.open() as fh:
         table = np.genfromtxt(fh, delimiter=",", names=True, dtype=None, encoding="utf-8")
     return LineList(

@@ -54,6 +54,7 @@ from chemtwin.spectral_models.linelist import (
     MASS_AMU,
     MOLECULES,
     SOLAR_A,
+    UNIDENTIFIED,
     LineList,
     load_linelist,
 )
@@ -143,7 +144,7 @@ class LineSynthesizer(torch.nn.Module):
         elements = list(SOLAR_A)
         n_el = len(elements)
         species = np.array([
-            n_el * 2 + MOLECULES.index(sp) if ion < 0 else elements.index(sp) + n_el * ion
+            n_el * 2 + MOLECULES.index(sp) if ion < 0 else elements.index("Fe" if sp == UNIDENTIFIED else sp) + n_el * ion
             for sp, ion in zip(lines.species, lines.ion)
         ])
         masses = [MASS_AMU[e] for e in elements] * 2 + [MASS_AMU[m] for m in MOLECULES]
@@ -305,7 +306,7 @@ class LineSynthesizer(torch.nn.Module):
         batch = depth_os.shape[0]
         vmacro = labels[:, LABEL_NAMES.index("VMACRO")].to(self.dtype)
         sigma = torch.sqrt(self.lsf_sigma_kms**2 + vmacro**2 / 2.0) / self.os_kms  # in oversampled pixels
-        half = int(math.ceil(4.0 * float(sigma.max()) / self.oversample)) * self.oversample
+        half = int(math.ceil(4.0 * float(sigma.max().detach()) / self.oversample)) * self.oversample
         taps = torch.arange(-half, half + 1, dtype=self.dtype, device=depth_os.device)
         gauss = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
         gauss = gauss / gauss.sum(dim=1, keepdim=True)
