@@ -17,13 +17,15 @@ How, as surveys calibrate astrophysical log gf on the Sun and Arcturus:
    "X", unidentified, tied to FE_H as real blends mostly are).  Where windows of two elements
    overlap, the element other than Fe wins (its windows are few and chosen for it).
 3. Fit: every line's strength and excitation energy (bounded to the species' typical H-band range
-   of the drawn list, widened by 1 eV, 0-3 eV for molecules, with a weak prior at the median), each star's VMACRO,
+   of the drawn list, widened by 0.5 eV; 0-3 eV for molecules; 0-10 eV for unidentified lines, whose
+   species is unknown; with a weak prior at the median), each star's VMACRO,
    radial velocity and per-chip quadratic continuum correction, by Adam on the chi^2 of both
    stars together (pixel weights capped at SNR 100: chemtwin.spectral_models.fit).  The labels
    stay fixed: they anchor the strengths, as the Sun's and Arcturus's do.
 4. Residual lines: dips where the data lie >= 2 % below the model and no line is within 0.8 px
    are added as new lines and the fit repeated (five rounds).
-5. Lines that stay weaker than 0.2 % of the continuum in both stars are dropped.
+5. Molecular and unidentified lines that stay weaker than 0.2 % of the continuum in both stars
+   are dropped; lines of a labelled element all stay (in other stars they carry its abundance).
 
 What came from data: positions, strengths and excitation energies of the lines (two stars).
 What was assumed: species from the windows, the Fe I physics of unidentified lines, per-species
@@ -75,8 +77,9 @@ MIN_KEPT_DEPTH = 0.002
 START_LOG_REF = -0.5
 WINDOW_SPECIES = {"C": ("CO", -1), "N": ("CN", -1), "O": ("OH", -1), "CI": ("C", 0), "TiII": ("Ti", 1)}
 LABELLED = ("Na", "Mg", "Al", "Si", "S", "K", "Ca", "Ti", "V", "Cr", "Mn", "Co", "Ni")
-CHI_MARGIN = 1.0  # eV beyond the drawn list's per-species excitation range (the species' typical H-band range)
+CHI_MARGIN = 0.5  # eV beyond the drawn list's per-species excitation range (the species' typical H-band range)
 MOLECULE_CHI = (0.0, 3.0)  # eV: the rotational ladders of CO, CN and OH that the H band samples
+UNIDENTIFIED_CHI = (0.0, 10.0)  # eV: an unidentified line's excitation is unknown, so any TEFF behaviour
 CHI_PRIOR_SIGMA = 1.5  # eV: weak, only decides excitation where the two stars cannot
 
 
@@ -122,6 +125,19 @@ def species_of(wavelength: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return species.astype(str), ion
 
 
+def with_blend_companions(wavelength, species, ion):
+    """Every atomic line also gets a CN line at its wavelength: in cool giants CN blankets the whole
+    H band, so a window chosen for an atom in typical giants is a blend in a 3,700 K supergiant.
+    The fit decides each component's strength and excitation; a companion that stays negligible in
+    both stars is dropped at the end."""
+    atomic = (ion >= 0) & (species != UNIDENTIFIED)
+    wavelength = np.concatenate([wavelength, wavelength[atomic]])
+    species = np.concatenate([species, np.full(int(atomic.sum()), "CN")])
+    ion = np.concatenate([ion, np.full(int(atomic.sum()), -1)])
+    order = np.argsort(wavelength, kind="stable")
+    return wavelength[order], species[order], ion[order]
+
+
 def typical(drawn: LineList, species: np.ndarray, ion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per line: prior excitation energy and damping (the median of that species in the drawn list)
     and the (lo, hi) excitation bounds (that species' range there, widened by CHI_MARGIN)."""
@@ -131,7 +147,8 @@ def typical(drawn: LineList, species: np.ndarray, ion: np.ndarray) -> tuple[np.n
         m = species == sp
         chi[m] = np.median(ref)
         damp[m] = np.median(drawn.damping[drawn.species == ("Fe" if sp == UNIDENTIFIED else sp)])
-        bounds[m] = MOLECULE_CHI if sp in MOLECULES else (max(0.0, ref.min() - CHI_MARGIN), ref.max() + CHI_MARGIN)
+        bounds[m] = (MOLECULE_CHI if sp in MOLECULES else UNIDENTIFIED_CHI if sp == UNIDENTIFIED
+                     else (max(0.0, ref.min() - CHI_MARGIN), ref.max() + CHI_MARGIN))
     return chi, damp, bounds
 
 
@@ -141,6 +158,8 @@ def pixel_to_wavelength(position: np.ndarray, wavelength: np.ndarray) -> np.ndar
 
 def merge(positions: np.ndarray, depths: np.ndarray) -> np.ndarray:
     """Positions within MERGE_PX of each other become one, at their depth-weighted mean."""
+    if positions.size == 0:
+        return positions
     order = np.argsort(positions)
     positions, depths = positions[order], depths[order]
     groups = np.concatenate([[0], np.cumsum(np.diff(positions) > MERGE_PX)])
@@ -219,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--no-blends", dest="blends", action="store_false", help="no CN companion for atomic lines")
     p.add_argument("--diagnostics", help="also write the stars' flux, ivar and final model to this .npz")
     args = p.parse_args(argv)
     torch.manual_seed(SEED)
@@ -234,10 +254,12 @@ def main(argv=None) -> int:
     found = [find_lines(s["flux"], detection_ivar(s), MIN_DEPTH) for s in stars]
     positions = merge(np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
     wavelength = pixel_to_wavelength(positions, wave_grid)
+    species, ion = species_of(wavelength)
+    if args.blends:
+        wavelength, species, ion = with_blend_companions(wavelength, species, ion)
     log_ref = chi = star_state = None
     t0 = time.time()
     for round_ in range(args.rounds + 1):
-        species, ion = species_of(wavelength)
         chi0, damping, bounds = typical(drawn, species, ion)
         synth = build(wavelength, species, ion, chi0, damping, args.grid)
         cal = Calibration(synth, chi0, bounds, stars, log_ref, chi, star_state)
@@ -254,16 +276,23 @@ def main(argv=None) -> int:
             line_pos = np.interp(np.log10(wavelength), np.log10(wave_grid), np.arange(wave_grid.size))
             new.append(pos[nearest_distance(pos, line_pos) > 0.8])
         added = pixel_to_wavelength(merge(np.concatenate(new), np.ones(sum(n.size for n in new))), wave_grid)
-        order = np.argsort(np.concatenate([wavelength, added]))
+        added_species, added_ion = species_of(added)
+        if args.blends:
+            added, added_species, added_ion = with_blend_companions(added, added_species, added_ion)
+        order = np.argsort(np.concatenate([wavelength, added]), kind="stable")
         wavelength = np.concatenate([wavelength, added])[order]
+        species, ion = np.concatenate([species, added_species])[order], np.concatenate([ion, added_ion])[order]
         log_ref = np.concatenate([log_ref, np.full(added.size, START_LOG_REF - 0.5)])[order]
-        chi = np.concatenate([chi, typical(drawn, *species_of(added))[0]])[order]
+        chi = np.concatenate([chi, typical(drawn, added_species, added_ion)[0]])[order]
 
     # strength at the reference giant, and the per-star peak depth proxy used to drop dead lines
     with torch.no_grad():
         cal()
         per_star = (synth.log_line_strength(cal.labels) + synth.log_strength_offset).numpy()
-    keep = (10 ** per_star).max(axis=0) / 5.0 > MIN_KEPT_DEPTH  # peak eta ~ strength / (sqrt(2 pi) sigma ~ 5 km/s)
+    # peak eta ~ strength / (sqrt(2 pi) sigma ~ 5 km/s); a labelled element's lines all stay, however weak
+    # in these two stars: they are where its abundance shows in others
+    labelled = np.isin(species, LABELLED) | (species == "C") & (ion == 0)
+    keep = labelled | ((10 ** per_star).max(axis=0) / 5.0 > MIN_KEPT_DEPTH)
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as fh:
@@ -276,7 +305,7 @@ def main(argv=None) -> int:
         np.savez(args.diagnostics, flux=cal.flux.numpy(), weight=cal.weight.numpy(), model=model, ids=[s["id"] for s in stars])
     counts = {sp: int(np.sum(species[keep] == sp)) for sp in np.unique(species[keep])}
     print(f"wrote {out}: {int(keep.sum())} lines ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-          f"dropped {int((~keep).sum())} that stay weaker than {100 * MIN_KEPT_DEPTH:.1f} % in both stars; "
+          f"dropped {int((~keep).sum())} molecular/unidentified ones weaker than {100 * MIN_KEPT_DEPTH:.1f} % in both stars; "
           f"molecules: {', '.join(m for m in MOLECULES)}")
     return 0
 

@@ -2,8 +2,8 @@
 
 The model of an observed, continuum-normalized spectrum is ``synth(labels)`` shifted by a radial
 velocity and multiplied, chip by chip, by a low-order polynomial (the normalization of a real
-spectrum is never exact: ASPCAP fits such a polynomial too).  The polynomial is solved by weighted
-least squares at every step, so only the labels and the velocity are optimized (Adam on bounded,
+spectrum is never exact: ASPCAP fits such a polynomial too).  The polynomial (Legendre, its mean level held near 1)
+is solved by weighted least squares at every step, so only the labels and the velocity are optimized (Adam on bounded,
 unconstrained parameters).  Several starting points run as one batch and the best chi^2 wins:
 a single gradient start falls into the nearest local minimum of TEFF/LOGG.
 
@@ -22,6 +22,7 @@ import torch
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES, VALID_RANGE
 
+LEVEL_WEIGHT = 10.0  # a 1 % change of continuum level costs ten times a 1 % residual on every pixel
 DEFAULT_FREE = ("TEFF", "LOGG", "FE_H", "C_FE", "N_FE", "O_FE", "MG_FE", "AL_FE", "SI_FE", "CA_FE",
                 "MN_FE", "NI_FE", "VMACRO")
 
@@ -53,19 +54,25 @@ def shift_pixels(flux: torch.Tensor, shift: torch.Tensor, chips: tuple[slice, ..
 
 
 def continuum_corrected(model: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor,
-                        chips: tuple[slice, ...], degree: int) -> torch.Tensor:
-    """``model`` times the per-chip polynomial (in pixel position) that best matches ``flux`` by
-    weighted least squares."""
+                        chips: tuple[slice, ...], degree: int, level_weight: float = LEVEL_WEIGHT) -> torch.Tensor:
+    """``model`` times the per-chip Legendre polynomial that best matches ``flux`` by weighted least
+    squares, its mean level held near 1 by a ridge of ``level_weight`` (relative to the chip's summed
+    weight): the tilt is free, the level is not, so many weak lines cannot pose as a continuum that
+    a rescaling then removes (both data and model are normalized to a continuum at 1)."""
     out = []
     for chip in chips:
         m, f, w = model[:, chip], flux[chip], weight[chip]
         x = torch.linspace(-1, 1, m.shape[1], dtype=model.dtype, device=model.device)
-        powers = torch.stack([x**k for k in range(degree + 1)], dim=1)  # (n, D)
+        powers = torch.stack([torch.special.legendre_polynomial_p(x, k) for k in range(degree + 1)], dim=1)  # (n, D)
         design = m[:, :, None] * powers[None]  # (B, n, D)
         normal = torch.einsum("bnd,n,bne->bde", design, w, design)
         rhs = torch.einsum("bnd,n,n->bd", design, w, f)
-        ridge = 1e-9 * torch.eye(degree + 1, dtype=model.dtype, device=model.device)
-        coef = torch.linalg.solve(normal + ridge, rhs)
+        ridge = torch.zeros(degree + 1, dtype=model.dtype, device=model.device)
+        ridge[0] = level_weight * w.sum()
+        ridge = ridge + 1e-9 * w.sum()
+        target = torch.zeros(degree + 1, dtype=model.dtype, device=model.device)
+        target[0] = 1.0
+        coef = torch.linalg.solve(normal + torch.diag(ridge), rhs + ridge * target)
         out.append(torch.einsum("bnd,bd->bn", design, coef))
     return torch.cat(out, dim=1)
 
