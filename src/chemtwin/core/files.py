@@ -29,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from chemtwin.core.hdf5_seal import check_seal, seal
 from chemtwin.errors import InputError
 
 
@@ -171,6 +172,7 @@ def new_hdf5(tmp: Path) -> Iterator[h5py.File]:
     try:
         with destructor_write_errors():
             yield f
+            seal(f)
             f.flush()  # the last writes: a full disk may fail only now (see close_after_failure)
         f.close()
     except BaseException:
@@ -245,8 +247,9 @@ def disk_error(exc: BaseException) -> OSError | None:
 
 
 def open_hdf5(path: Path, layout_version: int | None = None) -> h5py.File:
-    """``path`` opened read-only; InputError when it is missing, not an HDF5 file, or (given the
-    ``layout_version`` this chemtwin reads) written in a newer layout."""
+    """``path`` opened read-only; InputError when it is missing, not an HDF5 file, (given the
+    ``layout_version`` this chemtwin reads) written in a newer layout, or when an attribute
+    differs from the seal its writer recorded (``core.hdf5_seal``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -256,12 +259,15 @@ def open_hdf5(path: Path, layout_version: int | None = None) -> h5py.File:
         raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
     try:
         found = f.attrs.get("layout_version", 0)
-    except (OSError, RuntimeError, KeyError, TypeError) as exc:
+        if layout_version is not None and (not isinstance(found, (int, np.integer)) or found > layout_version):
+            raise InputError(f"{path}: layout version {found} is newer than this chemtwin reads ({layout_version})")
+        check_seal(f, path)
+    except InputError:
+        f.close()
+        raise
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
         f.close()
         raise InputError(f"{path}: unreadable file attributes (damaged file? {exc.__class__.__name__})") from None
-    if layout_version is not None and (not isinstance(found, (int, np.integer)) or found > layout_version):
-        f.close()
-        raise InputError(f"{path}: layout version {found} is newer than this chemtwin reads ({layout_version})")
     return f
 
 

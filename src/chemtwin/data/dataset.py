@@ -44,6 +44,7 @@ from chemtwin.core.files import (
     read_hdf5,
     temporary_path,
 )
+from chemtwin.core.hdf5_seal import seal
 from chemtwin.data.shard_folder import MANIFEST, ShardSet, grid_hash
 from chemtwin.data.spectra import check_spectra
 from chemtwin.errors import InputError
@@ -170,6 +171,7 @@ class DatasetWriter:
     def close(self) -> Path:
         """Finish the file and move it to its final name."""
         try:
+            seal(self._file)
             self._file.flush()  # the last writes: a full disk may fail only now (see close_after_failure)
             self._file.close()
         except BaseException:

@@ -43,6 +43,7 @@ from chemtwin.core.files import (
     prepare_output,
     read_hdf5,
 )
+from chemtwin.core.hdf5_seal import seal
 from chemtwin.data.dataset import write_star_columns
 from chemtwin.data.shard_folder import ShardSet
 from chemtwin.errors import InputError
@@ -276,6 +277,7 @@ class LatentWriter:
                 f[name] = values
             f.attrs.update(attrs or {})
             f.attrs["layout_version"] = LAYOUT_VERSION
+            seal(f)
             f.flush()  # the last writes: a full disk may fail only now (then __exit__ cleans up)
         f.close()
         self._output.__exit__(None, None, None)
