@@ -6,8 +6,16 @@ Figures (PNG, matplotlib):
                            star, its reconstruction, and its reconstruction from its twin's latent
 * ``rank_cdf.png``         cumulative doppelganger-rank distributions, one panel per scenario
 * ``latent_map.png``       t-SNE of the fader and cae latents coloured by TEFF, LOGG and FE_H
+                           (the title says what is shown; whether it is disentangled is for the
+                           reader and the R² table to judge)
 * ``training_curves.png``  validation rank-0 fraction, reconstruction error and adversary
                            accuracy against training time, from each model's ``history.csv``
+
+The report's header gives the date, chemtwin's version and the git commit of the code that ran
+(``software_record``; "unknown" outside a git checkout), and a short "What this run says" section
+written from the numbers of the table (``run_summary``), not canned text.  Stars in figures are
+named by their ``star_id`` (APOGEE_ID for real spectra) or row, with TEFF and LOGG; legends sit
+outside the data area, so that figures keep their layout with many curves or stars.
 
 Row names and the published anchors (docs/science.md section 3) beside our rows are the
 methods' own (``Method.label``, ``Method.published``); the files are found through
@@ -16,10 +24,14 @@ methods' own (``Method.label``, ``Method.published``); the files are found throu
 
 from __future__ import annotations
 
+import math
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+import chemtwin
 from chemtwin.core.files import atomic_output
 from chemtwin.core.ranks import twin_pairs
 from chemtwin.data.dataset import open_dataset
@@ -54,6 +66,119 @@ def _trained_models() -> list[str]:
     return [name for name, m in METHODS.items() if m.model_kind is not None and m.base is None]
 
 
+def source_commit(package_dir=None) -> str:
+    """The git commit of chemtwin's source when it runs from a git checkout (``"unknown"``
+    otherwise: an installed package, no git, any error), with ``" (with uncommitted changes)"``
+    when the package's tracked files differ from that commit."""
+    where = Path(package_dir) if package_dir is not None else Path(chemtwin.__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=20,
+                              stdin=subprocess.DEVNULL)
+
+    try:
+        # the package's own files must be tracked: an installed copy inside some other repository is not a checkout
+        if git("ls-files", "--error-unmatch", "--", "__init__.py").returncode != 0:
+            return "unknown"
+        head = git("rev-parse", "--short=12", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else ""
+        if not commit:
+            return "unknown"
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return commit + (" (with uncommitted changes)" if status.returncode == 0 and status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+
+
+def software_record() -> dict:
+    """What ran: ``{"chemtwin": version, "commit": source_commit(), "date": UTC ISO date}``."""
+    return {"chemtwin": chemtwin.__version__, "commit": source_commit(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def star_name(star_id, row: int, teff=None, logg=None) -> str:
+    """``2M00242666+5341178 (TEFF 4607 K, LOGG 3.34)``, or ``row 12 (...)`` without a star id."""
+    name = str(star_id) if star_id not in (None, "") else f"row {row}"
+    parts = [f"TEFF {teff:.0f} K" if teff is not None and np.isfinite(teff) else None,
+             f"LOGG {logg:.2f}" if logg is not None and np.isfinite(logg) else None]
+    parts = [p for p in parts if p]
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def _differs(p1: float, n1: int, p2: float, n2: int) -> bool:
+    """Whether two fractions differ by more than 2 binomial standard errors (a rough guide:
+    ranks of one set of stars are not independent)."""
+    se = math.sqrt(max(p1 * (1 - p1), 1e-12) / max(n1, 1) + max(p2 * (1 - p2), 1e-12) / max(n2, 1))
+    return abs(p1 - p2) > 2 * se
+
+
+def run_summary(results: dict) -> list[str]:
+    """The "What this run says" section: bullet lines computed from the table's rank-0 fractions (best method
+    per scenario, the fader against the oracle and the no-adversary cae, and whether each method
+    keeps its score on the mismatched spectra).  Empty when there is nothing to compare."""
+    rows = [r for r in results["rows"] if r.get("frac_rank0") is not None]
+    by = {(r["method"], r["scenario"]): r for r in rows}
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    label = {r["scenario"]: r["label"] for r in rows}
+    # (SNR, mismatch); results.json stores SNR inf as null
+    info = {r["scenario"]: (math.inf if r["snr"] is None else float(r["snr"]), bool(r["mismatch"])) for r in rows}
+    lines = []
+    best = []
+    for sc in scenarios:
+        cands = [r for r in rows if r["scenario"] == sc and r["method"] != "oracle"]
+        if not cands:
+            continue
+        top = max(r["frac_rank0"] for r in cands)
+        winners = " and ".join(label_of(r["method"]) for r in cands if r["frac_rank0"] == top)
+        oracle = by.get(("oracle", sc))
+        limit = f" (the Cramér–Rao oracle: {_pct(oracle['frac_rank0'])}%)" if oracle else ""
+        best.append(f"{label[sc]}: {winners}, {_pct(top)}%{limit}")
+    if best:
+        lines.append("* **Best rank-0 fraction** (the oracle aside): " + "; ".join(best) + ".")
+
+    def compare(a: str, b: str, sc: str) -> str | None:
+        ra, rb = by.get((a, sc)), by.get((b, sc))
+        if ra is None or rb is None:
+            return None
+        pa, pb = ra["frac_rank0"], rb["frac_rank0"]
+        side = ("above" if pa > pb else "below") if _differs(pa, ra["n_stars"], pb, rb["n_stars"]) else "level with"
+        return f"{label[sc]} {_pct(pa)} vs {_pct(pb)}% ({100 * (pa - pb):+.1f} points, {side})"
+
+    plain = [sc for sc in scenarios if not info[sc][1]]
+    gaps = [c for c in (compare("fader", "oracle", sc) for sc in plain) if c]
+    if gaps:
+        lines.append("* **The fader against the physical limit** (fader vs oracle, rank 0): " + "; ".join(gaps) + ".")
+    adv = [c for c in (compare("fader", "cae", sc) for sc in scenarios) if c]
+    if adv:
+        lines.append("* **What the adversary buys** (fader vs the same network without it, cae): " + "; ".join(adv)
+                     + '. "Level with" = within 2 binomial standard errors.')
+    for sc in scenarios:
+        if not info[sc][1]:
+            continue
+        base = next((s for s in scenarios if not info[s][1] and info[s][0] == info[sc][0]), None)
+        if base is None:
+            continue
+        moves = []
+        for r in rows:
+            if r["scenario"] != sc or (r["method"], base) not in by:
+                continue
+            b = by[(r["method"], base)]
+            p0, p1 = b["frac_rank0"], r["frac_rank0"]
+            if not _differs(p0, b["n_stars"], p1, r["n_stars"]):
+                verb = f"keeps its score ({_pct(p0)} -> {_pct(p1)}%)"
+            else:
+                verb = f"{'falls' if p1 < p0 else 'rises'} from {_pct(p0)} to {_pct(p1)}%"
+            moves.append((r["method"] != "fader", p1 - p0, f"{label_of(r['method'])} {verb}"))
+        if moves:
+            moves.sort(key=lambda m: (m[0], m[1]))
+            lines.append(f"* **On observed-like spectra** ({label[sc]} against {label[base]}, rank 0): "
+                         + "; ".join(m[2] for m in moves) + ".")
+    if lines and results.get("config", {}).get("quick"):
+        lines.append("* This is a quick run (small sets, seconds of training): the numbers test the pipeline, "
+                     "they do not measure the methods.")
+    return lines
+
+
 def _plt():
     import matplotlib
 
@@ -79,7 +204,16 @@ def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int 
         b = ds.take(np.array(sorted((i, j))))
         wl = ds.wavelength
         cols = ds.label_columns(model.condition)
+        ids = {k: (ds.column("star_id", k, k + 1)[0] if ds.has_star_id else None) for k in (i, j)}
+        names = [n for n in ("TEFF", "LOGG") if n in ds.label_names]
+        tl = ds.label_columns(names) if names else []
     rows = {i: 0, j: 1} if i < j else {i: 1, j: 0}
+
+    def who(k):
+        values = dict(zip(names, b.labels[rows[k], tl])) if names else {}
+        sid = ids[k].decode() if isinstance(ids[k], bytes) else ids[k]
+        return star_name(sid, k, values.get("TEFF"), values.get("LOGG"))
+
     flux, ivar, cond = b.flux.astype(np.float32), b.ivar.astype(np.float32), b.labels[:, cols].astype(np.float32)
     z = model.transform(flux, ivar, cond)
     own = model.swap(z[[rows[i]]], cond[[rows[i]]])[0]
@@ -87,19 +221,19 @@ def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int 
     x = flux[rows[i]]
     n = min(PIXELS_SHOWN, len(wl))
     plt = _plt()
-    fig, (ax, ax_res) = plt.subplots(2, 1, figsize=(9, 5.2), dpi=120, sharex=True, height_ratios=(3, 1.3))
+    fig, (ax, ax_res) = plt.subplots(2, 1, figsize=(9, 6.0), dpi=120, sharex=True, height_ratios=(3, 1.3),
+                                     layout="constrained")
     ax.plot(wl[:n], x[:n], color="k", lw=1.2, label="spectrum x_i")
     ax.plot(wl[:n], own[:n], color="tab:blue", lw=1, label="D(E(x_i, u_i), u_i)")
     ax.plot(wl[:n], twin[:n], color="tab:orange", lw=1, ls="--", label="D(E(x_j, u_j), u_i)  (twin's latent)")
     ax.set_ylabel("normalized flux")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"validation star {i} and its twin {j}: first {n} pixels")
+    ax.set_title(f"i = {who(i)}\nits twin j = {who(j)}; first {n} pixels", fontsize=9)
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8)
     ax_res.plot(wl[:n], own[:n] - x[:n], color="tab:blue", lw=0.8)
     ax_res.plot(wl[:n], twin[:n] - x[:n], color="tab:orange", lw=0.8, ls="--")
     ax_res.axhline(0, color="0.5", lw=0.6)
     ax_res.set_ylabel("residual")
     ax_res.set_xlabel("vacuum wavelength (Angstrom)")
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -124,12 +258,19 @@ def plot_rank_cdfs(root: Path, results: dict, path: Path) -> Path | None:
     k = len(by_scenario)
     cols = min(k, 3)
     rws = -(-k // cols)
-    fig, axes = plt.subplots(rws, cols, figsize=(5.4 * cols, 4.2 * rws), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rws, cols, figsize=(5.4 * cols + 3.2, 4.2 * rws), dpi=110, squeeze=False,
+                             layout="constrained")
     for ax, (label, curves) in zip(axes.ravel(), by_scenario.items()):
-        draw_rank_cdf(ax, curves, label)
+        draw_rank_cdf(ax, curves, label, legend=False)
     for ax in axes.ravel()[k:]:
         ax.set_visible(False)
-    fig.tight_layout()
+    # one legend for all panels, outside them (each method once, in the order first drawn)
+    handles = {}
+    for ax in axes.ravel()[:k]:
+        for h, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
+               ncol=1 + len(handles) // (12 * rws + 1))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -150,7 +291,8 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
         b = ds.take(rows)
         colour = b.labels[:, ds.label_columns(names)]
         plt = _plt()
-        fig, axes = plt.subplots(len(models), 3, figsize=(13, 4 * len(models)), dpi=110, squeeze=False)
+        fig, axes = plt.subplots(len(models), 3, figsize=(13, 4 * len(models) + 0.6), dpi=110, squeeze=False,
+                                 layout="constrained")
         for r, m in enumerate(models):
             model = ChemTwin.load(folder.model(METHODS[m].model_kind, scenario))
             cond = b.labels[:, ds.label_columns(model.condition)].astype(np.float32)
@@ -162,11 +304,11 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
                 ax = axes[r, c]
                 sc = ax.scatter(xy[:, 0], xy[:, 1], c=colour[ok, c], s=4, cmap="viridis", edgecolors="none")
                 fig.colorbar(sc, ax=ax, label=units[name])
-                ax.set_title(f"{label_of(m)} latents, coloured by {name}", fontsize=9)
+                ax.set_title(f"{label_of(m)}: t-SNE of z, coloured by {name}", fontsize=9)
                 ax.set_xlabel("t-SNE 1")
                 ax.set_ylabel("t-SNE 2")
-    fig.suptitle("A disentangled latent shows no TEFF/LOGG structure and clear [Fe/H] structure", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"Latent space of {len(rows)} validation stars ({scenario}), 2-D t-SNE of z, "
+                 "coloured by the true TEFF, LOGG and [Fe/H]", fontsize=10)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -186,7 +328,7 @@ def plot_training_curves(root: Path, results: dict, path: Path) -> Path | None:
     if not runs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     scen = sorted({s for _, s, _ in runs}, key=[s for _, s, _ in runs].index)
     for m, s, label in runs:
@@ -203,8 +345,8 @@ def plot_training_curves(root: Path, results: dict, path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("training time (s)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7,
+               ncol=1 + len(runs) // 16)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -265,8 +407,15 @@ def write_report(root, results: dict) -> Path:
     made["training_curves"] = plot_training_curves(root, results, figures / "training_curves.png")
 
     cfg, mach = results["config"], results.get("machine", {})
+    soft = {**software_record(), **results.get("software", {})}  # what ran, else what writes the report
+    summary = run_summary(results)
     lines = [
         "# chemtwin benchmark report",
+        "",
+        f"Date: {soft['date']}. chemtwin {soft['chemtwin']}, commit {soft['commit']}.",
+        "",
+        *(["## What this run says", "", *summary, ""] if summary else []),
+        "## Protocol and results",
         "",
         f"Protocol: {cfg['n_train_pairs']:,} training and {cfg['n_val_pairs']:,} validation twin pairs per scenario, "
         f"models trained for {cfg['time_limit']:g} s each (preset `{cfg['preset']}`, latent dimension "
@@ -304,7 +453,9 @@ def write_report(root, results: dict) -> Path:
     captions = {"reconstruction": "Figure 1 of the 2019 paper, ours: a validation star, its reconstruction and the "
                                   "reconstruction from its twin's latent.",
                 "rank_cdf": "Cumulative doppelganger-rank distributions.",
-                "latent_map": "t-SNE of the latents, coloured by TEFF, LOGG and [Fe/H].",
+                "latent_map": "t-SNE maps of the trained models' latents z, coloured by the true TEFF, LOGG and "
+                              "[Fe/H]. A latent free of TEFF/LOGG shows no gradient in those panels; "
+                              "compare with the R² table above.",
                 "training_curves": "Training curves (history.csv)."}
     for key, p in made.items():
         if p is not None:

@@ -1,0 +1,155 @@
+"""The bench report: its header (date, version, commit), the "What this run says" section computed
+from the numbers, star names in figures, and figures that keep legends off the data and their
+layout with 100 stars and many curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+
+import chemtwin
+from chemtwin.cli import main
+from chemtwin.evaluation import report
+from chemtwin.evaluation.metrics import draw_rank_cdf, plot_rank_cdf
+from chemtwin.evaluation.report import run_summary, software_record, source_commit, star_name
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(method, scenario, frac, n=25000):
+    snr = math.inf if scenario.startswith("snrinf") else float(scenario[3:].split("_")[0])
+    mismatch = scenario.endswith("_mismatch")
+    label = ("SNR inf" if math.isinf(snr) else f"SNR {snr:g}") + (" mismatch" if mismatch else "")
+    return {"method": method, "scenario": scenario, "label": label, "snr": snr, "mismatch": mismatch,
+            "frac_rank0": frac, "n_stars": n}
+
+
+def _results(rows, quick=False):
+    return {"config": {"quick": quick}, "rows": rows}
+
+
+FULL = _results([  # rank 0 of the full bench (docs/benchmarks.md), plus a mismatch scenario
+    _row("fader", "snrinf", 0.527), _row("cae", "snrinf", 0.236), _row("oracle", "snrinf", 1.0),
+    _row("payne", "snrinf", 0.975),
+    _row("fader", "snr100", 0.447), _row("cae", "snr100", 0.222), _row("oracle", "snr100", 0.983),
+    _row("payne", "snr100", 0.792),
+    _row("fader", "snr100_mismatch", 0.445), _row("cae", "snr100_mismatch", 0.225),
+    _row("payne", "snr100_mismatch", 0.156),
+])
+
+
+def test_summary_is_computed_from_the_numbers():
+    text = "\n".join(run_summary(FULL))
+    assert "SNR inf: The Payne, 97.5% (the Cramér–Rao oracle: 100.0%)" in text
+    assert "SNR 100 mismatch: fader (chemtwin), 44.5%" in text
+    assert "SNR inf 52.7 vs 100.0% (-47.3 points, below)" in text  # the fader against the oracle
+    assert "SNR 100 44.7 vs 22.2% (+22.5 points, above)" in text  # what the adversary buys
+    assert "fader (chemtwin) keeps its score (44.7 -> 44.5%)" in text
+    assert "The Payne falls from 79.2 to 15.6%" in text
+    assert "quick run" not in text
+
+    # other numbers, other sentences: nothing is canned
+    rows = [dict(r) for r in FULL["rows"]]
+    for r in rows:
+        if r["method"] == "fader" and r["scenario"] == "snr100_mismatch":
+            r["frac_rank0"] = 0.20
+        if r["method"] == "cae" and r["scenario"] == "snrinf":
+            r["frac_rank0"] = 0.53
+    text = "\n".join(run_summary(_results(rows, quick=True)))
+    assert "fader (chemtwin) falls from 44.7 to 20.0%" in text
+    assert "SNR inf 52.7 vs 53.0% (-0.3 points, level with)" in text
+    assert "quick run" in text
+
+
+def test_summary_copes_with_partial_results_and_json_nulls():
+    assert run_summary(_results([])) == []
+    only_raw = _results([_row("raw", "snrinf", 0.01, n=100)])
+    assert run_summary(only_raw) == ["* **Best rank-0 fraction** (the oracle aside): SNR inf: raw spectra, 1.0%."]
+    # results.json stores SNR inf as null and rows without a score as null
+    loaded = json.loads(json.dumps(FULL, default=str).replace("Infinity", "null"))
+    loaded["rows"].append(dict(_row("polyres", "snr100", None)))
+    assert run_summary(loaded) == run_summary(FULL)
+
+
+def test_commit_is_unknown_outside_a_git_checkout_and_never_crashes(tmp_path, monkeypatch):
+    assert source_commit(tmp_path) == "unknown"
+    assert source_commit(tmp_path / "does-not-exist") == "unknown"
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    record = software_record()
+    assert record["commit"] == "unknown" and record["chemtwin"] == chemtwin.__version__
+    assert record["date"].endswith("UTC")
+
+
+def test_commit_is_the_checkout_head_when_run_from_git():
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          cwd=report.Path(chemtwin.__file__).parent)
+    if head.returncode != 0:
+        pytest.skip("chemtwin is not running from a git checkout here")
+    assert source_commit().startswith(head.stdout.strip())
+
+
+def test_star_names_use_the_star_id_then_the_row():
+    assert star_name("2M00242666+5341178", 12, 4607.2, 3.341) == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34)"
+    assert star_name(None, 12, 4607.2, 3.341) == "row 12 (TEFF 4607 K, LOGG 3.34)"
+    assert star_name("", 3, float("nan"), None) == "row 3"
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_rank_cdf_legend_is_off_the_data_with_many_curves(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    curves = [(f"method {k} with a long label", rng.integers(0, 100, 100), 100) for k in range(15)]
+    fig, ax = plt.subplots(layout="constrained")
+    draw_rank_cdf(ax, curves, "15 methods, N = 100")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert not _overlaps(ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer))
+    # at N = 100 the 0.1% N marker (0.1) lies outside the axis and is not drawn
+    assert [t.get_text() for t in ax.texts] == [" 1% N"]
+    plt.close(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = plot_rank_cdf(curves, tmp_path / "cdf.png", "15 methods")
+    assert out.read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
+def test_report_of_a_small_bench_with_100_stars(tmp_path):
+    """A real (tiny) bench: 50 validation pairs = 100 stars, two trained models and raw spectra.
+    The report carries its provenance and summary; every figure is drawn without a layout
+    warning; the latent map's caption and title say what is shown."""
+    out = tmp_path / "bench"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["-q", "bench", str(out), "--n-train-pairs", "30", "--n-val-pairs", "50", "--snr", "inf",
+                     "--mismatch-snr", "none", "--time-limit", "5", "--methods", "fader,cae,raw"]) == 0
+    layout = [str(w.message) for w in caught if "layout" in str(w.message).lower() or "legend" in str(w.message).lower()]
+    assert layout == []
+    text = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["software"]["chemtwin"] == chemtwin.__version__
+    assert f"chemtwin {chemtwin.__version__}, commit {results['software']['commit']}" in text
+    assert f"Date: {results['software']['date']}" in text
+    summary = text[text.index("## What this run says"):text.index("## Protocol and results")]
+    fader = next(r for r in results["rows"] if r["method"] == "fader")
+    assert f"{100 * fader['frac_rank0']:.1f}" in summary
+    assert all(r["n_stars"] == 100 for r in results["rows"])
+    for name in ("reconstruction", "rank_cdf", "latent_map", "training_curves"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG, name
+    assert "should" not in text and "coloured by the true TEFF, LOGG and [Fe/H]" in text
