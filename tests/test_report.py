@@ -8,15 +8,17 @@ import json
 import math
 import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import chemtwin
 from chemtwin.cli import main
-from chemtwin.evaluation import report
+from chemtwin.evaluation import summary
 from chemtwin.evaluation.metrics import draw_rank_cdf, plot_rank_cdf
-from chemtwin.evaluation.report import run_summary, software_record, source_commit, star_name
+from chemtwin.evaluation.report import star_name
+from chemtwin.evaluation.summary import run_summary, software_record, source_commit
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -83,7 +85,7 @@ def test_commit_is_unknown_outside_a_git_checkout_and_never_crashes(tmp_path, mo
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(report.subprocess, "run", no_git)
+    monkeypatch.setattr(summary.subprocess, "run", no_git)
     record = software_record()
     assert record["commit"] == "unknown" and record["chemtwin"] == chemtwin.__version__
     assert record["date"].endswith("UTC")
@@ -91,7 +93,7 @@ def test_commit_is_unknown_outside_a_git_checkout_and_never_crashes(tmp_path, mo
 
 def test_commit_is_the_checkout_head_when_run_from_git():
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                          cwd=report.Path(chemtwin.__file__).parent)
+                          cwd=Path(chemtwin.__file__).parent)
     if head.returncode != 0:
         pytest.skip("chemtwin is not running from a git checkout here")
     assert source_commit().startswith(head.stdout.strip())

@@ -49,7 +49,8 @@ from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
 from chemtwin.evaluation.bench_folder import BenchFolder
 from chemtwin.evaluation.evaluate import evaluate
-from chemtwin.evaluation.report import software_record, write_report
+from chemtwin.evaluation.report import write_report
+from chemtwin.evaluation.summary import software_record
 from chemtwin.methods import METHODS, Method, get_method
 from chemtwin.methods.label_fit import independent_labels
 from chemtwin.tagging.fader_config import MODEL_KINDS, FaderConfig
