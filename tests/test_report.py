@@ -17,7 +17,7 @@ import chemtwin
 from chemtwin.cli import main
 from chemtwin.evaluation import summary
 from chemtwin.evaluation.metrics import draw_rank_cdf, plot_rank_cdf
-from chemtwin.evaluation.report import star_name
+from chemtwin.evaluation.spectra_figure import MAX_LEGEND_STARS, plot_dataset_spectra, star_label
 from chemtwin.evaluation.summary import run_summary, software_record, source_commit
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -100,9 +100,11 @@ def test_commit_is_the_checkout_head_when_run_from_git():
 
 
 def test_star_names_use_the_star_id_then_the_row():
-    assert star_name("2M00242666+5341178", 12, 4607.2, 3.341) == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34)"
-    assert star_name(None, 12, 4607.2, 3.341) == "row 12 (TEFF 4607 K, LOGG 3.34)"
-    assert star_name("", 3, float("nan"), None) == "row 3"
+    labels = {"TEFF": 4607.2, "LOGG": 3.341}
+    assert star_label("2M00242666+5341178", 12, labels) == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34)"
+    assert star_label(b"2M00242666+5341178", 12, labels, group=7) == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34, group 7)"
+    assert star_label(None, 12, labels, group=-1) == "row 12 (TEFF 4607 K, LOGG 3.34)"
+    assert star_label("", 3, {"TEFF": float("nan")}) == "row 3"
 
 
 def _overlaps(a, b) -> bool:
@@ -155,3 +157,59 @@ def test_report_of_a_small_bench_with_100_stars(tmp_path):
     for name in ("reconstruction", "rank_cdf", "latent_map", "training_curves"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG, name
     assert "should" not in text and "coloured by the true TEFF, LOGG and [Fe/H]" in text
+
+
+def _dataset(path, n, star_id):
+    from chemtwin.core.grids import get_grid
+    from chemtwin.data.dataset import DatasetWriter
+
+    wave = get_grid("aspcap").wavelength
+    rng = np.random.default_rng(0)
+    flux = 1 - 0.2 * rng.random((n, wave.size)).astype("f4")
+    ivar = np.full((n, wave.size), 1e4, "f4")
+    ivar[:, ::50] = 0  # masked pixels are left out of the lines
+    labels = np.column_stack([rng.uniform(4000, 5000, n), rng.uniform(1, 3, n)]).astype("f4")
+    with DatasetWriter(path, wave, ["TEFF", "LOGG"], attrs={"generator": "test", "grid": "aspcap", "seed": 0,
+                                                           "snr": "100"}, with_star_id=star_id) as w:
+        w.append(flux, ivar, labels, np.arange(n) // 2,
+                 [f"2M{i:08d}+0000000" for i in range(n)] if star_id else None)
+    return labels
+
+
+@pytest.mark.parametrize("n", [3, 100])
+def test_spectra_figure_names_stars_and_survives_100(tmp_path, n, monkeypatch):
+    """Few spectra: a legend entry per star (APOGEE_ID, TEFF, LOGG), outside the axes; 100: lines
+    coloured by TEFF with a colour bar. Both without a layout warning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from chemtwin.data.dataset import open_dataset
+
+    labels = _dataset(tmp_path / "d.h5", n, star_id=(n == 3))
+    seen = {}
+    close = plt.close
+
+    def keep(fig):  # look at the figure before it is closed
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        seen["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
+        seen["off_data"] = not _overlaps(fig.legends[0].get_window_extent(r), ax.get_window_extent(r))
+        seen["colorbar"] = len(fig.axes) == 2
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_dataset(tmp_path / "d.h5") as ds:
+            out = plot_dataset_spectra(ds, range(n), tmp_path / "s.png")
+    assert out.read_bytes()[:8] == PNG
+    assert seen["off_data"]
+    stars = [t for t in seen["legend"] if "windows" not in t]
+    if n <= MAX_LEGEND_STARS:
+        assert stars[0] == f"2M00000000+0000000 (TEFF {labels[0, 0]:.0f} K, LOGG {labels[0, 1]:.2f}, group 0)"
+        assert len(stars) == n and not seen["colorbar"]
+    else:
+        assert stars == [] and seen["colorbar"]

@@ -34,6 +34,7 @@ from chemtwin.core.ranks import twin_pairs
 from chemtwin.data.dataset import open_dataset
 from chemtwin.evaluation.bench_folder import BenchFolder
 from chemtwin.evaluation.metrics import draw_rank_cdf
+from chemtwin.evaluation.spectra_figure import star_label
 from chemtwin.evaluation.summary import label_of, pct, run_summary, software_record
 from chemtwin.methods import METHODS
 from chemtwin.tagging.estimator import ChemTwin
@@ -53,15 +54,6 @@ def anchor_text(method: str, snr: float, mismatch: bool) -> str:
 def _trained_models() -> list[str]:
     """The registered methods that rank a trained model's own latents, in registry order."""
     return [name for name, m in METHODS.items() if m.model_kind is not None and m.base is None]
-
-
-def star_name(star_id, row: int, teff=None, logg=None) -> str:
-    """``2M00242666+5341178 (TEFF 4607 K, LOGG 3.34)``, or ``row 12 (...)`` without a star id."""
-    name = str(star_id) if star_id not in (None, "") else f"row {row}"
-    parts = [f"TEFF {teff:.0f} K" if teff is not None and np.isfinite(teff) else None,
-             f"LOGG {logg:.2f}" if logg is not None and np.isfinite(logg) else None]
-    parts = [p for p in parts if p]
-    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def _plt():
@@ -95,9 +87,7 @@ def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int 
     rows = {i: 0, j: 1} if i < j else {i: 1, j: 0}
 
     def who(k):
-        values = dict(zip(names, b.labels[rows[k], tl])) if names else {}
-        sid = ids[k].decode() if isinstance(ids[k], bytes) else ids[k]
-        return star_name(sid, k, values.get("TEFF"), values.get("LOGG"))
+        return star_label(ids[k], k, dict(zip(names, b.labels[rows[k], tl])) if names else {})
 
     flux, ivar, cond = b.flux.astype(np.float32), b.ivar.astype(np.float32), b.labels[:, cols].astype(np.float32)
     z = model.transform(flux, ivar, cond)
