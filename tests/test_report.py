@@ -81,6 +81,25 @@ def test_summary_copes_with_partial_results_and_json_nulls():
 def test_commit_is_unknown_outside_a_git_checkout_and_never_crashes(tmp_path, monkeypatch):
     assert source_commit(tmp_path) == "unknown"
     assert source_commit(tmp_path / "does-not-exist") == "unknown"
+    # an installed copy inside some git repository's ignored .venv is not a checkout of chemtwin
+    repo = tmp_path / "clone"
+    installed = repo / ".venv" / "site-packages" / "chemtwin"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text('__version__ = "0.1.0"\n')
+    (repo / ".gitignore").write_text(".venv/\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    if subprocess.run([*git, "init", "-q"]).returncode == 0:
+        subprocess.run([*git, "add", ".gitignore"], check=True)
+        subprocess.run([*git, "commit", "-qm", "x"], check=True)
+        assert source_commit(installed) == "unknown"
+        (repo / "chemtwin").mkdir()
+        (repo / "chemtwin" / "__init__.py").write_text("")
+        subprocess.run([*git, "add", "chemtwin"], check=True)
+        subprocess.run([*git, "commit", "-qm", "y"], check=True)
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+        assert source_commit(repo / "chemtwin") == head
+        (repo / "chemtwin" / "__init__.py").write_text("changed = True\n")
+        assert source_commit(repo / "chemtwin") == f"{head} (with uncommitted changes)"
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
@@ -92,10 +111,13 @@ def test_commit_is_unknown_outside_a_git_checkout_and_never_crashes(tmp_path, mo
 
 
 def test_commit_is_the_checkout_head_when_run_from_git():
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(chemtwin.__file__).parent)
-    if head.returncode != 0:
-        pytest.skip("chemtwin is not running from a git checkout here")
+    package = Path(chemtwin.__file__).resolve().parent
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", "__init__.py"], capture_output=True,
+                             cwd=package)
+    if tracked.returncode != 0:  # e.g. CI's non-editable install into .venv inside the clone
+        assert source_commit() == "unknown"
+        pytest.skip("chemtwin is not running from its git checkout here")
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=package)
     assert source_commit().startswith(head.stdout.strip())
 
 
