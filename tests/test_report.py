@@ -124,7 +124,8 @@ def test_commit_is_the_checkout_head_when_run_from_git():
 def test_star_names_use_the_star_id_then_the_row():
     labels = {"TEFF": 4607.2, "LOGG": 3.341}
     assert star_label("2M00242666+5341178", 12, labels) == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34)"
-    assert star_label(b"2M00242666+5341178", 12, labels, group=7) == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34, group 7)"
+    assert (star_label(b"2M00242666+5341178", 12, labels, group=7)
+            == "2M00242666+5341178 (TEFF 4607 K, LOGG 3.34, group 7)")
     assert star_label(None, 12, labels, group=-1) == "row 12 (TEFF 4607 K, LOGG 3.34)"
     assert star_label("", 3, {"TEFF": float("nan")}) == "row 3"
 
@@ -165,7 +166,7 @@ def test_report_of_a_small_bench_with_100_stars(tmp_path):
         warnings.simplefilter("always")
         assert main(["-q", "bench", str(out), "--n-train-pairs", "30", "--n-val-pairs", "50", "--snr", "inf",
                      "--mismatch-snr", "none", "--time-limit", "5", "--methods", "fader,cae,raw"]) == 0
-    layout = [str(w.message) for w in caught if "layout" in str(w.message).lower() or "legend" in str(w.message).lower()]
+    layout = [str(w.message) for w in caught if any(k in str(w.message).lower() for k in ("layout", "legend"))]
     assert layout == []
     text = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())

@@ -60,9 +60,9 @@ def _differs(p1: float, n1: int, p2: float, n2: int) -> bool:
 
 
 def run_summary(results: dict) -> list[str]:
-    """The "What this run says" section: bullet lines computed from the table's rank-0 fractions (best method
-    per scenario, the fader against the oracle and the no-adversary cae, and whether each method
-    keeps its score on the mismatched spectra).  Empty when there is nothing to compare."""
+    """The "What this run says" section: bullet lines computed from the table's rank-0 fractions
+    (best method per scenario, the fader against the oracle and the no-adversary cae, and whether
+    each method keeps its score on the mismatched spectra).  Empty when there is nothing to compare."""
     rows = [r for r in results["rows"] if r.get("frac_rank0") is not None]
     by = {(r["method"], r["scenario"]): r for r in rows}
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
