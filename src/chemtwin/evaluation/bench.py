@@ -50,6 +50,7 @@ from chemtwin.errors import InputError
 from chemtwin.evaluation.bench_folder import BenchFolder
 from chemtwin.evaluation.evaluate import evaluate
 from chemtwin.evaluation.report import write_report
+from chemtwin.evaluation.summary import software_record
 from chemtwin.methods import METHODS, Method, get_method
 from chemtwin.methods.label_fit import independent_labels
 from chemtwin.tagging.fader_config import MODEL_KINDS, FaderConfig
@@ -300,6 +301,7 @@ def run_bench(out_dir, cfg: BenchConfig, *, overwrite: bool = False, progress: b
     if emulator is not None:
         results["payne_emulator"] = emulator
     results["machine"] = mach
+    results["software"] = software_record()  # chemtwin version, git commit, date
     results["step_seconds"] = steps.times
     results["wall_s_this_run"] = time.monotonic() - t_start
     results["peak_rss_gb_this_run"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -167,17 +167,19 @@ def condition_leakage(z, cond, names, *, max_stars: int = 3000, folds: int = 3, 
 
 
 # ---------------------------------------------------------------------- figure
-def draw_rank_cdf(ax, curves, title: str | None = None) -> None:
+def draw_rank_cdf(ax, curves, title: str | None = None, legend: bool = True) -> None:
     """Cumulative rank distributions on a log x axis into ``ax``: ``curves`` is a list
-    of ``(label, ranks, n_stars)`` or ``(label, ranks, n_stars, line style keywords)``."""
+    of ``(label, ranks, n_stars)`` or ``(label, ranks, n_stars, line style keywords)``.
+    ``legend=False`` leaves the legend to the caller (one figure legend for many panels)."""
     n_max = 1
     for label, ranks, n_stars, *style in curves:
         r, f = rank_cdf(ranks)
         ax.step(np.r_[r + 1, n_stars], np.r_[f, 1.0], where="post", label=label, **(style[0] if style else {}))
         n_max = max(n_max, n_stars)
     for frac, name in ((0.001, "0.1% N"), (0.01, "1% N")):
-        ax.axvline(frac * n_max, color="0.6", ls="--", lw=0.8)
-        ax.text(frac * n_max, 0.02, f" {name}", color="0.4", fontsize=8)
+        if frac * n_max >= 1:  # inside the axis (rank + 1 >= 1); for small N the marker would hang outside
+            ax.axvline(frac * n_max, color="0.6", ls="--", lw=0.8)
+            ax.text(frac * n_max, 0.02, f" {name}", color="0.4", fontsize=8, clip_on=True)
     ax.set_xscale("log")
     ax.set_xlim(1, max(n_max, 10))
     ax.set_ylim(0, 1.01)
@@ -186,7 +188,8 @@ def draw_rank_cdf(ax, curves, title: str | None = None) -> None:
     ax.grid(alpha=0.3, which="both")
     if title:
         ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    if legend:  # beside the axes, never over the curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
 
 
 def plot_rank_cdf(curves, path, title: str | None = None):
@@ -196,9 +199,8 @@ def plot_rank_cdf(curves, path, title: str | None = None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120, layout="constrained")
     draw_rank_cdf(ax, curves, title)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

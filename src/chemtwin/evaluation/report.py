@@ -6,8 +6,17 @@ Figures (PNG, matplotlib):
                            star, its reconstruction, and its reconstruction from its twin's latent
 * ``rank_cdf.png``         cumulative doppelganger-rank distributions, one panel per scenario
 * ``latent_map.png``       t-SNE of the fader and cae latents coloured by TEFF, LOGG and FE_H
+                           (the title says what is shown; whether it is disentangled is for the
+                           reader and the R² table to judge)
 * ``training_curves.png``  validation rank-0 fraction, reconstruction error and adversary
                            accuracy against training time, from each model's ``history.csv``
+
+The report's header gives the date, chemtwin's version and the git commit of the code that ran
+(``software_record``; "unknown" outside a git checkout), and a short "What this run says" section
+written from the numbers of the table (``run_summary``), not canned text; both in
+``chemtwin.evaluation.summary``.  Stars in figures are
+named by their ``star_id`` (APOGEE_ID for real spectra) or row, with TEFF and LOGG; legends sit
+outside the data area, so that figures keep their layout with many curves or stars.
 
 Row names and the published anchors (docs/science.md section 3) beside our rows are the
 methods' own (``Method.label``, ``Method.published``); the files are found through
@@ -25,21 +34,14 @@ from chemtwin.core.ranks import twin_pairs
 from chemtwin.data.dataset import open_dataset
 from chemtwin.evaluation.bench_folder import BenchFolder
 from chemtwin.evaluation.metrics import draw_rank_cdf
+from chemtwin.evaluation.spectra_figure import star_label
+from chemtwin.evaluation.summary import label_of, pct, run_summary, software_record
 from chemtwin.methods import METHODS
 from chemtwin.tagging.estimator import ChemTwin
 from chemtwin.tagging.model_folder import read_history
 
 PIXELS_SHOWN = 256
 MAP_STARS = 1500
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def label_of(method: str) -> str:
-    """The report's name of a method (its name when it is no longer registered)."""
-    return METHODS[method].label if method in METHODS else method
 
 
 def anchor_text(method: str, snr: float, mismatch: bool) -> str:
@@ -79,7 +81,14 @@ def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int 
         b = ds.take(np.array(sorted((i, j))))
         wl = ds.wavelength
         cols = ds.label_columns(model.condition)
+        ids = {k: (ds.column("star_id", k, k + 1)[0] if ds.has_star_id else None) for k in (i, j)}
+        names = [n for n in ("TEFF", "LOGG") if n in ds.label_names]
+        tl = ds.label_columns(names) if names else []
     rows = {i: 0, j: 1} if i < j else {i: 1, j: 0}
+
+    def who(k):
+        return star_label(ids[k], k, dict(zip(names, b.labels[rows[k], tl])) if names else {})
+
     flux, ivar, cond = b.flux.astype(np.float32), b.ivar.astype(np.float32), b.labels[:, cols].astype(np.float32)
     z = model.transform(flux, ivar, cond)
     own = model.swap(z[[rows[i]]], cond[[rows[i]]])[0]
@@ -87,19 +96,19 @@ def plot_reconstruction(model_dir: Path, data_path: Path, path: Path, pair: int 
     x = flux[rows[i]]
     n = min(PIXELS_SHOWN, len(wl))
     plt = _plt()
-    fig, (ax, ax_res) = plt.subplots(2, 1, figsize=(9, 5.2), dpi=120, sharex=True, height_ratios=(3, 1.3))
+    fig, (ax, ax_res) = plt.subplots(2, 1, figsize=(9, 6.0), dpi=120, sharex=True, height_ratios=(3, 1.3),
+                                     layout="constrained")
     ax.plot(wl[:n], x[:n], color="k", lw=1.2, label="spectrum x_i")
     ax.plot(wl[:n], own[:n], color="tab:blue", lw=1, label="D(E(x_i, u_i), u_i)")
     ax.plot(wl[:n], twin[:n], color="tab:orange", lw=1, ls="--", label="D(E(x_j, u_j), u_i)  (twin's latent)")
     ax.set_ylabel("normalized flux")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"validation star {i} and its twin {j}: first {n} pixels")
+    ax.set_title(f"i = {who(i)}\nits twin j = {who(j)}; first {n} pixels", fontsize=9)
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8)
     ax_res.plot(wl[:n], own[:n] - x[:n], color="tab:blue", lw=0.8)
     ax_res.plot(wl[:n], twin[:n] - x[:n], color="tab:orange", lw=0.8, ls="--")
     ax_res.axhline(0, color="0.5", lw=0.6)
     ax_res.set_ylabel("residual")
     ax_res.set_xlabel("vacuum wavelength (Angstrom)")
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -124,12 +133,19 @@ def plot_rank_cdfs(root: Path, results: dict, path: Path) -> Path | None:
     k = len(by_scenario)
     cols = min(k, 3)
     rws = -(-k // cols)
-    fig, axes = plt.subplots(rws, cols, figsize=(5.4 * cols, 4.2 * rws), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rws, cols, figsize=(5.4 * cols + 3.2, 4.2 * rws), dpi=110, squeeze=False,
+                             layout="constrained")
     for ax, (label, curves) in zip(axes.ravel(), by_scenario.items()):
-        draw_rank_cdf(ax, curves, label)
+        draw_rank_cdf(ax, curves, label, legend=False)
     for ax in axes.ravel()[k:]:
         ax.set_visible(False)
-    fig.tight_layout()
+    # one legend for all panels, outside them (each method once, in the order first drawn)
+    handles = {}
+    for ax in axes.ravel()[:k]:
+        for h, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
+               ncol=1 + len(handles) // (12 * rws + 1))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -150,7 +166,8 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
         b = ds.take(rows)
         colour = b.labels[:, ds.label_columns(names)]
         plt = _plt()
-        fig, axes = plt.subplots(len(models), 3, figsize=(13, 4 * len(models)), dpi=110, squeeze=False)
+        fig, axes = plt.subplots(len(models), 3, figsize=(13, 4 * len(models) + 0.6), dpi=110, squeeze=False,
+                                 layout="constrained")
         for r, m in enumerate(models):
             model = ChemTwin.load(folder.model(METHODS[m].model_kind, scenario))
             cond = b.labels[:, ds.label_columns(model.condition)].astype(np.float32)
@@ -162,11 +179,11 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
                 ax = axes[r, c]
                 sc = ax.scatter(xy[:, 0], xy[:, 1], c=colour[ok, c], s=4, cmap="viridis", edgecolors="none")
                 fig.colorbar(sc, ax=ax, label=units[name])
-                ax.set_title(f"{label_of(m)} latents, coloured by {name}", fontsize=9)
+                ax.set_title(f"{label_of(m)}: t-SNE of z, coloured by {name}", fontsize=9)
                 ax.set_xlabel("t-SNE 1")
                 ax.set_ylabel("t-SNE 2")
-    fig.suptitle("A disentangled latent shows no TEFF/LOGG structure and clear [Fe/H] structure", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"Latent space of {len(rows)} validation stars ({scenario}), 2-D t-SNE of z, "
+                 "coloured by the true TEFF, LOGG and [Fe/H]", fontsize=10)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -186,7 +203,7 @@ def plot_training_curves(root: Path, results: dict, path: Path) -> Path | None:
     if not runs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     scen = sorted({s for _, s, _ in runs}, key=[s for _, s, _ in runs].index)
     for m, s, label in runs:
@@ -203,8 +220,8 @@ def plot_training_curves(root: Path, results: dict, path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("training time (s)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7,
+               ncol=1 + len(runs) // 16)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -217,8 +234,8 @@ def _table(results: dict) -> list[str]:
     for r in results["rows"]:
         med = "-" if r.get("median_rank") is None else f"{r['median_rank']:g}"
         train_s = "" if r.get("train_s") is None else f"{r['train_s']:.0f}"
-        lines.append(f"| {label_of(r['method'])} | {r['label']} | {_pct(r['frac_rank0'])} "
-                     f"| {_pct(r['frac_rank_lt_0p1pct'])} | {_pct(r['frac_rank_lt_1pct'])} | {med} | {r['n_stars']} "
+        lines.append(f"| {label_of(r['method'])} | {r['label']} | {pct(r['frac_rank0'])} "
+                     f"| {pct(r['frac_rank_lt_0p1pct'])} | {pct(r['frac_rank_lt_1pct'])} | {med} | {r['n_stars']} "
                      f"| {train_s} | {anchor_text(r['method'], r['snr'], r['mismatch'])} |")
     return lines
 
@@ -265,8 +282,15 @@ def write_report(root, results: dict) -> Path:
     made["training_curves"] = plot_training_curves(root, results, figures / "training_curves.png")
 
     cfg, mach = results["config"], results.get("machine", {})
+    soft = {**software_record(), **results.get("software", {})}  # what ran, else what writes the report
+    summary = run_summary(results)
     lines = [
         "# chemtwin benchmark report",
+        "",
+        f"Date: {soft['date']}. chemtwin {soft['chemtwin']}, commit {soft['commit']}.",
+        "",
+        *(["## What this run says", "", *summary, ""] if summary else []),
+        "## Protocol and results",
         "",
         f"Protocol: {cfg['n_train_pairs']:,} training and {cfg['n_val_pairs']:,} validation twin pairs per scenario, "
         f"models trained for {cfg['time_limit']:g} s each (preset `{cfg['preset']}`, latent dimension "
@@ -304,7 +328,9 @@ def write_report(root, results: dict) -> Path:
     captions = {"reconstruction": "Figure 1 of the 2019 paper, ours: a validation star, its reconstruction and the "
                                   "reconstruction from its twin's latent.",
                 "rank_cdf": "Cumulative doppelganger-rank distributions.",
-                "latent_map": "t-SNE of the latents, coloured by TEFF, LOGG and [Fe/H].",
+                "latent_map": "t-SNE maps of the trained models' latents z, coloured by the true TEFF, LOGG and "
+                              "[Fe/H]. A latent free of TEFF/LOGG shows no gradient in those panels; "
+                              "compare with the R² table above.",
                 "training_curves": "Training curves (history.csv)."}
     for key, p in made.items():
         if p is not None:

@@ -1,0 +1,126 @@
+"""What a bench run was and what it says, in words: the provenance of a run (chemtwin's version,
+the git commit of its source, the date) and the "What this run says" section of ``report.md``,
+written from the numbers of the results table (never canned claims)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import chemtwin
+from chemtwin.methods import METHODS
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def label_of(method: str) -> str:
+    """The report's name of a method (its name when it is no longer registered)."""
+    return METHODS[method].label if method in METHODS else method
+
+
+def source_commit(package_dir=None) -> str:
+    """The git commit of chemtwin's source when it runs from a git checkout (``"unknown"``
+    otherwise: an installed package, no git, any error), with ``" (with uncommitted changes)"``
+    when the package's tracked files differ from that commit."""
+    where = Path(package_dir) if package_dir is not None else Path(chemtwin.__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=20,
+                              stdin=subprocess.DEVNULL)
+
+    try:
+        # the package's own files must be tracked: an installed copy inside some other repository is not a checkout
+        if git("ls-files", "--error-unmatch", "--", "__init__.py").returncode != 0:
+            return "unknown"
+        head = git("rev-parse", "--short=12", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else ""
+        if not commit:
+            return "unknown"
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return commit + (" (with uncommitted changes)" if status.returncode == 0 and status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+
+
+def software_record() -> dict:
+    """What ran: ``{"chemtwin": version, "commit": source_commit(), "date": UTC ISO date}``."""
+    return {"chemtwin": chemtwin.__version__, "commit": source_commit(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _differs(p1: float, n1: int, p2: float, n2: int) -> bool:
+    """Whether two fractions differ by more than 2 binomial standard errors (a rough guide:
+    ranks of one set of stars are not independent)."""
+    se = math.sqrt(max(p1 * (1 - p1), 1e-12) / max(n1, 1) + max(p2 * (1 - p2), 1e-12) / max(n2, 1))
+    return abs(p1 - p2) > 2 * se
+
+
+def run_summary(results: dict) -> list[str]:
+    """The "What this run says" section: bullet lines computed from the table's rank-0 fractions
+    (best method per scenario, the fader against the oracle and the no-adversary cae, and whether
+    each method keeps its score on the mismatched spectra).  Empty when there is nothing to compare."""
+    rows = [r for r in results["rows"] if r.get("frac_rank0") is not None]
+    by = {(r["method"], r["scenario"]): r for r in rows}
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    label = {r["scenario"]: r["label"] for r in rows}
+    # (SNR, mismatch); results.json stores SNR inf as null
+    info = {r["scenario"]: (math.inf if r["snr"] is None else float(r["snr"]), bool(r["mismatch"])) for r in rows}
+    lines = []
+    best = []
+    for sc in scenarios:
+        cands = [r for r in rows if r["scenario"] == sc and r["method"] != "oracle"]
+        if not cands:
+            continue
+        top = max(r["frac_rank0"] for r in cands)
+        winners = " and ".join(label_of(r["method"]) for r in cands if r["frac_rank0"] == top)
+        oracle = by.get(("oracle", sc))
+        limit = f" (the Cramér–Rao oracle: {pct(oracle['frac_rank0'])}%)" if oracle else ""
+        best.append(f"{label[sc]}: {winners}, {pct(top)}%{limit}")
+    if best:
+        lines.append("* **Best rank-0 fraction** (the oracle aside): " + "; ".join(best) + ".")
+
+    def compare(a: str, b: str, sc: str) -> str | None:
+        ra, rb = by.get((a, sc)), by.get((b, sc))
+        if ra is None or rb is None:
+            return None
+        pa, pb = ra["frac_rank0"], rb["frac_rank0"]
+        side = ("above" if pa > pb else "below") if _differs(pa, ra["n_stars"], pb, rb["n_stars"]) else "level with"
+        return f"{label[sc]} {pct(pa)} vs {pct(pb)}% ({100 * (pa - pb):+.1f} points, {side})"
+
+    plain = [sc for sc in scenarios if not info[sc][1]]
+    gaps = [c for c in (compare("fader", "oracle", sc) for sc in plain) if c]
+    if gaps:
+        lines.append("* **The fader against the physical limit** (fader vs oracle, rank 0): " + "; ".join(gaps) + ".")
+    adv = [c for c in (compare("fader", "cae", sc) for sc in scenarios) if c]
+    if adv:
+        lines.append("* **What the adversary buys** (fader vs the same network without it, cae): " + "; ".join(adv)
+                     + '. "Level with" = within 2 binomial standard errors.')
+    for sc in scenarios:
+        if not info[sc][1]:
+            continue
+        base = next((s for s in scenarios if not info[s][1] and info[s][0] == info[sc][0]), None)
+        if base is None:
+            continue
+        moves = []
+        for r in rows:
+            if r["scenario"] != sc or (r["method"], base) not in by:
+                continue
+            b = by[(r["method"], base)]
+            p0, p1 = b["frac_rank0"], r["frac_rank0"]
+            if not _differs(p0, b["n_stars"], p1, r["n_stars"]):
+                verb = f"keeps its score ({pct(p0)} -> {pct(p1)}%)"
+            else:
+                verb = f"{'falls' if p1 < p0 else 'rises'} from {pct(p0)} to {pct(p1)}%"
+            moves.append((r["method"] != "fader", p1 - p0, f"{label_of(r['method'])} {verb}"))
+        if moves:
+            moves.sort(key=lambda m: (m[0], m[1]))
+            lines.append(f"* **On observed-like spectra** ({label[sc]} against {label[base]}, rank 0): "
+                         + "; ".join(m[2] for m in moves) + ".")
+    if lines and results.get("config", {}).get("quick"):
+        lines.append("* This is a quick run (small sets, seconds of training): the numbers test the pipeline, "
+                     "they do not measure the methods.")
+    return lines
