@@ -196,6 +196,24 @@ def test_duplicates_resolved_at_ingest(tmp_path, capsys):
     np.testing.assert_array_equal(resolve_duplicates(["a", "a"], [10, 10], prefer=[1, 0]), [1])
 
 
+def test_quality_cuts_on_file_arguments(tmp_path, capsys):
+    root = tmp_path / "mirror"
+    allstar, _, rows = make_mirror(root)
+    out = tmp_path / "cut.h5"
+    argv = ["-q", "ingest", str(root / "**" / "stars" / "apo25m" / "FIELDX" / "*.fits"), "--catalog", str(allstar),
+            "--out", str(out), "--quality-cuts", "on"]
+    assert main(argv) == 2  # every FIELDX star fails one cut: nothing written
+    err = capsys.readouterr().err
+    assert "no usable spectrum among 4 file(s)" in err and "is left out: SNR 40.0 is not above 70" in err
+    assert not out.exists()
+    assert main([*argv, "--min-snr", "30", "--teff-range", "3500:6500", "--starflag-mask", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 file(s) skipped" not in err and "1 of 4 file(s) skipped" in err and "STAR_BAD" not in err
+    assert "ASPCAPFLAG has bit(s) 23 set" in err
+    with open_dataset(out) as ds:
+        assert len(ds) == 3
+
+
 def test_catalog_keeps_telescope_field_and_flags(tmp_path):
     allstar, _, rows = make_mirror(tmp_path / "m")
     cat = read_catalog(allstar)

@@ -9,6 +9,7 @@ TELESCOPE and FIELD as the dataset's ``telescope`` and ``field`` columns.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -249,6 +250,17 @@ class Selection:
     rejected: dict
     sources: dict
     dropped: list  # (file, why) of duplicate files not read
+    id_of_file: dict = None  # {file: APOGEE_ID} where known before reading
+
+    def subset(self, files: list, rename: dict | None = None) -> "Selection":
+        """The part a shard of ``files`` needs (paths renamed by ``rename``), not the whole catalogue's."""
+        rename = rename or {}
+        ids = {(self.id_of_file or {}).get(f) for f in files} - {None}
+        row_of_id = None if self.row_of_id is None else {i: self.row_of_id[i] for i in ids if i in self.row_of_id}
+        return Selection([rename.get(f, f) for f in files],
+                         {rename.get(f, f): self.row_of_file[f] for f in files if f in self.row_of_file}, row_of_id,
+                         {i: self.rejected[i] for i in ids if i in self.rejected},
+                         {rename.get(f, f): self.sources[f] for f in files if f in self.sources}, [])
 
 
 def labels_of_file(catalog, selection: Selection, keep_flagged: bool) -> Callable:
@@ -314,7 +326,8 @@ def select_from_root(catalog, args, cuts) -> Selection:
         reasons = Counter(why.split(" ")[0] for _, why in rejected)
         raise InputError(f"no star of catalogue {catalog.path} passes the quality cuts"
                          f" ({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); nothing written")
-    return Selection(files, row_of_file, None, dict(rejected), sources, [])
+    return Selection(files, row_of_file, None, dict(rejected), sources, [],
+                     {f: str(catalog.ids[r]) for f, r in row_of_file.items()})
 
 
 def select_files(catalog, args, cuts) -> Selection:
@@ -355,7 +368,8 @@ def select_files(catalog, args, cuts) -> Selection:
                                     f"{kept.kind} vs {f.kind}): kept that one"))
     kept_paths = {f.path for f in chosen.values()} | set(unread)
     sources = {f.path: (f.telescope, f.field) for f in chosen.values()}
-    return Selection([p for p in files if p in kept_paths], {}, row_of_id, rejected, sources, dropped)
+    return Selection([p for p in files if p in kept_paths], {}, row_of_id, rejected, sources, dropped,
+                     {f.path: f.apogee_id for f in chosen.values()})
 
 
 @lru_cache(maxsize=2)
@@ -381,18 +395,17 @@ def _ingest_sharded(args, selection: Selection, labels: list[str] | None) -> Ing
     from chemtwin.data.shard_folder import grid_hash
     from chemtwin.data.shards import run_shards, shard_ranges
 
-    # the workers' working folder may differ: absolute paths everywhere
-    absolute = {f: os.path.abspath(f) for f in selection.files}
-    selection = Selection([absolute[f] for f in selection.files],
-                          {absolute.get(f, f): r for f, r in selection.row_of_file.items()}, selection.row_of_id,
-                          selection.rejected, {absolute.get(f, f): v for f, v in selection.sources.items()}, [])
-    files = selection.files
+    absolute = {f: os.path.abspath(f) for f in selection.files}  # the workers' working folder may differ
+    files = [absolute[f] for f in selection.files]
     options = {k: getattr(args, k) for k in SPECTRUM_OPTIONS}
     common = {"catalog": os.path.abspath(args.catalog), "labels": tuple(labels) if labels else None,
               "keep_flagged": args.keep_flagged, "options": options}
+    cuts = quality_cuts(args)
     plan = {"command": "ingest", "n_files": len(files), "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
-            **common, "files_per_shard": args.shard_size}
-    specs = [{"files": files[a:b], "selection": selection, **common} for a, b in shard_ranges(len(files), args.shard_size)]
+            **common, "files_per_shard": args.shard_size, "telescope": args.telescope,
+            "quality_cuts": None if cuts is None else dataclasses.asdict(cuts)}
+    specs = [{"files": files[a:b], "selection": selection.subset(selection.files[a:b], absolute), **common}
+             for a, b in shard_ranges(len(files), args.shard_size)]
     wavelength = get_grid(args.grid).wavelength
     with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
         manifest, records = run_shards(args.out, "dataset", plan, specs, ingest_shard, client,
