@@ -191,6 +191,14 @@ def test_duplicates_resolved_at_ingest(tmp_path, capsys):
                  "--out", str(out2), "--min-snr", "50"]) == 0
     with open_dataset(out2) as ds:
         assert list(ds.star_id) == [first] and list(np.asarray(ds.column("field")).astype(str)) == ["FIELDL"]
+    # files whose header names no APOGEE_ID are not duplicates of each other: each is reported on its own
+    anonymous = []
+    for k in range(2):
+        hdus = _apstar_hdus("", np.ones(APSTAR_N_PIXELS), 100.0, "F", np.random.default_rng(k))
+        del hdus[0].header["OBJID"]
+        anonymous.append(str(_write(tmp_path / f"anon{k}" / "apStar-x.fits", hdus)))
+    assert main(["-q", "ingest", *anonymous, str(apo), "--catalog", str(allstar), "--out", str(tmp_path / "a.h5")]) == 1
+    assert capsys.readouterr().err.count("names no APOGEE ID") == 2
     # the rule itself: highest SNR, then the preferred kind, then the first
     np.testing.assert_array_equal(resolve_duplicates(["a", "b", "a", "a"], [10, 5, 30, np.nan]), [1, 2])
     np.testing.assert_array_equal(resolve_duplicates(["a", "a"], [10, 10], prefer=[1, 0]), [1])

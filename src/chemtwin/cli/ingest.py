@@ -341,11 +341,11 @@ def select_files(catalog, args, cuts) -> Selection:
     facts, unread = [], []
     for path in files:
         try:
-            facts.append(file_facts(path))
-        except InputError:
-            unread.append(path)  # ingest_files reports why
-        except Exception:
+            f = file_facts(path)
+        except Exception:  # ingest_files reports why
             unread.append(path)
+            continue
+        (facts if f.apogee_id else unread).append(f if f.apogee_id else path)  # no ID: no duplicate of anything
     for f in facts:  # what the path and header do not name, the star's catalogue row does
         row = catalog.row_of(f.apogee_id) if f.apogee_id else None
         if row is not None:
