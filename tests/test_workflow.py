@@ -260,14 +260,14 @@ def test_bad_input_on_the_new_paths_is_one_line_exit_2(tmp_path, capsys):
     Table({"APOGEE_ID": ["a"], "NAME": ["NGC 1"]}).write(no_cluster)
     ingest = ["ingest", "--catalog", str(allstar), "--out", str(out)]
     cases = [
-        (ingest + ["--root", str(tmp_path / "nowhere")], "--root", "no such folder"),
+        (ingest + ["--root", str(tmp_path / "nowhere")], "mirror root", "nowhere: no such folder"),
         (ingest + ["--root", str(root), "--telescope", "keck"], "unknown telescope 'keck'", "apo25m"),
         (ingest + [str(root / "**" / "*.fits"), "--telescope", "keck"], "unknown telescope 'keck'"),
         (["ingest", "--catalog", str(no_field), "--root", str(root), "--out", str(out)], "has no FIELD column"),
         (ingest + ["--root", str(root), "--teff-range", "5000"], "--teff-range", "LO:HI"),
         (ingest + ["--root", str(root), "--min-snr", "1e9"], "passes the quality cuts"),
         (ingest + ["--root", str(root), str(allstar)], "not both"),
-        (ingest + ["--root", str(root), "--spectra", "apVisit"], "--spectra"),
+        (ingest + ["--root", str(root), "--spectra", "apVisit"], "unknown DR17 spectrum kind 'apVisit'"),
     ]
     for argv, *expected in cases:
         assert main(argv) == 2, argv

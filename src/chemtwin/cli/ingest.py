@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import glob
 import hashlib
-import logging
 import os
 import sys
 from collections import Counter
@@ -31,12 +30,13 @@ from chemtwin.data.allstar import (
     STARFLAG_BAD,
     STARFLAG_BAD_BITS,
     QualityCuts,
+    Selection,
     check_telescope,
     read_catalog,
-    resolve_duplicates,
-    select_rows,
+    select_files,
+    select_mirror,
 )
-from chemtwin.data.apogee import DR17_LAYOUT, dr17_path, file_facts, read_spectrum
+from chemtwin.data.apogee import DR17_LAYOUT, read_spectrum
 from chemtwin.data.dataset import DatasetWriter
 from chemtwin.data.preprocess import CONTINUUM_MASKS, DEFAULT_DEGREE, preprocess
 from chemtwin.data.shards import dask_client
@@ -44,9 +44,6 @@ from chemtwin.errors import InputError
 
 FLUSH_ROWS = 64
 TEXT_COLUMNS = ("telescope", "field")
-# On equal SNR: apStar (normalized here like every file) before aspcapStar before apVisit.
-KIND_PREFERENCE = {"apStar": 0, "aspcapStar": 1, "apVisit": 2}
-log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -235,53 +232,6 @@ def report_errors(command: str, result: IngestResult, n_files: int) -> None:
 SPECTRUM_OPTIONS = ("grid", "continuum", "degree", "row", "min_good")
 
 
-@dataclass
-class Selection:
-    """Which files to read and where each one's labels come from (picklable, for Dask workers).
-
-    ``row_of_file``: {file: catalogue row} (--root: the row chosen for the star);
-    ``row_of_id``: {APOGEE_ID: row} of the stars that pass the quality cuts (files with cuts);
-    ``rejected``: {APOGEE_ID: why} of stars the cuts or the telescope choice left out;
-    ``sources``: {file: (TELESCOPE, FIELD)}."""
-
-    files: list
-    row_of_file: dict
-    row_of_id: dict | None
-    rejected: dict
-    sources: dict
-    dropped: list  # (file, why) of duplicate files not read
-    id_of_file: dict = None  # {file: APOGEE_ID} where known before reading
-
-    def subset(self, files: list, rename: dict | None = None) -> "Selection":
-        """The part a shard of ``files`` needs (paths renamed by ``rename``), not the whole catalogue's."""
-        rename = rename or {}
-        ids = {(self.id_of_file or {}).get(f) for f in files} - {None}
-        row_of_id = None if self.row_of_id is None else {i: self.row_of_id[i] for i in ids if i in self.row_of_id}
-        return Selection([rename.get(f, f) for f in files],
-                         {rename.get(f, f): self.row_of_file[f] for f in files if f in self.row_of_file}, row_of_id,
-                         {i: self.rejected[i] for i in ids if i in self.rejected},
-                         {rename.get(f, f): self.sources[f] for f in files if f in self.sources}, [])
-
-
-def labels_of_file(catalog, selection: Selection, keep_flagged: bool) -> Callable:
-    """``labels_of(spectrum)`` for ``ingest_files``: the chosen catalogue row, else by APOGEE_ID."""
-
-    def labels_of(spectrum):
-        star = spectrum.apogee_id.strip()
-        row = selection.row_of_file.get(spectrum.path)
-        if row is not None:
-            if star != catalog.ids[row]:
-                raise InputError(f"{spectrum.path}: holds APOGEE_ID {star!r}, but the catalogue row is {catalog.ids[row]!r}")
-            return catalog.labels[row]
-        if star in selection.rejected:
-            raise InputError(f"APOGEE_ID {star!r} is left out: {selection.rejected[star]}")
-        if selection.row_of_id is not None and star in selection.row_of_id:
-            return catalog.labels[selection.row_of_id[star]]
-        return catalog.lookup(star, keep_flagged=keep_flagged)
-
-    return labels_of
-
-
 def _range(text: str, flag: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(":"))
@@ -304,74 +254,6 @@ def quality_cuts(args) -> QualityCuts | None:
                        teff=_range(args.teff_range, "--teff-range"), logg=_range(args.logg_range, "--logg-range"))
 
 
-def select_from_root(catalog, args, cuts) -> Selection:
-    """--root: the catalogue's stars after the cuts, one row each, at their DR17 paths."""
-    if not os.path.isdir(args.root):
-        raise InputError(f"--root {args.root}: no such folder")
-    if args.files or args.file_list:
-        raise InputError("give either FILE arguments / --file-list or --root, not both")
-    if args.spectra not in DR17_LAYOUT:
-        raise InputError(f"--spectra {args.spectra!r}: choose {' or '.join(DR17_LAYOUT)}")
-    missing = [c for c, v in (("TELESCOPE", catalog.telescope), ("FIELD", catalog.fields)) if v is None]
-    if missing:
-        raise InputError(f"catalogue {catalog.path}: has no {' or '.join(missing)} column (needed with --root)")
-    rows, rejected = select_rows(catalog, cuts, args.telescope)
-    files, row_of_file, sources = [], {}, {}
-    for row in rows:
-        path = str(dr17_path(args.root, catalog.telescope[row], catalog.fields[row], catalog.ids[row], args.spectra))
-        files.append(path)
-        row_of_file[path] = int(row)
-        sources[path] = (str(catalog.telescope[row]), str(catalog.fields[row]))
-    if not files:
-        reasons = Counter(why.split(" ")[0] for _, why in rejected)
-        raise InputError(f"no star of catalogue {catalog.path} passes the quality cuts"
-                         f" ({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); nothing written")
-    return Selection(files, row_of_file, None, dict(rejected), sources, [],
-                     {f: str(catalog.ids[r]) for f, r in row_of_file.items()})
-
-
-def select_files(catalog, args, cuts) -> Selection:
-    """FILE arguments: one file per APOGEE_ID (header SNR, --telescope), the cuts by APOGEE_ID."""
-    files = expand_inputs(args.files, args.file_list)
-    row_of_id, rejected = None, {}
-    if cuts is not None:
-        rows, out = select_rows(catalog, cuts)
-        row_of_id = {str(catalog.ids[r]): int(r) for r in rows}
-        rejected = dict(out)
-    facts, unread = [], []
-    for path in files:
-        try:
-            f = file_facts(path)
-        except Exception:  # ingest_files reports why
-            unread.append(path)
-            continue
-        (facts if f.apogee_id else unread).append(f if f.apogee_id else path)  # no ID: no duplicate of anything
-    for f in facts:  # what the path and header do not name, the star's catalogue row does
-        row = catalog.row_of(f.apogee_id) if f.apogee_id else None
-        if row is not None:
-            if not f.telescope and catalog.telescope is not None:
-                f.telescope = str(catalog.telescope[row])
-            if not f.field and catalog.fields is not None:
-                f.field = str(catalog.fields[row])
-    dropped = []
-    if args.telescope is not None:
-        others = [f for f in facts if f.telescope != args.telescope]
-        dropped += [(f.path, f"not from {args.telescope} (telescope {f.telescope or 'unknown'})") for f in others]
-        facts = [f for f in facts if f.telescope == args.telescope]
-    keep = resolve_duplicates([f.apogee_id for f in facts], [f.snr for f in facts],
-                              [KIND_PREFERENCE.get(f.kind, 3) for f in facts])
-    chosen = {facts[k].apogee_id: facts[k] for k in keep}
-    for f in facts:
-        kept = chosen[f.apogee_id]
-        if kept is not f:
-            dropped.append((f.path, f"APOGEE_ID {f.apogee_id} also in {kept.path} (SNR {kept.snr:.1f} vs {f.snr:.1f}, "
-                                    f"{kept.kind} vs {f.kind}): kept that one"))
-    kept_paths = {f.path for f in chosen.values()} | set(unread)
-    sources = {f.path: (f.telescope, f.field) for f in chosen.values()}
-    return Selection([p for p in files if p in kept_paths], {}, row_of_id, rejected, sources, dropped,
-                     {f.path: f.apogee_id for f in chosen.values()})
-
-
 @lru_cache(maxsize=2)
 def _catalog(path: str, labels: tuple | None):
     """The catalogue, read once per Dask worker process."""
@@ -384,7 +266,7 @@ def ingest_shard(spec: dict, path: str) -> dict:
     selection = spec["selection"]
     sources = {f: selection.sources.get(f, ("", "")) for f in spec["files"]}
     result = ingest_files(spec["files"], path, catalog.label_names,
-                          labels_of_file(catalog, selection, spec["keep_flagged"]),
+                          selection.labels_of(catalog, spec["keep_flagged"]),
                           argparse.Namespace(**spec["options"]), {"catalog": os.path.basename(spec["catalog"])},
                           overwrite=True, progress=False, sources=sources)
     return {"rows": result.n_rows, "errors": result.errors, "snrs": result.snrs}
@@ -421,7 +303,12 @@ def run(args) -> int:
     cuts = quality_cuts(args)
     labels = [s for s in args.labels.split(",") if s.strip()] if args.labels else None
     catalog = read_catalog(args.catalog, labels)
-    selection = select_from_root(catalog, args, cuts) if args.root is not None else select_files(catalog, args, cuts)
+    if args.root is not None:
+        if args.files or args.file_list:
+            raise InputError("give either FILE arguments / --file-list or --root, not both")
+        selection = select_mirror(catalog, args.root, args.spectra, args.telescope, cuts)
+    else:
+        selection = select_files(catalog, expand_inputs(args.files, args.file_list), args.telescope, cuts)
     files = selection.files
     grid = get_grid(args.grid)
     if not files:
@@ -430,7 +317,7 @@ def run(args) -> int:
         result = _ingest_sharded(args, selection, labels)
     else:
         prepare_output(args.out, args.overwrite, inputs=(*files, args.catalog))
-        result = ingest_files(files, args.out, catalog.label_names, labels_of_file(catalog, selection, args.keep_flagged),
+        result = ingest_files(files, args.out, catalog.label_names, selection.labels_of(catalog, args.keep_flagged),
                               args, {"catalog": os.path.basename(args.catalog)}, overwrite=args.overwrite,
                               progress=not args.quiet, sources=selection.sources)
     report_errors("ingest", result, len(files))

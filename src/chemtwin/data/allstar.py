@@ -5,19 +5,23 @@ DR13-DR16) and ASPCAPFLAG bit 23 (STAR_BAD) marks a star whose ASPCAP fit failed
 
 Selecting stars for training (docs/workflow.md): ``QualityCuts`` (SNR, STARFLAG/ASPCAPFLAG
 bits, TEFF/LOGG ranges) and ``select_rows`` (the cuts, then one row per APOGEE_ID by the
-duplicate rule of ``resolve_duplicates``).
+duplicate rule of ``resolve_duplicates``); the spectrum files to ingest, as a ``Selection``:
+``select_mirror`` (the catalogue's stars in the DR17 layout of a local mirror) and
+``select_files`` (given files, one per APOGEE_ID).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from chemtwin.core.files import describe_error, open_fits
+from chemtwin.data.apogee import DR17_LAYOUT, dr17_path, file_facts
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import LABEL_NAMES
 
@@ -268,3 +272,124 @@ def select_rows(catalog: Catalog, cuts: QualityCuts | None, telescope: str | Non
             seen.add(star)
             rejected.append((star, why[row]))
     return rows, rejected
+
+
+# ---------------------------------------------------------------------- what to ingest
+# On equal SNR: apStar (normalized by chemtwin like every file) before aspcapStar before apVisit.
+KIND_PREFERENCE = {"apStar": 0, "aspcapStar": 1, "apVisit": 2}
+
+
+@dataclass
+class Selection:
+    """Which spectrum files to read and where each one's labels come from (picklable, for Dask).
+
+    ``row_of_file``: {file: catalogue row} (from a mirror: the row chosen for the star);
+    ``row_of_id``: {APOGEE_ID: row} of the stars that pass the quality cuts (files with cuts);
+    ``rejected``: {APOGEE_ID: why} of stars the cuts or the telescope choice left out;
+    ``sources``: {file: (TELESCOPE, FIELD)}; ``dropped``: [(file, why)] of duplicates not read;
+    ``id_of_file``: {file: APOGEE_ID} where known before reading."""
+
+    files: list
+    row_of_file: dict
+    row_of_id: dict | None
+    rejected: dict
+    sources: dict
+    dropped: list
+    id_of_file: dict = field(default_factory=dict)
+
+    def subset(self, files: list, rename: dict | None = None) -> Selection:
+        """The part a shard of ``files`` needs (paths renamed by ``rename``), not the whole catalogue's."""
+        rename = rename or {}
+        ids = {self.id_of_file.get(f) for f in files} - {None}
+        row_of_id = None if self.row_of_id is None else {i: self.row_of_id[i] for i in ids if i in self.row_of_id}
+        return Selection([rename.get(f, f) for f in files],
+                         {rename.get(f, f): self.row_of_file[f] for f in files if f in self.row_of_file}, row_of_id,
+                         {i: self.rejected[i] for i in ids if i in self.rejected},
+                         {rename.get(f, f): self.sources[f] for f in files if f in self.sources}, [],
+                         {rename.get(f, f): self.id_of_file[f] for f in files if f in self.id_of_file})
+
+    def labels_of(self, catalog: Catalog, keep_flagged: bool = False):
+        """``labels_of(spectrum)``: the chosen catalogue row's labels, else the star's by APOGEE_ID;
+        InputError for a star the cuts left out, or a file holding another star than its row's."""
+
+        def labels_of(spectrum) -> np.ndarray:
+            star = spectrum.apogee_id.strip()
+            row = self.row_of_file.get(spectrum.path)
+            if row is not None:
+                if star != catalog.ids[row]:
+                    raise InputError(f"{spectrum.path}: holds APOGEE_ID {star!r}, but its catalogue row is {catalog.ids[row]!r}")
+                return catalog.labels[row]
+            if star in self.rejected:
+                raise InputError(f"APOGEE_ID {star!r} is left out: {self.rejected[star]}")
+            if self.row_of_id is not None and star in self.row_of_id:
+                return catalog.labels[self.row_of_id[star]]
+            return catalog.lookup(star, keep_flagged=keep_flagged)
+
+        return labels_of
+
+
+def select_mirror(catalog: Catalog, root: str | os.PathLike, spectra: str = "apStar", telescope: str | None = None,
+                  cuts: QualityCuts | None = None) -> Selection:
+    """The catalogue's stars (``cuts``, one row each by ``select_rows``) at their DR17 paths under
+    the mirror ``root`` (``chemtwin.data.apogee.dr17_path``; ``spectra``: apStar or aspcapStar)."""
+    if not Path(root).is_dir():
+        raise InputError(f"mirror root {root}: no such folder")
+    if spectra not in DR17_LAYOUT:
+        raise InputError(f"unknown DR17 spectrum kind {spectra!r}; choose {' or '.join(DR17_LAYOUT)}")
+    missing = [c for c, v in (("TELESCOPE", catalog.telescope), ("FIELD", catalog.fields)) if v is None]
+    if missing:
+        raise InputError(f"catalogue {catalog.path}: has no {' or '.join(missing)} column (needed with a mirror root)")
+    rows, rejected = select_rows(catalog, cuts, telescope)
+    if not rows.size:
+        reasons = Counter(why.split(" ")[0] for _, why in rejected)
+        raise InputError(f"no star of catalogue {catalog.path} passes the quality cuts"
+                         f" ({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); nothing written")
+    paths = [str(dr17_path(root, catalog.telescope[r], catalog.fields[r], catalog.ids[r], spectra)) for r in rows]
+    return Selection(paths, {p: int(r) for p, r in zip(paths, rows)}, None, dict(rejected),
+                     {p: (str(catalog.telescope[r]), str(catalog.fields[r])) for p, r in zip(paths, rows)}, [],
+                     {p: str(catalog.ids[r]) for p, r in zip(paths, rows)})
+
+
+def select_files(catalog: Catalog, files: list, telescope: str | None = None, cuts: QualityCuts | None = None) -> Selection:
+    """Spectrum ``files``, one per APOGEE_ID (``resolve_duplicates`` on the header SNR, only
+    ``telescope``'s with one), reading headers only; the ``cuts`` judged by APOGEE_ID.  A file's
+    TELESCOPE and FIELD: its DR17 path, else its header, else the star's catalogue row.  Files
+    whose header cannot be read or names no star are kept: reading them reports why."""
+    check_telescope(telescope)
+    row_of_id, rejected = None, {}
+    if cuts is not None:
+        rows, out = select_rows(catalog, cuts)
+        row_of_id = {str(catalog.ids[r]): int(r) for r in rows}
+        rejected = dict(out)
+    facts, unread = [], []
+    for path in files:
+        try:
+            f = file_facts(path)
+        except Exception:
+            unread.append(path)
+            continue
+        (facts if f.apogee_id else unread).append(f if f.apogee_id else path)  # no ID: no duplicate of anything
+    for f in facts:
+        row = catalog.row_of(f.apogee_id)
+        if row is not None:
+            if not f.telescope and catalog.telescope is not None:
+                f.telescope = str(catalog.telescope[row])
+            if not f.field and catalog.fields is not None:
+                f.field = str(catalog.fields[row])
+    dropped = []
+    if telescope is not None:
+        dropped += [(f.path, f"not from {telescope} (telescope {f.telescope or 'unknown'})")
+                    for f in facts if f.telescope != telescope]
+        facts = [f for f in facts if f.telescope == telescope]
+    keep = resolve_duplicates([f.apogee_id for f in facts], [f.snr for f in facts],
+                              [KIND_PREFERENCE.get(f.kind, 3) for f in facts])
+    chosen = {facts[k].apogee_id: facts[k] for k in keep}
+    for f in facts:
+        kept = chosen[f.apogee_id]
+        if kept is not f:
+            dropped.append((f.path, f"APOGEE_ID {f.apogee_id} also in {kept.path} (SNR {kept.snr:.1f} vs {f.snr:.1f}, "
+                                    f"{kept.kind} vs {f.kind}): kept that one"))
+    kept_paths = {f.path for f in chosen.values()} | set(unread)
+    return Selection([p for p in files if p in kept_paths], {}, row_of_id, rejected,
+                     {f.path: (f.telescope, f.field) for f in chosen.values()}, dropped,
+                     {f.path: f.apogee_id for f in chosen.values()})
