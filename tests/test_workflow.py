@@ -219,6 +219,28 @@ def test_duplicates_resolved_at_ingest(tmp_path, capsys):
     np.testing.assert_array_equal(resolve_duplicates(["a", "a"], [10, 10], prefer=[1, 0]), [1])
 
 
+def test_aspcapstar_layout_and_files_missing_from_the_mirror(tmp_path, capsys):
+    """--spectra aspcapStar reads .../aspcap/dr17/synspec_rev1/TEL/FIELD/; stars whose file the mirror
+    lacks are listed as skipped (exit code 1), the others written."""
+    root = tmp_path / "mirror"
+    allstar, _, rows = make_mirror(root)
+    star = rows[2]["APOGEE_ID"]
+    with fits.open(dr17_path(root, "apo25m", "FIELD2", star)) as hdus:
+        flux = np.nan_to_num(hdus[1].data[0] / np.nanmedian(hdus[1].data[0]))
+        header = hdus[0].header.copy()
+    _write(dr17_path(root, "apo25m", "FIELD2", star, "aspcapStar"),
+           fits.HDUList([fits.PrimaryHDU(header=header), fits.ImageHDU(flux), fits.ImageHDU(np.full_like(flux, 0.01)),
+                         fits.ImageHDU(flux)]))
+    out = tmp_path / "aspcap.h5"
+    assert main(["-q", "ingest", "--catalog", str(allstar), "--root", str(root), "--spectra", "aspcapStar",
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    n = N_CLUSTERS * CLUSTER_SIZE + N_FIELD
+    assert f"{n - 1} of {n} file(s) skipped" in err and "synspec_rev1/apo25m/FIELD0/aspcapStar-dr17-" in err
+    with open_dataset(out) as ds:
+        assert list(ds.star_id) == [star] and list(np.asarray(ds.column("field")).astype(str)) == ["FIELD2"]
+
+
 def test_quality_cuts_on_file_arguments(tmp_path, capsys):
     root = tmp_path / "mirror"
     allstar, _, rows = make_mirror(root)
