@@ -132,6 +132,7 @@ def test_recipe_end_to_end_on_a_dr17_mirror(tmp_path, capsys, fixtures):
     assert main(["-q", "ingest", "--catalog", str(allstar), "--root", str(root), "--out", str(data)]) == 0
     err = capsys.readouterr().err
     assert "4 catalogue star(s) left out (SNR: 1, ASPCAPFLAG: 1, STARFLAG: 1, TEFF: 1)" in err
+    assert "1 catalogue row(s) of stars listed more than once not used" in err  # the LCO row of one star
     n_good = N_CLUSTERS * CLUSTER_SIZE + N_FIELD + (2 if fixtures else 0)
     with open_dataset(data) as ds:
         ids = list(ds.star_id)

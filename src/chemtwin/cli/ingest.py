@@ -326,6 +326,9 @@ def run(args) -> int:
               file=sys.stderr)
         for path, why in selection.dropped:
             print(f"  {path}: {why}", file=sys.stderr)
+    if selection.duplicate_rows:
+        print(f"chemtwin ingest: {selection.duplicate_rows} catalogue row(s) of stars listed more than once not used "
+              "(one row per APOGEE_ID: the highest SNR)", file=sys.stderr)
     if args.root is not None and selection.rejected:
         reasons = Counter(why.split(" ")[0] for why in selection.rejected.values())
         print(f"chemtwin ingest: {len(selection.rejected)} catalogue star(s) left out "

@@ -244,25 +244,25 @@ def _bits(value: int) -> str:
     return ",".join(str(b) for b in range(64) if int(value) >> b & 1)
 
 
-def select_rows(catalog: Catalog, cuts: QualityCuts | None, telescope: str | None = None):
-    """The catalogue rows to ingest: ``(rows, rejected)``.  ``rows`` holds one row per APOGEE_ID
-    that passes ``cuts`` (None: no cuts) and has TEFF and LOGG, chosen by ``resolve_duplicates``
-    (only ``telescope``'s rows with one); ``rejected`` is ``[(apogee_id, reason)]`` of stars
-    left out, one entry per star."""
+def _reasons(catalog: Catalog, cuts: QualityCuts | None, telescope: str | None) -> list:
+    """Why each catalogue row is left out (None: kept): the cuts, no TEFF/LOGG, another telescope."""
     check_telescope(telescope)
     if telescope is not None and catalog.telescope is None:
         raise InputError(f"catalogue {catalog.path}: has no TELESCOPE column (needed for a telescope choice)")
     why = cuts.reasons(catalog) if cuts is not None else [None] * len(catalog)
     for k in range(2):
-        bad = ~np.isfinite(catalog.labels[:, k])
-        for row in np.flatnonzero(bad):
+        for row in np.flatnonzero(~np.isfinite(catalog.labels[:, k])):
             why[row] = why[row] or f"no {catalog.label_names[k]}"
     if telescope is not None:
         for row in np.flatnonzero(catalog.telescope != telescope):
             why[row] = why[row] or f"observed with {catalog.telescope[row]}, not {telescope}"
-    good = np.array([w is None for w in why], bool)
+    return why
+
+
+def _select(catalog: Catalog, why: list):
+    """``(rows, rejected, n_duplicate_rows)`` of ``select_rows`` from the reasons ``why``."""
+    candidates = np.flatnonzero(np.array([w is None for w in why], bool))
     snr = catalog.snr if catalog.snr is not None else np.zeros(len(catalog))
-    candidates = np.flatnonzero(good)
     rows = candidates[resolve_duplicates(catalog.ids[candidates], snr[candidates])]
     kept = set(catalog.ids[rows].tolist())
     rejected, seen = [], set()
@@ -271,6 +271,15 @@ def select_rows(catalog: Catalog, cuts: QualityCuts | None, telescope: str | Non
         if star not in kept and star not in seen and why[row] is not None:
             seen.add(star)
             rejected.append((star, why[row]))
+    return rows, rejected, int(candidates.size - rows.size)
+
+
+def select_rows(catalog: Catalog, cuts: QualityCuts | None, telescope: str | None = None):
+    """The catalogue rows to ingest: ``(rows, rejected)``.  ``rows`` holds one row per APOGEE_ID
+    that passes ``cuts`` (None: no cuts) and has TEFF and LOGG, chosen by ``resolve_duplicates``
+    (only ``telescope``'s rows with one); ``rejected`` is ``[(apogee_id, reason)]`` of stars
+    left out, one entry per star."""
+    rows, rejected, _ = _select(catalog, _reasons(catalog, cuts, telescope))
     return rows, rejected
 
 
@@ -287,7 +296,8 @@ class Selection:
     ``row_of_id``: {APOGEE_ID: row} of the stars that pass the quality cuts (files with cuts);
     ``rejected``: {APOGEE_ID: why} of stars the cuts or the telescope choice left out;
     ``sources``: {file: (TELESCOPE, FIELD)}; ``dropped``: [(file, why)] of duplicates not read;
-    ``id_of_file``: {file: APOGEE_ID} where known before reading."""
+    ``id_of_file``: {file: APOGEE_ID} where known before reading; ``duplicate_rows``: catalogue
+    rows passing the cuts that lost to another row of their star (their files are not looked at)."""
 
     files: list
     row_of_file: dict
@@ -296,6 +306,7 @@ class Selection:
     sources: dict
     dropped: list
     id_of_file: dict = field(default_factory=dict)
+    duplicate_rows: int = 0
 
     def subset(self, files: list, rename: dict | None = None) -> Selection:
         """The part a shard of ``files`` needs (paths renamed by ``rename``), not the whole catalogue's."""
@@ -339,7 +350,7 @@ def select_mirror(catalog: Catalog, root: str | os.PathLike, spectra: str = "apS
     missing = [c for c, v in (("TELESCOPE", catalog.telescope), ("FIELD", catalog.fields)) if v is None]
     if missing:
         raise InputError(f"catalogue {catalog.path}: has no {' or '.join(missing)} column (needed with a mirror root)")
-    rows, rejected = select_rows(catalog, cuts, telescope)
+    rows, rejected, n_duplicates = _select(catalog, _reasons(catalog, cuts, telescope))
     if not rows.size:
         reasons = Counter(why.split(" ")[0] for _, why in rejected)
         raise InputError(f"no star of catalogue {catalog.path} passes the quality cuts"
@@ -347,7 +358,7 @@ def select_mirror(catalog: Catalog, root: str | os.PathLike, spectra: str = "apS
     paths = [str(dr17_path(root, catalog.telescope[r], catalog.fields[r], catalog.ids[r], spectra)) for r in rows]
     return Selection(paths, {p: int(r) for p, r in zip(paths, rows)}, None, dict(rejected),
                      {p: (str(catalog.telescope[r]), str(catalog.fields[r])) for p, r in zip(paths, rows)}, [],
-                     {p: str(catalog.ids[r]) for p, r in zip(paths, rows)})
+                     {p: str(catalog.ids[r]) for p, r in zip(paths, rows)}, n_duplicates)
 
 
 def select_files(catalog: Catalog, files: list, telescope: str | None = None, cuts: QualityCuts | None = None) -> Selection:
