@@ -7,6 +7,7 @@
     chemtwin evaluate DATA.h5 --method oracle --json OUT.json [--jacobians FILE]
     chemtwin evaluate DATA.h5 --method cannon|payne --train TRAIN.h5 [--emulator EMU.npz] --json OUT.json
     chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json
+    chemtwin evaluate --latents LATENTS.h5 --members OCCAM.fits --json OUT.json   (open clusters)
 
 ``--method`` takes any registered method (``chemtwin.methods.METHODS``); what it needs
 (``--train``, a model folder, ...) is its own declaration.  The JSON holds ``method``,
@@ -17,6 +18,10 @@ decoder), ``frac_rank0``, ``frac_rank_lt_0p1pct``, ``frac_rank_lt_1pct``, ``medi
 (TEFF, LOGG) off the latent (near 0 when disentangled); see ``chemtwin.evaluation``.  With
 ``--twin-metric`` (model and polyres) the tags are first whitened by the scatter between twins
 of ``--train`` and ranked with L2 by default; the JSON then holds ``twin_metric``.
+With ``--members TABLE`` the twin groups are the clusters of a membership table (APOGEE_ID and
+``--cluster-column``, default CLUSTER as in OCCAM), stars not in it are field stars, and the
+JSON adds ``membership`` and ``clusters`` (per cluster: counts, rank fractions,
+``doppelganger_rate``; ``chemtwin.evaluation.membership``, docs/workflow.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from chemtwin.core.files import prepare_output, write_json
 from chemtwin.core.ranks import check_metric
 from chemtwin.errors import InputError
 from chemtwin.evaluation.evaluate import evaluate
+from chemtwin.evaluation.membership import CLUSTER_COLUMN, read_membership
 from chemtwin.evaluation.metrics import plot_rank_cdf
 from chemtwin.methods import METHODS, get_method
 from chemtwin.methods.twin_metric import TwinMetricOn
@@ -88,6 +94,12 @@ def register(subparsers) -> None:
                         "labels (e.g. one validation set at several SNRs); written if missing or stale")
     p.add_argument("--latents", metavar="LATENTS.h5",
                    help="rank-only evaluation of a latent file (`chemtwin embed` output, with `z` and `group`)")
+    p.add_argument("--members", metavar="TABLE",
+                   help="membership table (FITS, CSV, ECSV; e.g. OCCAM members): APOGEE_ID and a cluster name per "
+                        "star; its clusters are the twin groups, every other star is a field star; the JSON reports "
+                        "each cluster's doppelganger fractions against the field")
+    p.add_argument("--cluster-column", default=CLUSTER_COLUMN, metavar="NAME",
+                   help=f"the cluster-name column of --members (default: {CLUSTER_COLUMN}, as in OCCAM)")
     p.add_argument("--degree", type=non_negative_int, default=4, help="polyres: polynomial degree (default 4)")
     p.add_argument("--components", type=positive_int, default=50, help="polyres: principal components kept (default 50)")
     p.add_argument("--condition", default="TEFF,LOGG",
@@ -157,6 +169,7 @@ def run(args) -> int:
     if args.max_queries is not None and args.max_queries < 1:
         raise InputError(f"--max-queries must be positive, got {args.max_queries}")
     inputs = _inputs(method, args)
+    members = read_membership(args.members, args.cluster_column) if args.members else None
     out = prepare_output(args.json, args.overwrite, inputs=[p for p in inputs.values() if p is not None])
     plots = Path(args.plots) if args.plots else None
     if plots is not None and plots.exists() and not plots.is_dir():
@@ -165,6 +178,7 @@ def run(args) -> int:
         prepare_output(plots / "rank_cdf.png", args.overwrite)
     progress = logging.getLogger().level <= logging.INFO
     result, ranks = evaluate(method, metric=metric, max_queries=args.max_queries, return_ranks=True, seed=args.seed,
+                             members=members,
                              progress=progress, **inputs)
     if args.max_queries is not None:
         result["max_queries"] = args.max_queries
@@ -178,4 +192,12 @@ def run(args) -> int:
     log.info("%s: rank 0 %.1f%%, < 0.1%% N %.1f%%, < 1%% N %.1f%%, median rank %g (%d pairs, N = %d) -> %s",
              result["method"], 100 * result["frac_rank0"], 100 * result["frac_rank_lt_0p1pct"],
              100 * result["frac_rank_lt_1pct"], result["median_rank"], result["n_pairs"], result["n_stars"], out)
+    for entry in result.get("clusters", []):
+        if entry["n_pairs"]:
+            log.info("  %s: %d of %d members found, rank 0 %.1f%%, median rank %g, doppelganger rate %.3f",
+                     entry["cluster"], entry["n_found"], entry["n_members"], 100 * entry["frac_rank0"],
+                     entry["median_rank"], entry["doppelganger_rate"])
+        else:
+            log.info("  %s: %d of %d members found (fewer than 2: no pairs)", entry["cluster"], entry["n_found"],
+                     entry["n_members"])
     return 0

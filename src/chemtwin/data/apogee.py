@@ -49,6 +49,13 @@ PIXMASK_BITS = {
 BAD_PIXEL_BITS = tuple(range(10)) + (12, 13)
 BAD_PIXEL_MASK = sum(1 << b for b in BAD_PIXEL_BITS)
 SPECTRUM_KINDS = ("apStar", "aspcapStar", "apVisit")
+# The DR17 layout of a local mirror of the SDSS Science Archive Server (the SDSS data model):
+# {root}/apogee/spectro/redux/dr17/stars/{TELESCOPE}/{FIELD}/apStar-dr17-{APOGEE_ID}.fits and
+# {root}/apogee/spectro/aspcap/dr17/synspec_rev1/{TELESCOPE}/{FIELD}/aspcapStar-dr17-{APOGEE_ID}.fits
+DR17_LAYOUT = {
+    "apStar": ("apogee/spectro/redux/dr17/stars", "apStar-dr17-{}.fits"),
+    "aspcapStar": ("apogee/spectro/aspcap/dr17/synspec_rev1", "aspcapStar-dr17-{}.fits"),
+}
 
 
 @dataclass
@@ -80,6 +87,31 @@ class Spectrum:
     @property
     def n_good(self) -> int:
         return int(np.count_nonzero(self.ivar > 0))
+
+
+def dr17_path(root: str | os.PathLike, telescope: str, field: str, apogee_id: str, kind: str = "apStar") -> Path:
+    """Where the DR17 ``kind`` file (apStar or aspcapStar) of a star lies under a mirror ``root``
+    (allStar's TELESCOPE, FIELD, APOGEE_ID; ``DR17_LAYOUT``)."""
+    if kind not in DR17_LAYOUT:
+        raise InputError(f"unknown DR17 spectrum kind {kind!r}; choose {' or '.join(DR17_LAYOUT)}")
+    folder, name = DR17_LAYOUT[kind]
+    telescope, field, apogee_id = (str(v).strip() for v in (telescope, field, apogee_id))
+    if not (telescope and field and apogee_id) or any("/" in v or v in (".", "..") for v in (telescope, field)):
+        raise InputError(f"no DR17 path for TELESCOPE={telescope!r}, FIELD={field!r}, APOGEE_ID={apogee_id!r}")
+    return Path(root) / folder / telescope / field / name.format(apogee_id)
+
+
+def dr17_location(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(TELESCOPE, FIELD)`` of a file placed as DR17 places it (``.../stars/TEL/FIELD/apStar-dr17-ID.fits``
+    or ``.../synspec_rev1/TEL/FIELD/aspcapStar-dr17-ID.fits``); None for any other path."""
+    parts = Path(path).parts
+    if len(parts) < 4:
+        return None
+    for folder, name in DR17_LAYOUT.values():
+        prefix = name.split("{}")[0]
+        if parts[-4] == Path(folder).name and parts[-1].startswith(prefix):
+            return parts[-3], parts[-2]
+    return None
 
 
 def _header_value(header, keys, default=None):
@@ -171,6 +203,33 @@ def read_spectrum(path: str | os.PathLike, row: int | str = "combined") -> Spect
         if kind is None:
             raise InputError(f"{path}: not an APOGEE apStar, aspcapStar or apVisit spectrum")
         return _READERS[kind](hdus, Path(path), row)
+
+
+@dataclass
+class FileFacts:
+    """What the primary header says about a spectrum file, read without its pixels."""
+
+    path: str
+    kind: str
+    apogee_id: str
+    snr: float
+    telescope: str  # "" when unknown
+    field: str      # "" when unknown
+
+
+def file_facts(path: str | os.PathLike) -> FileFacts:
+    """Kind, APOGEE ID, SNR, TELESCOPE and FIELD of a spectrum file: TELESCOPE and FIELD from a
+    DR17 path (``dr17_location``), else the header (apStar FIELD, apVisit TELESCOP); InputError
+    when it is not an APOGEE spectrum."""
+    with open_fits(path) as hdus:
+        kind = detect_kind(hdus)
+        if kind is None:
+            raise InputError(f"{path}: not an APOGEE apStar, aspcapStar or apVisit spectrum")
+        header = hdus[0].header
+        info = _common_header(header)
+        location = dr17_location(path) or (str(_header_value(header, ("TELESCOPE", "TELESCOP"), "")),
+                                           str(_header_value(header, ("FIELD",), "")))
+    return FileFacts(str(path), kind, info["apogee_id"].strip(), info["snr"], *location)
 
 
 def read_apstar(path: str | os.PathLike, row: int | str = "combined") -> Spectrum:

@@ -8,6 +8,7 @@ Layout (``LAYOUT_VERSION`` 1; see docs/dataset.md):
 * ``labels``      float32 (N, L), attribute ``names`` (APOGEE allStar column names)
 * ``group``       int64 (N,), stars with the same value >= 0 share chemistry; -1 unknown
 * ``star_id``     optional variable-length str (N,), e.g. APOGEE_ID for real spectra
+* ``telescope``, ``field``  optional str (N,): allStar's TELESCOPE and FIELD (``chemtwin ingest``)
 * root attributes ``generator``, ``chemtwin_version``, ``seed``, ``snr``, ``grid``,
   ``layout_version``
 
@@ -106,7 +107,9 @@ class DatasetWriter:
         with_star_id: bool = False,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         expected_rows: int | None = None,
+        text_columns: tuple[str, ...] = (),
     ):
+        self.text_columns = tuple(text_columns)
         self.path = prepare_output(path, overwrite)
         self.overwrite = overwrite
         wavelength = np.asarray(wavelength, dtype=np.float64)
@@ -142,15 +145,18 @@ class DatasetWriter:
         f.create_dataset("group", shape=(0,), maxshape=(None,), dtype="i8", chunks=(max(rows, 4096),))
         if with_star_id:
             f.create_dataset("star_id", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
+        for name in self.text_columns:  # optional str columns, e.g. telescope and field
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
         # Held open until close: a dataset handle dropped mid-file flushes its chunk cache in a
         # destructor, where a full disk is only a printed warning and the writing goes on.
-        self._columns = {name: f[name] for name in ("flux", "ivar", "labels", "group", "star_id") if name in f}
+        self._columns = {name: f[name] for name in ("flux", "ivar", "labels", "group", "star_id", *self.text_columns)
+                         if name in f}
         f.attrs["chemtwin_version"] = __version__
         f.attrs["layout_version"] = LAYOUT_VERSION
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
 
-    def append(self, flux, ivar, labels, group, star_id=None) -> None:
+    def append(self, flux, ivar, labels, group, star_id=None, text: dict | None = None) -> None:
         flux = np.asarray(flux, dtype=np.float32)
         n = flux.shape[0]
         if flux.shape != (n, self.n_pixels) or np.shape(ivar) != flux.shape:
@@ -162,6 +168,11 @@ class DatasetWriter:
             if star_id is None or len(star_id) != n:
                 raise InputError("this dataset stores star_id: give one per row")
             columns["star_id"] = np.asarray(star_id, dtype=object)
+        for name in self.text_columns:
+            values = (text or {}).get(name)
+            if values is None or len(values) != n:
+                raise InputError(f"this dataset stores {name}: give one per row")
+            columns[name] = np.asarray(values, dtype=object)
         stop = self.n_rows + n
         for name, values in columns.items():
             self._columns[name].resize(stop, axis=0)
