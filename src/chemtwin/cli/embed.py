@@ -130,7 +130,7 @@ def _embed_files(ct, out: Path, args) -> int:
 
         def labels_of(spectrum):
             return header_labels(spectrum, condition)
-    n_pixels = ct.model.n_pixels
+    n_pixels = ct.n_features_in_
     grid = args.grid or (identify_grid(ct.wavelength) if ct.wavelength is not None else None)
     if grid is None or get_grid(grid).n_pixels != n_pixels:
         same_size = [g for g in GRID_NAMES if get_grid(g).n_pixels == n_pixels]
