@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chemtwin.cli.arguments import add_cluster_options, positive_int, wants_cluster
+from chemtwin.cli.arguments import add_cluster_options, positive_int, progress_bars, wants_cluster
 from chemtwin.cli.ingest import (
     add_spectrum_options,
     check_spectrum_options,
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 
 
 def _progress() -> bool:
-    return logging.getLogger().level <= logging.INFO
+    return progress_bars(logging.getLogger().level > logging.INFO)
 
 
 def run(args) -> int:

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from chemtwin.cli.arguments import add_cluster_options, non_negative_int, wants_cluster
+from chemtwin.cli.arguments import add_cluster_options, non_negative_int, wants_cluster, wants_progress
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import GRID_NAMES, get_grid
 from chemtwin.data.allstar import read_catalog
@@ -216,7 +216,7 @@ def _ingest_sharded(args, files: list[str], labels: list[str] | None) -> IngestR
     with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
         manifest, records = run_shards(args.out, "dataset", plan, specs, ingest_shard, client,
                                        header={"pixel_grid": grid_hash(wavelength), "n_pixels": int(wavelength.size)},
-                                       overwrite=args.overwrite, progress=not args.quiet, desc="ingest")
+                                       overwrite=args.overwrite, progress=wants_progress(args), desc="ingest")
     return IngestResult(sum(r["rows"] for r in records), [tuple(e) for r in records for e in r["errors"]],
                         [s for r in records for s in r["snrs"]], [])
 
@@ -234,7 +234,7 @@ def run(args) -> int:
         result = ingest_files(files, args.out, catalog.label_names,
                               lambda spectrum: catalog.lookup(spectrum.apogee_id, keep_flagged=args.keep_flagged),
                               args, {"catalog": os.path.basename(args.catalog)}, overwrite=args.overwrite,
-                              progress=not args.quiet)
+                              progress=wants_progress(args))
     report_errors("ingest", result, len(files))
     finite = [s for s in result.snrs if np.isfinite(s)]
     median_snr = f"{np.median(finite):.0f}" if finite else "unknown"
