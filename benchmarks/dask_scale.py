@@ -70,7 +70,7 @@ def _model(folder: Path) -> Path:
     torch.manual_seed(0)
     wavelength = get_grid("aspcap").wavelength
     ct = ChemTwin()
-    ct.model, ct.wavelength = FaderNet(ct.config.net, wavelength.size), wavelength
+    ct.net_, ct.wavelength_ = FaderNet(ct.config.net, wavelength.size), wavelength
     return ct.save(folder)
 
 

@@ -58,7 +58,7 @@ def _untrained_model(path, wavelength):
 
     torch.manual_seed(0)
     ct = ChemTwin(latent_dim=6)
-    ct.model, ct.wavelength = FaderNet(ct.config.net, wavelength.size), wavelength
+    ct.net_, ct.wavelength_ = FaderNet(ct.config.net, wavelength.size), wavelength
     return ct.save(path)
 
 

@@ -476,7 +476,7 @@ def test_a_model_with_nan_weights_refuses_to_save(model, tmp_path):
 
     ct = ChemTwin.load(model)
     with torch.no_grad():
-        next(ct.model.parameters()).fill_(math.nan)
+        next(ct.net_.parameters()).fill_(math.nan)
     with pytest.raises(InputError):
         ct.save(tmp_path / "nan-model")
     assert not (tmp_path / "nan-model" / "model.safetensors").exists()

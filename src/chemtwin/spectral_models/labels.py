@@ -80,7 +80,7 @@ def _column_values(table, name: str, what: str) -> np.ndarray:
         raise InputError(f"{what}: column {name} is not numeric") from None
 
 
-def label_table(labels, names=None, *, what: str = "labels") -> tuple[list[str], np.ndarray]:
+def label_table(labels, names=None, *, what: str = "the label table") -> tuple[list[str], np.ndarray]:
     """``(names, values)``: labels as their names and a float64 (stars, labels) array.
 
     ``labels`` is a table (see :func:`is_table`; missing values become NaN) or a 2-D array.
@@ -92,13 +92,13 @@ def label_table(labels, names=None, *, what: str = "labels") -> tuple[list[str],
         names = available if names is None else [str(n) for n in names]
         missing = [n for n in names if n not in available]
         if missing:
-            raise InputError(f"{what} have no column {', '.join(missing)} (columns: {', '.join(available) or 'none'})")
+            raise InputError(f"{what} lacks label(s) {', '.join(missing)} (its columns: {', '.join(available) or 'none'})")
         if not names:
-            raise InputError(f"{what} have no columns")
+            raise InputError(f"{what} has no columns")
         values = np.column_stack([np.ravel(_column_values(labels, n, what)) for n in names])
         return names, values
     if names is None:
-        raise InputError(f"{what} given as an array need label_names, the name of each column", "label_names")
+        raise InputError(f"labels given as an array need label_names, the name of each column", "label_names")
     names = [str(n) for n in names]
     values = np.asarray(labels, dtype=np.float64)
     if values.ndim == 1 and len(names) == 1:

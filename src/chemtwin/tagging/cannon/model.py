@@ -144,7 +144,7 @@ class Cannon:
         """
         flux, ivar = _as_spectra(flux, ivar, None, "training")
         n_stars, n_pixels = flux.shape
-        labels = _label_array(labels, self.label_names, "training labels")
+        labels = _label_array(labels, self.label_names, "the training label table")
         if labels.ndim != 2 or labels.shape != (n_stars, len(self.label_names)):
             raise InputError(
                 f"expected training labels of shape ({n_stars}, {len(self.label_names)}) for "
@@ -264,7 +264,7 @@ class Cannon:
         As scikit-learn's regressors: 1 is perfect, 0 is no better than the mean.
         Stars whose fit failed (NaN labels) count as missing.
         """
-        truth = _label_array(labels, self.label_names, "labels")
+        truth = _label_array(labels, self.label_names, "the label table")
         pred = self.predict(flux, ivar)
         if truth.shape != pred.shape:
             raise InputError(f"labels have shape {truth.shape}, expected {pred.shape}")
