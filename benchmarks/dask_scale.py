@@ -83,7 +83,7 @@ def run(workers: int, n: int, shard_size: int, root: Path, model: Path) -> dict:
         idle = _worker_peaks(client)
         address = client.scheduler.address
         t = time.perf_counter()
-        assert chemtwin(["-q", "generate", str(data), "--n-groups", str(n // 2), "--snr", "100", "--seed", "1",
+        assert chemtwin(["-q", "generate", "-o", str(data), "--n-groups", str(n // 2), "--snr", "100", "--seed", "1",
                          "--shard-size", str(shard_size), "--scheduler", address]) == 0
         generate_s = time.perf_counter() - t
         generate_peaks = _worker_peaks(client)
