@@ -70,7 +70,7 @@ def _model(folder: Path) -> Path:
     torch.manual_seed(0)
     wavelength = get_grid("aspcap").wavelength
     ct = ChemTwin()
-    ct.model, ct.wavelength = FaderNet(ct.config.net, wavelength.size), wavelength
+    ct.net_, ct.wavelength_ = FaderNet(ct.config.net, wavelength.size), wavelength
     return ct.save(folder)
 
 
@@ -83,7 +83,7 @@ def run(workers: int, n: int, shard_size: int, root: Path, model: Path) -> dict:
         idle = _worker_peaks(client)
         address = client.scheduler.address
         t = time.perf_counter()
-        assert chemtwin(["-q", "generate", str(data), "--n-groups", str(n // 2), "--snr", "100", "--seed", "1",
+        assert chemtwin(["-q", "generate", "-o", str(data), "--n-groups", str(n // 2), "--snr", "100", "--seed", "1",
                          "--shard-size", str(shard_size), "--scheduler", address]) == 0
         generate_s = time.perf_counter() - t
         generate_peaks = _worker_peaks(client)

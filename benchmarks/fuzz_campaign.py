@@ -770,7 +770,7 @@ def run_determinism(c: dict, env: Env) -> dict:
     t0 = time.monotonic()
     S = env.seeds
     runs = {
-        "generate-same-seed": [["generate", str(case_dir / f"g{k}.h5"), "--n-groups", "20", "--snr", "50", "--seed", "7",
+        "generate-same-seed": [["generate", "-o", str(case_dir / f"g{k}.h5"), "--n-groups", "20", "--snr", "50", "--seed", "7",
                                 "--threads", str(k + 1)] for k in range(2)],
         "train-same-seed": [["train", S["train"], "--out", str(case_dir / f"m{k}"), "--epochs", "3", "--seed", "5",
                              "--threads", "1"] for k in range(2)],

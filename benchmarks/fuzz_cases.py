@@ -66,7 +66,7 @@ DATASET_CONSUMERS = {
     "info": ("info", ["info", "{D}"], BASE_NEEDS - {"rows"}),
     "plot-spectra": ("plot-spectra", ["plot-spectra", "{D}", "--index", "0", "--out", "{C}/out.png"], BASE_NEEDS),
     "plot-gap": ("plot-gap", ["plot-gap", "{D}", "{train}", "--out", "{C}/out.png", "--max-spectra", "20"], BASE_NEEDS),
-    "augment": ("augment", ["augment", "{D}", "{C}/out.h5", "--seed", "1", "--snr", "50", "--rv-max", "5",
+    "augment": ("augment", ["augment", "{D}", "-o", "{C}/out.h5", "--seed", "1", "--snr", "50", "--rv-max", "5",
                             "--bad-pixel-frac", "0.01"], BASE_NEEDS | {"star_id"}),
     "train": ("train", ["train", "{D}", "--out", "{C}/model", "--epochs", "1", "--threads", "1"],
               BASE_NEEDS | {"labels_tl"}),
@@ -126,7 +126,7 @@ SHARD_CONSUMERS = {
     "embed": ("embed", ["embed", "{model}", "{D}", "--out", "{C}/z.h5"], BASE_NEEDS),
     "evaluate-model": ("evaluate", ["evaluate", "{model}", "{D}", "--json", "{C}/e.json"], BASE_NEEDS),
     "evaluate-raw": ("evaluate", ["evaluate", "{D}", "--method", "raw", "--json", "{C}/e.json"], BASE_NEEDS),
-    "augment": ("augment", ["augment", "{D}", "{C}/out.h5", "--seed", "1"], BASE_NEEDS),
+    "augment": ("augment", ["augment", "{D}", "-o", "{C}/out.h5", "--seed", "1"], BASE_NEEDS),
     "cannon-train": ("cannon train", ["cannon", "train", "{D}", "--labels", "TEFF,LOGG", "--out", "{C}/c.npz"], BASE_NEEDS),
     "payne-fit": ("payne fit", ["payne", "fit", "{emulator}", "{D}", "--out", "{C}/f.h5", "--threads", "1",
                                 "--candidates", "64"], BASE_NEEDS),
@@ -186,7 +186,7 @@ PATH_COMMANDS = {
     "info": ("info", ["info", "{IN}"], "data", None),
     "plot-spectra": ("plot-spectra", ["plot-spectra", "{IN}", "--index", "0", "--out", "{OUT}"], "data", "out.png"),
     "plot-gap": ("plot-gap", ["plot-gap", "{IN}", "{train}", "--out", "{OUT}", "--max-spectra", "20"], "data", "out.png"),
-    "augment": ("augment", ["augment", "{IN}", "{OUT}", "--seed", "1"], "data", "out.h5"),
+    "augment": ("augment", ["augment", "{IN}", "-o", "{OUT}", "--seed", "1"], "data", "out.h5"),
     "train": ("train", ["train", "{IN}", "--out", "{OUT}", "--epochs", "1", "--threads", "1"], "data", "model/"),
     "train-val-data": ("train", ["train", "{train}", "--val-data", "{IN}", "--out", "{OUT}", "--epochs", "1",
                                  "--threads", "1"], "data", "model/"),
@@ -231,9 +231,9 @@ PATH_COMMANDS = {
                                            "--out", "{OUT}"], "mask", "c.npz"),
     "cannon-test": ("cannon test", ["cannon", "test", "{cannon}", "{IN}", "--out", "{OUT}"], "data", "l.h5"),
     "cannon-test-model": ("cannon test", ["cannon", "test", "{IN}", "{data}", "--out", "{OUT}"], "cannon", "l.h5"),
-    "generate": ("generate", ["generate", "{OUT}", "--n-groups", "2", "--threads", "1"], None, "g.h5"),
-    "generate-emulator": ("generate", ["generate", "{OUT}", "--emulator", "{IN}", "--n-groups", "2"], "emulator", "g.h5"),
-    "bench": ("bench", ["bench", "{OUT}", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr",
+    "generate": ("generate", ["generate", "-o", "{OUT}", "--n-groups", "2", "--threads", "1"], None, "g.h5"),
+    "generate-emulator": ("generate", ["generate", "-o", "{OUT}", "--emulator", "{IN}", "--n-groups", "2"], "emulator", "g.h5"),
+    "bench": ("bench", ["bench", "-o", "{OUT}", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr",
                         "100", "--mismatch-snr", "none", "--time-limit", "1"], None, "bench/"),
 }
 IS_DIR_SEED = {"model", "index", "shards", "latent_shards"}
@@ -316,7 +316,7 @@ _SEED_FILES = {"data": "data.h5", "train": "train.h5", "latents": "latents.h5", 
 # ------------------------------------------------------------------ options
 def _opts() -> list[tuple]:
     """(command id, command, base argv, [(extra argv, expect), ...])."""
-    gen = ["generate", "{C}/out.h5", "--n-groups", "2", "--threads", "1"]
+    gen = ["generate", "-o", "{C}/out.h5", "--n-groups", "2", "--threads", "1"]
     train = ["train", "{train}", "--out", "{C}/m", "--epochs", "1", "--threads", "1"]
     embed = ["embed", "{model}", "{data}", "--out", "{C}/z.h5"]
     embed_fits = ["embed", "{model}", "{apstar}", "--catalog", "{catalog}", "--out", "{C}/z.h5"]
@@ -329,7 +329,7 @@ def _opts() -> list[tuple]:
     index = ["index", "{train_latents}", "--out", "{C}/idx"]
     search = ["search", "{index}", "--star", "0", "-k", "3"]
     cluster = ["cluster", "{train_latents}", "--out", "{C}/c.h5", "--min-cluster-size", "2"]
-    augment = ["augment", "{data}", "{C}/a.h5", "--seed", "1"]
+    augment = ["augment", "{data}", "-o", "{C}/a.h5", "--seed", "1"]
     plot = ["plot-spectra", "{data}", "--index", "0", "--out", "{C}/p.png"]
     gap = ["plot-gap", "{data}", "{train}", "--out", "{C}/g.png", "--max-spectra", "20"]
     ptrain = ["payne", "train", "{train}", "--labels", "TEFF", "LOGG", "--hidden", "8", "--epochs", "1", "--out",
@@ -338,7 +338,7 @@ def _opts() -> list[tuple]:
     ctrain = ["cannon", "train", "{train}", "--labels", "TEFF,LOGG", "--out", "{C}/c.npz"]
     ctest = ["cannon", "test", "{cannon}", "{data}", "--out", "{C}/l.h5"]
     ingest = ["ingest", "{apstar}", "--catalog", "{catalog}", "--out", "{C}/i.h5"]
-    bench = ["bench", "{C}/b", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr", "100",
+    bench = ["bench", "-o", "{C}/b", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr", "100",
              "--mismatch-snr", "none", "--time-limit", "1"]
     B, A = "bad", "any"
 
@@ -529,9 +529,9 @@ def _option_cases(cases, seed):
 # ------------------------------------------------------------------ full disk
 DISK_COMMANDS = {
     # name: (command, argv writing into {OUT}/...)
-    "generate": ("generate", ["generate", "{OUT}/g.h5", "--n-groups", "20", "--threads", "1"]),
-    "generate-sharded": ("generate", ["generate", "{OUT}/g", "--n-groups", "20", "--workers", "1", "--shard-size", "8"]),
-    "augment": ("augment", ["augment", "{data}", "{OUT}/a.h5", "--seed", "1"]),
+    "generate": ("generate", ["generate", "-o", "{OUT}/g.h5", "--n-groups", "20", "--threads", "1"]),
+    "generate-sharded": ("generate", ["generate", "-o", "{OUT}/g", "--n-groups", "20", "--workers", "1", "--shard-size", "8"]),
+    "augment": ("augment", ["augment", "{data}", "-o", "{OUT}/a.h5", "--seed", "1"]),
     "train": ("train", ["train", "{train}", "--out", "{OUT}/m", "--epochs", "1", "--threads", "1"]),
     "embed": ("embed", ["embed", "{model}", "{data}", "--out", "{OUT}/z.h5"]),
     "embed-fits": ("embed", ["embed", "{model}", "{apstar}", "--catalog", "{catalog}", "--out", "{OUT}/z.h5"]),
@@ -552,7 +552,7 @@ DISK_COMMANDS = {
                                 "--candidates", "64"]),
     "cannon-train": ("cannon train", ["cannon", "train", "{train}", "--labels", "TEFF,LOGG", "--out", "{OUT}/c.npz"]),
     "cannon-test": ("cannon test", ["cannon", "test", "{cannon}", "{data}", "--out", "{OUT}/l.h5"]),
-    "bench": ("bench", ["bench", "{OUT}/b", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr",
+    "bench": ("bench", ["bench", "-o", "{OUT}/b", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr",
                         "100", "--mismatch-snr", "none", "--time-limit", "1"]),
 }
 # Free bytes left: 0 (nothing fits: must refuse), 4 KiB and 64 KiB (small outputs fit: either is right,
@@ -603,16 +603,16 @@ def _dataloss_cases(cases, seed):
         own=["{C}/mine/index.faiss", "{C}/mine/meta.json", "{C}/mine/ids.npz"])
     add("index-out-foreign-folder", "index", ["index", "{latents}", "--out", "{C}/mine"],
         [["mkdir", "mine"], ["write", "mine/thesis.tex", "years of work"]], "bad")
-    add("bench-out-foreign-folder", "bench", ["bench", "{C}/mine", "--n-train-pairs", "20", "--n-val-pairs", "10",
+    add("bench-out-foreign-folder", "bench", ["bench", "-o", "{C}/mine", "--n-train-pairs", "20", "--n-val-pairs", "10",
                                               "--methods", "raw", "--snr", "100", "--mismatch-snr", "none", "--time-limit",
                                               "1"], [["mkdir", "mine"], ["write", "mine/thesis.tex", "years of work"]], "any",
         note="bench into a folder holding unrelated files: it may add its own, never touch thesis.tex")
-    add("bench-out-foreign-folder-overwrite", "bench", ["bench", "{C}/mine", "--n-train-pairs", "20", "--n-val-pairs", "10",
+    add("bench-out-foreign-folder-overwrite", "bench", ["bench", "-o", "{C}/mine", "--n-train-pairs", "20", "--n-val-pairs", "10",
                                                         "--methods", "raw", "--snr", "100", "--mismatch-snr", "none",
                                                         "--time-limit", "1", "--overwrite"],
         [["mkdir", "mine"], ["write", "mine/thesis.tex", "years of work"], ["mkdir", "mine/data"],
          ["write", "mine/data/mine.h5", "mine"]], "any")
-    add("generate-sharded-foreign-folder-overwrite", "generate", ["generate", "{C}/mine", "--n-groups", "4", "--workers",
+    add("generate-sharded-foreign-folder-overwrite", "generate", ["generate", "-o", "{C}/mine", "--n-groups", "4", "--workers",
                                                                   "1", "--shard-size", "4", "--overwrite"],
         [["mkdir", "mine"], ["write", "mine/thesis.tex", "years of work"], ["write", "mine/shard-00000.h5", "mine"]], "any",
         own=["{C}/mine/shard-00000.h5"])
@@ -636,7 +636,7 @@ def _dataloss_cases(cases, seed):
                                              "--threads", "1"], [["copy", "model", "m"]], "bad", own=["{C}/m"],
         note="--resume with another dataset than the checkpoint's")
     for cname, (command, argv) in {
-        "augment": ("augment", ["augment", "{C}/d.h5", "{C}/d.h5", "--seed", "1", "--overwrite"]),
+        "augment": ("augment", ["augment", "{C}/d.h5", "-o", "{C}/d.h5", "--seed", "1", "--overwrite"]),
         "whiten": ("whiten", ["whiten", "{C}/d.h5", "--train", "{train_latents}", "--out", "{C}/d.h5", "--overwrite"]),
         "cannon-test": ("cannon test", ["cannon", "test", "{cannon}", "{C}/d.h5", "--out", "{C}/d.h5", "--overwrite"]),
         "payne-fit": ("payne fit", ["payne", "fit", "{emulator}", "{C}/d.h5", "--out", "{C}/d.h5", "--overwrite",
@@ -659,8 +659,8 @@ def _special_cases(cases, seed):
                           mode="subprocess", **kw))
 
     races = {
-        "generate": ("generate", ["generate", "{C}/g.h5", "--n-groups", "60", "--threads", "1"]),
-        "augment": ("augment", ["augment", "{train}", "{C}/a.h5", "--seed", "1", "--snr", "50"]),
+        "generate": ("generate", ["generate", "-o", "{C}/g.h5", "--n-groups", "60", "--threads", "1"]),
+        "augment": ("augment", ["augment", "{train}", "-o", "{C}/a.h5", "--seed", "1", "--snr", "50"]),
         "embed": ("embed", ["embed", "{model}", "{train}", "--out", "{C}/z.h5"]),
         "train": ("train", ["train", "{train}", "--out", "{C}/m", "--epochs", "2", "--threads", "1"]),
         "cannon-test": ("cannon test", ["cannon", "test", "{cannon}", "{train}", "--out", "{C}/l.h5"]),
@@ -671,8 +671,8 @@ def _special_cases(cases, seed):
             add(f"races/{name}/two-writers-{k}", "races", command, argv, "race", timeout=120.0,
                 note="two runs to one output without --overwrite: at most one may exit 0")
     signal_runs = {
-        "generate": ("generate", ["generate", "{C}/g.h5", "--n-groups", "400", "--threads", "1"], ".g.h5.tmp-"),
-        "augment": ("augment", ["augment", "{train_big}", "{C}/a.h5", "--seed", "1", "--snr", "50", "--batch-size", "16"],
+        "generate": ("generate", ["generate", "-o", "{C}/g.h5", "--n-groups", "400", "--threads", "1"], ".g.h5.tmp-"),
+        "augment": ("augment", ["augment", "{train_big}", "-o", "{C}/a.h5", "--seed", "1", "--snr", "50", "--batch-size", "16"],
                     ".a.h5.tmp-"),
         "train": ("train", ["train", "{train}", "--out", "{C}/m", "--epochs", "30", "--threads", "1"], "."),
         "embed": ("embed", ["embed", "{model}", "{train_big}", "--out", "{C}/z.h5", "--batch-size", "8"], ".z.h5.tmp-"),
@@ -687,7 +687,7 @@ def _special_cases(cases, seed):
                                         "8"], "."),
         "evaluate-jacobians": ("evaluate", ["evaluate", "{train}", "--method", "oracle", "--jacobians", "{C}/j.h5",
                                             "--json", "{C}/e.json"], "."),
-        "generate-sharded": ("generate", ["generate", "{C}/g", "--n-groups", "200", "--workers", "1", "--shard-size",
+        "generate-sharded": ("generate", ["generate", "-o", "{C}/g", "--n-groups", "200", "--workers", "1", "--shard-size",
                                           "50"], "g/."),
     }
     for name, (command, argv, watch) in signal_runs.items():

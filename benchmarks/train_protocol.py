@@ -66,7 +66,7 @@ def _generate(path: Path, n_groups: int, seed: int) -> None:
         return
     from chemtwin.cli import main
 
-    rc = main(["generate", str(path), "--n-groups", str(n_groups), "--seed", str(seed)])
+    rc = main(["generate", "-o", str(path), "--n-groups", str(n_groups), "--seed", str(seed)])
     if rc != 0:
         raise SystemExit(f"chemtwin generate failed for {path}")
 

@@ -217,8 +217,8 @@ def test_augment_cli_streams_and_is_reproducible(tmp_path):
     _write_dataset(src, line_spectra(10), np.full((10, P), np.inf))
     args = ["--seed", "5", "--snr", "80:150", "--rv-max", "3", "--vsini-max", "8", "--telluric",
             "--bad-pixel-frac", "0.01", "--persistence", "0.1", "--batch-size", "4"]
-    assert main(["augment", str(src), str(tmp_path / "a.h5"), *args]) == 0
-    assert main(["augment", str(src), str(tmp_path / "b.h5"), *args]) == 0
+    assert main(["augment", str(src), "-o", str(tmp_path / "a.h5"), *args]) == 0
+    assert main(["augment", str(src), "-o", str(tmp_path / "b.h5"), *args]) == 0
     with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b, h5py.File(src) as s:
         for name in ("flux", "ivar", "labels", "group"):
             np.testing.assert_array_equal(a[name][:], b[name][:])
@@ -237,11 +237,11 @@ def test_augment_cli_bad_input(tmp_path, capsys):
     _write_dataset(src, line_spectra(2), np.ones((2, P)))
     out = tmp_path / "out.h5"
     out.write_bytes(b"keep me")
-    assert main(["augment", str(src), str(out), "--seed", "1"]) == 2
+    assert main(["augment", str(src), "-o", str(out), "--seed", "1"]) == 2
     assert out.read_bytes() == b"keep me"
     for bad in (["--snr", "abc"], ["--snr", "-3"], ["--rv-max", "-1"], ["--bad-pixel-frac", "3"]):
-        assert main(["augment", str(src), str(tmp_path / "x.h5"), "--seed", "1", *bad]) == 2
-    assert main(["augment", str(tmp_path / "missing.h5"), str(tmp_path / "x.h5"), "--seed", "1"]) == 2
+        assert main(["augment", str(src), "-o", str(tmp_path / "x.h5"), "--seed", "1", *bad]) == 2
+    assert main(["augment", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "x.h5"), "--seed", "1"]) == 2
     err = capsys.readouterr().err
     assert "exists; pass --overwrite" in err and "missing.h5" in err
     assert not (tmp_path / "x.h5").exists()
@@ -270,7 +270,7 @@ def test_augment_never_writes_over_its_own_input(tmp_path, capsys):
         w.append(np.ones((3, P), np.float32), np.full((3, P), 100.0, np.float32), np.full((3, 2), 4500.0, np.float32),
                  np.arange(3))
     before = data.read_bytes()
-    assert main(["-q", "augment", str(data), str(data), "--seed", "1", "--overwrite"]) == 2
+    assert main(["-q", "augment", str(data), "-o", str(data), "--seed", "1", "--overwrite"]) == 2
     assert "is also an input of this command" in capsys.readouterr().err
     assert data.read_bytes() == before
 

@@ -22,7 +22,7 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
     """The README's demo: every method x scenario in results.json and report.md, figures
     written, and a rerun skips every finished step and reproduces the table."""
     out = tmp_path / "bench"
-    assert main(["-q", "bench", str(out), "--quick"]) == 0
+    assert main(["-q", "bench", "-o", str(out), "--quick"]) == 0
     assert "report.md" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     cfg = BenchConfig.quick_config()
@@ -58,7 +58,7 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"figures/{name}.png" in report
 
-    assert main(["-q", "bench", str(out), "--quick"]) == 0
+    assert main(["-q", "bench", "-o", str(out), "--quick"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["rows"] == results["rows"]
     assert again["step_seconds"] == {}, "a rerun of a finished bench must redo nothing"
@@ -87,7 +87,7 @@ def test_anchor_text_uses_the_published_numbers():
     (["--metric", "l3"], "metric"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    assert main(["bench", str(tmp_path / "b"), "--quick", *argv]) == 2
+    assert main(["bench", "-o", str(tmp_path / "b"), "--quick", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "b").exists()
@@ -97,14 +97,14 @@ def test_refuses_a_foreign_folder_and_other_settings(tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    assert main(["bench", str(foreign), "--quick"]) == 2
+    assert main(["bench", "-o", str(foreign), "--quick"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (foreign / "thesis.tex").read_text() == "precious"
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "bench_config.json").write_text(json.dumps({"n_train_pairs": 7}))
-    assert main(["bench", str(run), "--quick"]) == 2
+    assert main(["bench", "-o", str(run), "--quick"]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -116,7 +116,7 @@ def test_quick_config_is_small():
 
 def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
     out = tmp_path / "b"
-    assert main(["-q", "bench", str(out), "--quick", "--snr", "inf", "--mismatch-snr", "none", "--methods", "raw",
+    assert main(["-q", "bench", "-o", str(out), "--quick", "--snr", "inf", "--mismatch-snr", "none", "--methods", "raw",
                  "--n-train-pairs", "3", "--n-val-pairs", "4"]) == 0
     cfg = json.loads((out / "bench_config.json").read_text())
     assert cfg["mismatch_snr"] is None and cfg["snrs"] == ["inf"] and cfg["n_val_pairs"] == 4
@@ -126,7 +126,7 @@ def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
 
 def test_a_finished_bench_given_more_methods_computes_only_their_rows(tmp_path, capsys):
     out = tmp_path / "b"
-    small = ["-q", "bench", str(out), "--n-train-pairs", "30", "--n-val-pairs", "20", "--snr", "inf",
+    small = ["-q", "bench", "-o", str(out), "--n-train-pairs", "30", "--n-val-pairs", "20", "--snr", "inf",
              "--mismatch-snr", "none", "--time-limit", "1"]
     assert main([*small, "--methods", "raw"]) == 0
     first = json.loads((out / "results.json").read_text())

@@ -58,7 +58,7 @@ def _untrained_model(path, wavelength):
 
     torch.manual_seed(0)
     ct = ChemTwin(latent_dim=6)
-    ct.model, ct.wavelength = FaderNet(ct.config.net, wavelength.size), wavelength
+    ct.net_, ct.wavelength_ = FaderNet(ct.config.net, wavelength.size), wavelength
     return ct.save(path)
 
 
@@ -71,7 +71,7 @@ def test_dask_generate_and_embed_are_bit_identical_to_one_process(client, tmp_pa
         model = _untrained_model(tmp_path / "model", a.wavelength)
     address = client.scheduler.address
     # the CLI: generate with the default chunks, embed one dataset in shards of 2 batches
-    assert main(["-q", "generate", str(tmp_path / "cli"), "--n-groups", "30", "--seed", "3", "--scheduler", address]) == 0
+    assert main(["-q", "generate", "-o", str(tmp_path / "cli"), "--n-groups", "30", "--seed", "3", "--scheduler", address]) == 0
     generate_dataset(tmp_path / "cli.h5", n_groups=30, seed=3, progress=False)
     with open_dataset(tmp_path / "cli.h5") as a, open_dataset(tmp_path / "cli") as b:
         _same(a.read(), b.read())
@@ -164,14 +164,14 @@ def test_unreachable_scheduler_is_one_line_exit_2(tmp_path, capsys):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for argv in (["generate", str(tmp_path / "g"), "--n-groups", "5"],
+    for argv in (["generate", "-o", str(tmp_path / "g"), "--n-groups", "5"],
                  ["ingest", "apStar-x.fits", "--catalog", str(tmp_path / "cat.fits"), "--out", str(tmp_path / "i")]):
         capsys.readouterr()
         assert main(["-q", *argv, "--scheduler", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in err, err
-    assert main(["-q", "generate", str(tmp_path / "g"), "--n-groups", "5", "--scheduler", "nonsense://x"]) == 2
-    assert main(["-q", "generate", str(tmp_path / "g"), "--n-groups", "5", "--workers", "0"]) == 2
+    assert main(["-q", "generate", "-o", str(tmp_path / "g"), "--n-groups", "5", "--scheduler", "nonsense://x"]) == 2
+    assert main(["-q", "generate", "-o", str(tmp_path / "g"), "--n-groups", "5", "--workers", "0"]) == 2
     assert not (tmp_path / "g").exists()
 
 

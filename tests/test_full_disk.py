@@ -59,8 +59,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 # command: (argv writing into the folder ``out``, file-size limit smaller than what it writes)
 COMMANDS = {
-    "generate": (lambda i, out: ["generate", out / "g.h5", "--n-groups", "20", "--threads", "1"], 64 * 1024),
-    "augment": (lambda i, out: ["augment", i["data"], out / "a.h5", "--seed", "1"], 64 * 1024),
+    "generate": (lambda i, out: ["generate", "-o", out / "g.h5", "--n-groups", "20", "--threads", "1"], 64 * 1024),
+    "augment": (lambda i, out: ["augment", i["data"], "-o", out / "a.h5", "--seed", "1"], 64 * 1024),
     "cannon-train": (lambda i, out: ["cannon", "train", i["data"], "--labels", "TEFF,LOGG,FE_H,MG_FE,SI_FE,CA_FE",
                                      "--out", out / "c.npz"], 16 * 1024),
     "embed": (lambda i, out: ["embed", i["model"], i["data"], "--out", out / "z.h5"], 4 * 1024),

@@ -214,7 +214,7 @@ def _edit_structure(path: Path, name: str, kind: str, elsewhere: Path) -> None:
 COMMANDS = {
     "info": lambda d, m, p: ["info", p],
     "evaluate-raw": lambda d, m, p: ["evaluate", p, "--method", "raw", "--json", d / "out.json"],
-    "augment": lambda d, m, p: ["augment", p, d / "out.h5", "--seed", "1", "--snr", "50"],
+    "augment": lambda d, m, p: ["augment", p, "-o", d / "out.h5", "--seed", "1", "--snr", "50"],
     "embed": lambda d, m, p: ["embed", m, p, "--out", d / "out.h5"],
     "train": lambda d, m, p: ["train", p, "--out", d / "out", "--epochs", "1", "--threads", "1"],
     "cannon-train": lambda d, m, p: ["cannon", "train", p, "--labels", "TEFF,LOGG", "--out", d / "out.npz"],
@@ -297,16 +297,16 @@ def test_non_finite_condition_labels_are_refused(model, column, value, rows, com
 # ------------------------------------------------------------------ integer options out of range
 OUT_OF_RANGE = st.one_of(st.integers(-10**30, 0), st.integers(10**12, 10**30))
 OPTIONS = {
-    "generate --n-groups": lambda d, m, x, v: ["generate", d / "out.h5", "--threads", "1", "--n-groups", v],
-    "generate --group-size": lambda d, m, x, v: ["generate", d / "out.h5", "--threads", "1", "--n-groups", "1",
+    "generate --n-groups": lambda d, m, x, v: ["generate", "-o", d / "out.h5", "--threads", "1", "--n-groups", v],
+    "generate --group-size": lambda d, m, x, v: ["generate", "-o", d / "out.h5", "--threads", "1", "--n-groups", "1",
                                                  "--group-size", v],
-    "generate --threads": lambda d, m, x, v: ["generate", d / "out.h5", "--n-groups", "1", "--threads", v],
-    "generate --workers": lambda d, m, x, v: ["generate", d / "out.h5", "--n-groups", "1", "--workers", v],
+    "generate --threads": lambda d, m, x, v: ["generate", "-o", d / "out.h5", "--n-groups", "1", "--threads", v],
+    "generate --workers": lambda d, m, x, v: ["generate", "-o", d / "out.h5", "--n-groups", "1", "--workers", v],
     "train --batch-size": lambda d, m, x, v: ["train", x, "--out", d / "out", "--epochs", "1", "--batch-size", v],
     "train --latent-dim": lambda d, m, x, v: ["train", x, "--out", d / "out", "--epochs", "1", "--latent-dim", v],
     "train --n-cat": lambda d, m, x, v: ["train", x, "--out", d / "out", "--epochs", "1", "--n-cat", v],
     "embed --batch-size": lambda d, m, x, v: ["embed", m, x, "--out", d / "out.h5", "--batch-size", v],
-    "augment --batch-size": lambda d, m, x, v: ["augment", x, d / "out.h5", "--seed", "1", "--batch-size", v],
+    "augment --batch-size": lambda d, m, x, v: ["augment", x, "-o", d / "out.h5", "--seed", "1", "--batch-size", v],
     "evaluate --max-queries": lambda d, m, x, v: ["evaluate", x, "--method", "raw", "--json", d / "out.json",
                                                   "--max-queries", v],
     "cluster --min-cluster-size": lambda d, m, x, v: ["cluster", d / "z.h5", "--out", d / "out.h5",
@@ -335,9 +335,9 @@ def test_integer_options_out_of_range_are_refused_before_any_work(data, model, o
        command=st.sampled_from(["generate", "train", "augment"]))
 def test_seeds_no_generator_takes_are_refused(data, seed, command):
     with scratch() as d:
-        argv = {"generate": ["generate", d / "out.h5", "--n-groups", "1", "--threads", "1"],
+        argv = {"generate": ["generate", "-o", d / "out.h5", "--n-groups", "1", "--threads", "1"],
                 "train": ["train", data, "--out", d / "out", "--epochs", "1"],
-                "augment": ["augment", data, d / "out.h5", "--snr", "50"]}[command]
+                "augment": ["augment", data, "-o", d / "out.h5", "--snr", "50"]}[command]
         rc, lines = run_cli(*argv, "--seed", seed)
         assert_one_line_exit_2(rc, lines, d / "out.h5", d / "out")
 
@@ -476,7 +476,7 @@ def test_a_model_with_nan_weights_refuses_to_save(model, tmp_path):
 
     ct = ChemTwin.load(model)
     with torch.no_grad():
-        next(ct.model.parameters()).fill_(math.nan)
+        next(ct.net_.parameters()).fill_(math.nan)
     with pytest.raises(InputError):
         ct.save(tmp_path / "nan-model")
     assert not (tmp_path / "nan-model" / "model.safetensors").exists()

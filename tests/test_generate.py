@@ -80,7 +80,7 @@ def test_chunks_stream_in_order_with_unique_groups(tmp_path, monkeypatch):
 
 def test_cli_generate_info_and_plot(tmp_path, capsys):
     out = tmp_path / "cli.h5"
-    assert main(["-q", "generate", str(out), "--n-groups", "3", "--group-size", "2", "--snr", "80",
+    assert main(["-q", "generate", "-o", str(out), "--n-groups", "3", "--group-size", "2", "--snr", "80",
                  "--teff", "4200", "4300", "--logg", "2", "2.2", "--seed", "1"]) == 0
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
@@ -106,7 +106,7 @@ def test_cli_generate_info_and_plot(tmp_path, capsys):
 )
 def test_generate_bad_input_one_line_exit_2(tmp_path, capsys, extra, message):
     out = tmp_path / "bad.h5"
-    assert main(["generate", str(out), "--n-groups", "2", *extra]) == 2
+    assert main(["generate", "-o", str(out), "--n-groups", "2", *extra]) == 2
     err = capsys.readouterr().err.strip()
     # one error line (argparse's own checks print the usage above it)
     errors = [line for line in err.splitlines() if not line.startswith(("usage:", " "))]
@@ -117,10 +117,10 @@ def test_generate_bad_input_one_line_exit_2(tmp_path, capsys, extra, message):
 def test_existing_or_unwritable_output(tmp_path, capsys):
     out = tmp_path / "x.h5"
     out.write_bytes(b"keep me")
-    assert main(["generate", str(out), "--n-groups", "1"]) == 2
+    assert main(["generate", "-o", str(out), "--n-groups", "1"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
-    assert main(["generate", str(tmp_path / "missing" / "x.h5"), "--n-groups", "1"]) == 2
+    assert main(["generate", "-o", str(tmp_path / "missing" / "x.h5"), "--n-groups", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -134,7 +134,7 @@ def test_generate_and_train_are_deterministic_for_a_seed(data, reference, tmp_pa
     import h5py
 
     for k in range(2):
-        assert main(["-q", "generate", str(tmp_path / f"g{k}.h5"), "--n-groups", "3", "--snr", "50", "--seed", "11",
+        assert main(["-q", "generate", "-o", str(tmp_path / f"g{k}.h5"), "--n-groups", "3", "--snr", "50", "--seed", "11",
                      "--threads", str(k + 1)]) == 0
     with h5py.File(tmp_path / "g0.h5") as a, h5py.File(tmp_path / "g1.h5") as b:
         for name in ("flux", "ivar", "labels", "group", "wavelength"):

@@ -90,14 +90,14 @@ def test_oracle_refuses_mismatch_data(files):
 
 def test_cli_mismatch(tmp_path, capsys):
     out = tmp_path / "obs.h5"
-    assert main(["--quiet", "generate", str(out), "--n-groups", "2", "--mismatch", "--mismatch-seed", "4"]) == 0
+    assert main(["--quiet", "generate", "-o", str(out), "--n-groups", "2", "--mismatch", "--mismatch-seed", "4"]) == 0
     with open_dataset(out) as ds:
         assert ds.attrs["generator"] == "chemtwin.lines+mismatch" and ds.attrs["mismatch_seed"] == 4
     for args, message in ((["--mismatch", "--emulator", "emu.npz"], "--emulator"),
                           (["--mismatch-seed", "3"], "--mismatch-seed needs --mismatch"),
                           (["--mismatch", "--mismatch-seed", "-2"], "expected a seed from 0")):
         capsys.readouterr()
-        assert main(["generate", str(tmp_path / "bad.h5"), "--n-groups", "2", *args]) == 2
+        assert main(["generate", "-o", str(tmp_path / "bad.h5"), "--n-groups", "2", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "bad.h5").exists()

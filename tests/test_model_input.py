@@ -186,7 +186,7 @@ def test_embed_zero_rows_skipped_with_a_count(files, tmp_path, caplog):
 def test_api_bad_input(files, tmp_path):
     flux, ivar, labels, group = fake_twins(30, 100, seed=5)
     with pytest.raises(InputError, match="latent dimension must be at least 1"):
-        ChemTwin(latent_dim=0)
+        ChemTwin(latent_dim=0).fit(flux, ivar, labels, label_names=LABEL_NAMES, progress=False)  # checked by fit
     with pytest.raises(InputError, match="FOO"):
         ChemTwin(condition=("TEFF", "FOO"), epochs=1, **SMALL).fit(files["good"], out_dir=tmp_path / "a", progress=False)
     with pytest.raises(InputError, match="TEFF"):

@@ -73,7 +73,7 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
     import time
 
     out = tmp_path / "g.h5"
-    p = subprocess.Popen([sys.executable, "-m", "chemtwin", "-q", "generate", str(out), "--n-groups", "400",
+    p = subprocess.Popen([sys.executable, "-m", "chemtwin", "-q", "generate", "-o", str(out), "--n-groups", "400",
                           "--threads", "1"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while p.poll() is None and time.monotonic() < deadline and not any(tmp_path.glob(".g.h5.tmp-*")):

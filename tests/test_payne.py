@@ -456,7 +456,7 @@ def test_generate_with_emulator(tmp_path, capsys):
     emu = PayneEmulator.from_arrays(per_pixel_arrays(p=60), NAMES, wavelength=wavelength(60))
     emu.save(tmp_path / "emu.npz")
     out = tmp_path / "twins.h5"
-    argv = ["-q", "generate", str(out), "--emulator", str(tmp_path / "emu.npz"), "--n-groups", "30",
+    argv = ["-q", "generate", "-o", str(out), "--emulator", str(tmp_path / "emu.npz"), "--n-groups", "30",
             "--group-size", "3", "--snr", "100", "--label-range", "TEFF", "4000", "4800", "--seed", "3"]
     assert main(argv) == 0
     with open_dataset(out) as ds:
@@ -480,7 +480,7 @@ def test_generate_with_emulator(tmp_path, capsys):
     ]
     for extra, message in cases:
         bad = tmp_path / "bad.h5"
-        assert main(["-q", "generate", str(bad), *extra]) == 2
+        assert main(["-q", "generate", "-o", str(bad), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not bad.exists()
@@ -493,7 +493,7 @@ def test_emulated_twins_train_and_evaluate_end_to_end(tmp_path):
     emu = PayneEmulator.from_arrays(per_pixel_arrays(p=100), NAMES, wavelength=wavelength(100))
     emu.save(tmp_path / "emu.npz")
     for name, seed, groups in (("train", 1, 150), ("val", 2, 50)):
-        assert main(["-q", "generate", str(tmp_path / f"{name}.h5"), "--emulator", str(tmp_path / "emu.npz"),
+        assert main(["-q", "generate", "-o", str(tmp_path / f"{name}.h5"), "--emulator", str(tmp_path / "emu.npz"),
                      "--n-groups", str(groups), "--snr", "200", "--seed", str(seed)]) == 0
     model = tmp_path / "model"
     assert main(["-q", "train", str(tmp_path / "train.h5"), "--out", str(model), "--epochs", "2",

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from chemtwin import __version__
+from chemtwin.cli.arguments import add_common_options, leaf_parsers, progress_bars, resolve_output
 from chemtwin.core.files import describe_error, disk_error
 from chemtwin.errors import InputError
 
@@ -60,6 +61,17 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def add_argument(self, *names, **kwargs):
+        """Every ``--out`` is also ``-o`` (the output of every command, docs/architecture.md)."""
+        if "--out" in names and "-o" not in names:
+            names = ("-o",) + names
+        return super().add_argument(*names, **kwargs)
+
+
+# Libraries whose INFO lines are not chemtwin's news (Dask's cluster start-up, font subsetting, ...).
+QUIET_LOGGERS = ("distributed", "dask", "bokeh", "tornado", "asyncio", "fontTools", "matplotlib", "PIL", "h5py",
+                 "numexpr", "numba", "faiss", "urllib3", "torch", "sklearn")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
@@ -72,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"chemtwin.cli.{name}").register(subparsers)
+    for _, command in leaf_parsers(parser):
+        add_common_options(command)
     return parser
 
 
@@ -83,11 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    args.progress = progress_bars(args.quiet)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     previous = _on_sigterm_raise()
     try:
+        resolve_output(args)
         return int(args.func(args) or 0)
     except Terminated:
         print(f"chemtwin {args.command}: terminated", file=sys.stderr)

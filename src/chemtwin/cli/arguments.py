@@ -9,8 +9,12 @@ A plain ValueError would lose the message: argparse replaces it with "invalid ..
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import sys
 from typing import Callable
+
+from chemtwin.errors import InputError
 
 
 def _checked(text: str, convert: Callable[[str], float], is_valid: Callable[[float], bool], expected: str):
@@ -100,3 +104,105 @@ def add_cluster_options(p, unit: str, default_size: int) -> None:
 
 def wants_cluster(args) -> bool:
     return getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None
+
+
+# ---------------------------------------------------------------- the one convention of every command
+# (docs/architecture.md, "The command line"): outputs by -o/--out, lists comma-separated, -q/-v and
+# --device where torch runs, --threads (threads in one process) and --workers (Dask processes).
+
+class CommaList(argparse.Action):
+    """A list option: ``--labels A,B,C``; the older forms ``--labels A B C`` and ``--labels A --labels B``
+    still work.  Items keep their order; ``type`` (applied by argparse) sees each piece of text."""
+
+    def __init__(self, option_strings, dest, nargs="+", item=str, **kwargs):
+        self.item = item
+        super().__init__(option_strings, dest, nargs=nargs, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        values = [values] if isinstance(values, str) else values
+        items = []
+        for text in values:
+            for piece in (p.strip() for p in text.split(",")):
+                if piece:
+                    try:
+                        items.append(self.item(piece))
+                    except argparse.ArgumentTypeError as exc:
+                        raise argparse.ArgumentError(self, str(exc)) from None
+        if not items:
+            raise argparse.ArgumentError(self, "expected at least one item")
+        previous = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, (list(previous) if previous else []) + items)
+
+
+def star_key(text: str) -> int | str:
+    """A star by row (a non-negative integer) or by its id (APOGEE_ID, the file's ``star_id``)."""
+    return int(text) if text.isdigit() else text
+
+
+def add_output(p, metavar: str, help: str, *, positional: bool = False, required: bool = True) -> None:
+    """``-o/--out``; with ``positional``, the older positional form too, as a deprecated alias
+    (``resolve_output`` settles the two after parsing)."""
+    p.add_argument("-o", "--out", metavar=metavar, default=None, help=help + (" (required)" if required else ""))
+    if positional:
+        p.add_argument("out_positional", nargs="?", metavar=metavar, help="deprecated: the same as -o/--out")
+    p.set_defaults(out_required=required)
+
+
+def resolve_output(args) -> None:
+    """``args.out`` from ``-o/--out`` or the deprecated positional output; InputError when both
+    disagree or a required output is missing."""
+    legacy = getattr(args, "out_positional", None)
+    if legacy is not None:
+        if args.out is not None and args.out != legacy:
+            raise InputError(f"two outputs given, {legacy} and -o/--out {args.out}: give one, as -o/--out")
+        logging.getLogger("chemtwin.cli").warning("the positional output %s is deprecated; write -o %s", legacy, legacy)
+        args.out = legacy
+    if getattr(args, "out_required", False) and getattr(args, "out", None) is None:
+        raise InputError("the following arguments are required: -o/--out")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_name(text: str) -> str:
+    """auto (cuda when there is one, else cpu), cpu, cuda or cuda:N."""
+    if text in DEVICES or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{text}'")
+
+
+def add_device(p, default: str = "auto", what: str = "where torch runs") -> None:
+    p.add_argument("--device", type=device_name, default=default, metavar="{auto,cpu,cuda}",
+                   help=f"{what}: auto (a GPU when there is one), cpu or cuda[:N] (default {default})")
+
+
+def add_common_options(p) -> None:
+    """``-q/--quiet`` and ``-v/--verbose`` on a (sub)command; also accepted before the command name."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debugging detail")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="log warnings and errors only, no progress bars")
+
+
+def progress_bars(quiet: bool) -> bool:
+    """The one rule for progress bars: shown unless --quiet, and only when stderr is a terminal
+    (a log file or a pipe gets no bars)."""
+    return not quiet and sys.stderr.isatty()
+
+
+def wants_progress(args) -> bool:
+    """Whether a command shows progress bars: ``args.progress`` (set by ``chemtwin.cli.main`` with
+    ``progress_bars``), or the same rule on ``args.quiet`` for a namespace built elsewhere."""
+    progress = getattr(args, "progress", None)
+    return progress_bars(getattr(args, "quiet", False)) if progress is None else bool(progress)
+
+
+def leaf_parsers(parser, prefix: str = ""):
+    """``(command, parser)`` of every command that runs, nested ones included (``payne train``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+                if nested:
+                    yield from leaf_parsers(sub, f"{prefix}{name} ")
+                else:
+                    yield f"{prefix}{name}", sub

@@ -1,4 +1,4 @@
-"""``chemtwin augment IN.h5 OUT.h5 --seed N [...]``: noise, RV, broadening and masks on a dataset."""
+"""``chemtwin augment IN.h5 -o OUT.h5 --seed N [...]``: noise, RV, broadening and masks on a dataset."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from chemtwin.cli.arguments import positive_int, seed
+from chemtwin.cli.arguments import add_output, positive_int, seed
 from chemtwin.core.files import prepare_output
 from chemtwin.data.augment import CHIP_NAMES, Augmenter
 from chemtwin.data.broadening import MACRO_KINDS
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("input", metavar="IN.h5", help="dataset to augment")
-    p.add_argument("output", metavar="OUT.h5", help="augmented dataset to write")
+    add_output(p, "OUT.h5", "augmented dataset to write", positional=True)
     p.add_argument("--seed", type=seed, required=True, help="random seed")
     p.add_argument("--snr", metavar="S|LO:HI", help="add Gaussian noise to reach SNR S per pixel, or log-uniform in [LO, HI]")
     p.add_argument("--rv-max", type=float, default=0.0, metavar="KMS", help="Doppler shift uniform in [-KMS, KMS] km/s")
@@ -63,7 +63,7 @@ def run(args) -> int:
         vmacro_max=args.vmacro_max, macro_kind=args.macro, telluric=args.telluric, telluric_rv_max=args.telluric_rv_max,
         bad_pixel_frac=args.bad_pixel_frac, persistence=args.persistence, persistence_chip=args.persistence_chip,
     )
-    prepare_output(args.output, args.overwrite, inputs=(args.input,))
+    prepare_output(args.out, args.overwrite, inputs=(args.input,))
     with open_dataset(args.input) as ds:
         wavelength = ds.wavelength
         star_id = ds.star_id
@@ -74,9 +74,9 @@ def run(args) -> int:
         if augmenter.snr is not None:
             # a float per docs/dataset.md; NaN for a range (the range is in the `augment` JSON)
             attrs["snr"] = float(augmenter.snr) if np.ndim(augmenter.snr) == 0 else float("nan")
-        with DatasetWriter(args.output, wavelength, ds.label_names, attrs=attrs, overwrite=args.overwrite,
+        with DatasetWriter(args.out, wavelength, ds.label_names, attrs=attrs, overwrite=args.overwrite,
                            with_star_id=star_id is not None, expected_rows=ds.n_stars) as writer:
-            bar = tqdm(total=ds.n_stars, desc="augment", unit="spectrum", disable=args.quiet or None, file=sys.stderr)
+            bar = tqdm(total=ds.n_stars, desc="augment", unit="spectrum", disable=not args.progress, file=sys.stderr)
             usable = 0
             for batch in ds.iter_batches(args.batch_size):
                 usable += int((batch.ivar > 0).any(axis=1).sum())
@@ -88,5 +88,5 @@ def run(args) -> int:
             bar.close()
             if usable == 0:  # inside the writer: its temporary file goes, nothing is left
                 raise InputError(f"{args.input}: no row has a usable spectrum (every ivar is 0); nothing written")
-    print(f"wrote {args.output}: {ds.n_stars} augmented spectra (seed {args.seed})")
+    print(f"wrote {args.out}: {ds.n_stars} augmented spectra (seed {args.seed})")
     return 0

@@ -1,6 +1,6 @@
 """``chemtwin bench``: the whole benchmark, from generated data to ``report.md``.
 
-    chemtwin bench OUT_DIR [--quick] [--snr inf,100,50,30] [--time-limit SECONDS] ...
+    chemtwin bench -o OUT_DIR [--quick] [--snr inf,100,50,30] [--time-limit SECONDS] ...
 
 Generates twin sets at every SNR (and an "observed-like" mismatch set), trains the fader
 and the cae baseline at each, evaluates every method on the same validation stars and
@@ -10,12 +10,11 @@ same command again to finish an interrupted run: finished steps are skipped.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
-from chemtwin.cli.arguments import positive_int, seed, thread_count
+from chemtwin.cli.arguments import add_output, positive_int, seed, thread_count
 from chemtwin.errors import InputError
 from chemtwin.evaluation.bench import BenchConfig, bench_methods, run_bench
 
@@ -35,7 +34,7 @@ def register(subparsers) -> None:
                     "The Payne, and fader, cae and polyres with the twin metric) on the same validation stars, and write report.md, results.json and figures. "
                     "Defaults are the paper's protocol (25,000/12,500 pairs; hours on a CPU); --quick runs a small "
                     "version in minutes. Rerun the same command to finish an interrupted run.")
-    p.add_argument("out", metavar="OUT_DIR", help="folder for data, models, results and the report")
+    add_output(p, "OUT_DIR", "folder for data, models, results and the report", positional=True)
     p.add_argument("--quick", action="store_true",
                    help="small sets (1,000/300 pairs), 15 s of training per model: minutes on 2 CPU cores")
     p.add_argument("--n-train-pairs", type=positive_int, default=None, help="training twin pairs per scenario (default 25000)")
@@ -77,8 +76,7 @@ def run(args) -> int:
     if args.latent_dim is not None and args.latent_dim < 1:
         raise InputError(f"--latent-dim must be at least 1, got {args.latent_dim}")
     cfg = BenchConfig.quick_config(**given) if args.quick else BenchConfig(**given)
-    quiet = logging.getLogger().level > logging.INFO
-    results = run_bench(args.out, cfg, overwrite=args.overwrite, progress=not quiet)
+    results = run_bench(args.out, cfg, overwrite=args.overwrite, progress=args.progress)
     print(f"report: {args.out}/report.md ({len(results['rows'])} rows, "
           f"{results['wall_s_this_run'] / 60:.1f} min)")
     return 0

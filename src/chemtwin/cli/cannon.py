@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemtwin.cli.arguments import name_list, positive_int, thread_count
+from chemtwin.cli.arguments import CommaList, name_list, positive_int, thread_count, wants_progress
 from chemtwin.core.files import prepare_output
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
@@ -55,7 +55,7 @@ def register(subparsers) -> None:
                     "with weights 1/(sigma^2 + s^2), and the per-pixel intrinsic scatter s^2 by maximum likelihood.",
     )
     t.add_argument("data", help="chemtwin dataset (.h5) with the training spectra and their labels")
-    t.add_argument("--labels", nargs="+", required=True, metavar="NAME",
+    t.add_argument("--labels", action=CommaList, required=True, metavar="A,B,...",
                    help="labels of the model, comma- or space-separated (e.g. TEFF,LOGG,FE_H,MG_FE)")
     t.add_argument("--out", required=True, help="model file to write (.npz)")
     t.add_argument("--order", type=positive_int, default=2, help="polynomial order (default 2: quadratic with cross terms)")
@@ -80,8 +80,8 @@ def register(subparsers) -> None:
     f.add_argument("model", help="Cannon model (.npz) written by `chemtwin cannon train`")
     f.add_argument("data", help="chemtwin dataset (.h5) with the spectra to fit, on the model's pixels")
     f.add_argument("--out", required=True, help="labels file to write (.h5)")
-    f.add_argument("--labels", nargs="+", default=None, metavar="NAME",
-                   help="labels to write (default: all the model's labels; all are fitted in any case)")
+    f.add_argument("--labels", action=CommaList, default=None, metavar="A,B,...",
+                   help="comma-separated labels to write (default: all the model's labels; all are fitted in any case)")
     f.add_argument("--rows", type=_rows, default=None, metavar="START:STOP",
                    help="fit dataset rows [START, STOP) only (default: all)")
     f.add_argument("--batch-size", type=positive_int, default=4096, help="spectra read per batch (default 4096)")
@@ -201,7 +201,7 @@ def run_test(args) -> int:
         start, stop = _row_range(args.rows, ds.n_stars, ds.path)
         parts = []
         t0 = time.perf_counter()
-        with tqdm(total=stop - start, desc="cannon test", unit="star", disable=args.quiet, leave=False) as bar:
+        with tqdm(total=stop - start, desc="cannon test", unit="star", disable=not wants_progress(args), leave=False) as bar:
             for batch in ds.iter_batches(args.batch_size, start, stop):
                 parts.append(model.test(batch.flux, batch.ivar))
                 bar.update(len(batch.flux))

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                    help="recovered group: minimum fraction of the group in that cluster (default 0.5)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write a 2-D (PCA) plot coloured by cluster")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the parameters and metrics as JSON")
-    p.add_argument("--n-jobs", type=int, default=None, help="scikit-learn worker processes (default 1)")
+    p.add_argument("--threads", "--n-jobs", dest="n_jobs", type=int, default=None, help="scikit-learn parallel jobs (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from chemtwin.cli.arguments import add_cluster_options, positive_int, wants_cluster
+from chemtwin.cli.arguments import add_cluster_options, positive_int, progress_bars, wants_cluster
 from chemtwin.cli.ingest import (
     add_spectrum_options,
     check_spectrum_options,
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 
 
 def _progress() -> bool:
-    return logging.getLogger().level <= logging.INFO
+    return progress_bars(logging.getLogger().level > logging.INFO)
 
 
 def run(args) -> int:
@@ -130,7 +130,7 @@ def _embed_files(ct, out: Path, args) -> int:
 
         def labels_of(spectrum):
             return header_labels(spectrum, condition)
-    n_pixels = ct.model.n_pixels
+    n_pixels = ct.n_features_in_
     grid = args.grid or (identify_grid(ct.wavelength) if ct.wavelength is not None else None)
     if grid is None or get_grid(grid).n_pixels != n_pixels:
         same_size = [g for g in GRID_NAMES if get_grid(g).n_pixels == n_pixels]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from chemtwin.cli.arguments import non_negative_int, positive_int, seed
+from chemtwin.cli.arguments import non_negative_int, positive_int, seed, wants_progress
 from chemtwin.core.files import prepare_output, write_json
 from chemtwin.core.ranks import check_metric
 from chemtwin.errors import InputError
@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="model folder and dataset (methods that need a model); only DATA.h5 for the others, "
                         "or (optionally) with --latents")
-    p.add_argument("--json", required=True, metavar="OUT.json", help="results file to write")
+    p.add_argument("-o", "--out", "--json", dest="json", required=True, metavar="OUT.json", help="results file to write")
     p.add_argument("--plots", metavar="DIR", help="also write the cumulative rank distribution (rank_cdf.png) here")
     p.add_argument("--metric", default=None,
                    help="distance between tags: l1 (default), l2 or cosine; methods with whitened tags (oracle, "
@@ -176,7 +176,7 @@ def run(args) -> int:
         raise InputError(f"--plots {plots} is not a directory")
     if plots is not None and plots.is_dir():
         prepare_output(plots / "rank_cdf.png", args.overwrite)
-    progress = logging.getLogger().level <= logging.INFO
+    progress = wants_progress(args)
     result, ranks = evaluate(method, metric=metric, max_queries=args.max_queries, return_ranks=True, seed=args.seed,
                              members=members,
                              progress=progress, **inputs)

@@ -1,4 +1,4 @@
-"""``chemtwin generate OUT.h5``: a dataset of chemical-twin groups from the embedded synthesizer."""
+"""``chemtwin generate -o OUT.h5``: a dataset of chemical-twin groups from the embedded synthesizer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from chemtwin.cli.arguments import (
     add_cluster_options,
+    add_output,
     positive_int,
     seed,
     thread_count,
@@ -36,7 +37,8 @@ def register(subparsers) -> None:
             "drawn per star. Writes the HDF5 dataset layout of docs/dataset.md."
         ),
     )
-    p.add_argument("out", help="output dataset (.h5); written under a temporary name and renamed when complete")
+    add_output(p, "OUT.h5", "output dataset (.h5); written under a temporary name and renamed when complete",
+               positional=True)
     p.add_argument("--n-groups", type=positive_int, default=1000, help="number of twin groups (default 1000)")
     p.add_argument("--group-size", type=positive_int, default=2, help="stars per group; 2 gives the paper's pairs (default 2)")
     p.add_argument("--snr", type=float, default=math.inf,
@@ -72,7 +74,7 @@ def run(args) -> int:
     prior = RedGiantPrior(teff=tuple(args.teff), logg=tuple(args.logg))
     start = time.perf_counter()
     settings = dict(n_groups=args.n_groups, group_size=args.group_size, snr=args.snr, seed=args.seed, grid=args.grid,
-                    prior=prior, overwrite=args.overwrite, progress=not args.quiet,
+                    prior=prior, overwrite=args.overwrite, progress=args.progress,
                     mismatch=args.mismatch if args.mismatch_seed is None else args.mismatch_seed)
     if wants_cluster(args):
         n_stars = args.n_groups * args.group_size  # refused before a cluster starts, not after

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
+from chemtwin.cli.arguments import add_output, wants_progress
+from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.data.dataset import open_dataset
 from chemtwin.data.shard_folder import MANIFEST
 
@@ -17,6 +21,8 @@ def register(subparsers) -> None:
                                           "shards, first check its manifest: every shard present, its sha256 checksum, "
                                           "row count and pixel grid (exit code 2 naming the first bad shard).")
     p.add_argument("file", help="chemtwin dataset (.h5, or a folder with manifest.json; also a folder of latent shards)")
+    add_output(p, "TXT", "write the summary to this file instead of the terminal", required=False)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o/--out file")
     p.set_defaults(func=run)
 
 
@@ -41,7 +47,19 @@ def _shards(folder: Path, quiet: bool) -> bool:
 
 
 def run(args) -> int:
-    if Path(args.file).is_dir() and _shards(Path(args.file), args.quiet):
+    if args.out is None:
+        return _summary(args)
+    prepare_output(args.out, args.overwrite, inputs=(args.file,))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = _summary(args)
+    with atomic_output(args.out, args.overwrite) as tmp:
+        tmp.write_text(text.getvalue())
+    return code
+
+
+def _summary(args) -> int:
+    if Path(args.file).is_dir() and _shards(Path(args.file), not wants_progress(args)):
         return 0
     with open_dataset(args.file) as ds:
         group = ds.group

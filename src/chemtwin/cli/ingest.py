@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from chemtwin.cli.arguments import add_cluster_options, non_negative_int, wants_cluster
+from chemtwin.cli.arguments import add_cluster_options, non_negative_int, wants_cluster, wants_progress
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import GRID_NAMES, get_grid
 from chemtwin.data.allstar import (
@@ -292,7 +292,7 @@ def _ingest_sharded(args, selection: Selection, labels: list[str] | None) -> Ing
     with dask_client(args.workers, args.scheduler, args.connect_timeout) as client:
         manifest, records = run_shards(args.out, "dataset", plan, specs, ingest_shard, client,
                                        header={"pixel_grid": grid_hash(wavelength), "n_pixels": int(wavelength.size)},
-                                       overwrite=args.overwrite, progress=not args.quiet, desc="ingest")
+                                       overwrite=args.overwrite, progress=wants_progress(args), desc="ingest")
     return IngestResult(sum(r["rows"] for r in records), [tuple(e) for r in records for e in r["errors"]],
                         [s for r in records for s in r["snrs"]], [])
 
@@ -319,7 +319,7 @@ def run(args) -> int:
         prepare_output(args.out, args.overwrite, inputs=(*files, args.catalog))
         result = ingest_files(files, args.out, catalog.label_names, selection.labels_of(catalog, args.keep_flagged),
                               args, {"catalog": os.path.basename(args.catalog)}, overwrite=args.overwrite,
-                              progress=not args.quiet, sources=selection.sources)
+                              progress=wants_progress(args), sources=selection.sources)
     report_errors("ingest", result, len(files))
     if selection.dropped:
         print(f"chemtwin ingest: {len(selection.dropped)} duplicate file(s) not read (one row per APOGEE_ID):",

@@ -18,12 +18,15 @@ import numpy as np
 
 from chemtwin.cli.arguments import (
     fraction_below_one,
+    CommaList,
+    add_device,
     name_list,
     non_negative_int,
     positive_float,
     positive_int,
     seed,
     thread_count,
+    wants_progress,
 )
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
@@ -44,8 +47,8 @@ def register(subparsers) -> None:
     )
     t.add_argument("data", help="chemtwin dataset (.h5) with the training spectra")
     t.add_argument("--out", required=True, help="emulator file to write (.npz, MLP format)")
-    t.add_argument("--labels", nargs="+", default=None, metavar="NAME",
-                   help="labels the emulator takes (default: every label of the dataset that is not constant)")
+    t.add_argument("--labels", action=CommaList, default=None, metavar="A,B,...",
+                   help="comma-separated labels the emulator takes (default: every label of the dataset that is not constant)")
     t.add_argument("--hidden", type=positive_int, default=300, help="neurons per hidden layer (default 300)")
     t.add_argument("--epochs", type=positive_int, default=None, help="passes over the training spectra (default 100 unless --time-limit is given)")
     t.add_argument("--time-limit", type=positive_float, default=None, help="stop after this many seconds of training")
@@ -56,7 +59,7 @@ def register(subparsers) -> None:
                    help="ivar-weighted or plain squared error; auto = mse for noiseless data (ivar inf), else ivar")
     t.add_argument("--max-stars", type=positive_int, default=None, help="train on the first N stars only")
     t.add_argument("--seed", type=seed, default=0, help="seed of the split, initialization and batch order (default 0)")
-    t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, ...")
+    add_device(t, "cpu", "where to train")
     t.add_argument("--threads", type=thread_count, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", default=None, help="also write the training report (history, validation errors) here")
     t.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -70,8 +73,8 @@ def register(subparsers) -> None:
     f.add_argument("emulator", help="Payne emulator (.npz, per-pixel or MLP format)")
     f.add_argument("data", help="chemtwin dataset (.h5) with the spectra to fit, on the emulator's pixels")
     f.add_argument("--out", required=True, help="labels file to write (.h5)")
-    f.add_argument("--label-names", nargs="+", default=None, metavar="NAME",
-                   help="names of the emulator's labels, in order (needed when the .npz has no label_names array)")
+    f.add_argument("--label-names", action=CommaList, default=None, metavar="A,B,...",
+                   help="comma-separated names of the emulator's labels, in order (needed when the .npz has no label_names array)")
     f.add_argument("--rv", action="store_true", help="also fit a radial velocity (km/s) by shifting the model spectrum")
     f.add_argument("--rv-max", type=positive_float, default=200.0, help="largest |RV| searched, km/s (default 200)")
     f.add_argument("--starts", type=positive_int, default=2,
@@ -101,7 +104,7 @@ def _missing_subcommand(parser) -> int:
 
 
 def _progress(args) -> bool:
-    return not getattr(args, "quiet", False)
+    return wants_progress(args)
 
 
 def run_train(args) -> int:
@@ -112,7 +115,7 @@ def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        device = torch.device(args.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise InputError(f"device {args.device!r} is not available ({str(exc).splitlines()[0]})") from None
@@ -177,10 +180,10 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--emulator", default=None, metavar="EMU.npz",
                    help="emulate the spectra with this Payne emulator (.npz, either public format); labels are "
                         "drawn uniformly inside its x_min/x_max box, and the file holds its labels")
-    g.add_argument("--label-names", nargs="+", default=None, metavar="NAME",
-                   help="with --emulator: its label names in order (needed when the .npz stores none)")
-    g.add_argument("--chemical-labels", nargs="+", default=None, metavar="NAME",
-                   help="with --emulator: labels the stars of a group share (default: all but TEFF, LOGG, "
+    g.add_argument("--label-names", action=CommaList, default=None, metavar="A,B,...",
+                   help="with --emulator: its comma-separated label names in order (needed when the .npz stores none)")
+    g.add_argument("--chemical-labels", action=CommaList, default=None, metavar="A,B,...",
+                   help="with --emulator: comma-separated labels the stars of a group share (default: all but TEFF, LOGG, "
                         "VMICRO, VMACRO and velocities)")
     g.add_argument("--label-range", nargs=3, action="append", default=None, metavar=("NAME", "MIN", "MAX"),
                    help="with --emulator: draw NAME uniformly in [MIN, MAX], inside the emulator's box (repeatable)")

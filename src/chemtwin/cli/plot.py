@@ -1,9 +1,10 @@
-"""``chemtwin plot-spectra FILE --index I [--index J ...] --out PNG``."""
+"""``chemtwin plot-spectra FILE --star ID|ROW[,ID|ROW...] -o PNG``."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from chemtwin.cli.arguments import CommaList, star_key
 from chemtwin.core.files import prepare_output, temporary_path
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
@@ -21,7 +22,8 @@ def register(subparsers) -> None:
         "Overlay twins to see that they share line strengths where TEFF/LOGG matter little.",
     )
     p.add_argument("file", help="chemtwin dataset (.h5)")
-    p.add_argument("--index", type=int, action="append", required=True, help="row to plot (repeat to overlay)")
+    p.add_argument("--star", "--index", dest="index", action=CommaList, item=star_key, required=True, metavar="ID|ROW,...",
+                   help="stars to overlay, comma-separated: an APOGEE_ID (the file's star_id) or a row number")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--range", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="wavelength range in A (default: 15,700-15,950 A)")
@@ -37,10 +39,8 @@ def run(args) -> int:
 
     out = prepare_output(args.out, args.overwrite, inputs=(args.file,))
     with open_dataset(args.file) as ds:
-        bad = [i for i in args.index if not 0 <= i < len(ds)]
-        if bad:
-            raise InputError(f"--index {bad[0]} is outside the dataset (0-{len(ds) - 1})")
-        batch = ds.take(np.array(args.index))
+        rows = star_rows(ds, args.index)
+        batch = ds.take(np.array(rows))
         wave, names = ds.wavelength, ds.label_names
     lo, hi = args.range or (15700.0, 15950.0)
     show = (wave >= lo) & (wave <= hi)
@@ -55,7 +55,7 @@ def run(args) -> int:
             if b >= lo and a <= hi:
                 ax.axvspan(a, b, color=colour, alpha=0.15, lw=0, label=f"{element} windows" if k == 0 else None)
     col = {n: names.index(n) for n in ("TEFF", "LOGG", "FE_H") if n in names}
-    for row, flux, ivar, labels, group in zip(args.index, batch.flux, batch.ivar, batch.labels, batch.group):
+    for row, flux, ivar, labels, group in zip(rows, batch.flux, batch.ivar, batch.labels, batch.group):
         flux = np.where(ivar > 0, flux, np.nan)
         flux[gap_after] = np.nan  # break the line across detector gaps
         text = ", ".join(f"{n}={labels[c]:.4g}" for n, c in col.items())
@@ -71,3 +71,24 @@ def run(args) -> int:
     tmp.replace(out)
     print(f"wrote {out}")
     return 0
+
+
+def star_rows(ds, stars) -> list[int]:
+    """Rows of the stars given by row number or by id (the dataset's ``star_id``)."""
+    ids = None
+    rows = []
+    for star in stars:
+        if isinstance(star, int):
+            if not 0 <= star < len(ds):
+                raise InputError(f"--star {star}: row outside the dataset (0-{len(ds) - 1})")
+            rows.append(star)
+            continue
+        if ids is None:
+            ids = ds.star_id
+            if ids is None:
+                raise InputError(f"--star {star}: {ds.path} keeps no star ids (APOGEE_ID); give row numbers")
+            ids = {str(name): row for row, name in reversed(list(enumerate(ids)))}
+        if star not in ids:
+            raise InputError(f"--star {star}: no such star id in {ds.path}")
+        rows.append(ids[star])
+    return rows

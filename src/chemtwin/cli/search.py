@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from chemtwin.cli.arguments import positive_int, seed, thread_count
+from chemtwin.cli.arguments import CommaList, positive_int, seed, thread_count, wants_progress
 from chemtwin.core.files import atomic_output, prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.index import (
@@ -62,10 +62,10 @@ def register(subparsers) -> None:
     s.add_argument("index", help="index folder written by `chemtwin index`")
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", metavar="FILE.h5", help="latent file whose stars are the queries (same latent dimension)")
-    what.add_argument("--star", metavar="ID", nargs="+", action="extend",
-                      help="star id(s) in the index (row numbers if it keeps none); --star A B or --star A --star B")
+    what.add_argument("--star", metavar="ID", action=CommaList,
+                      help="star id(s) in the index (row numbers if it keeps none), comma-separated: --star A,B (also --star A B)")
     s.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
-    s.add_argument("--json", metavar="OUT", default=None, help="also write the neighbours to this JSON file")
+    s.add_argument("-o", "--out", "--json", dest="json", metavar="OUT.json", default=None, help="also write the neighbours to this JSON file")
     s.add_argument("--show", type=int, default=50, help="print the tables of at most this many queries (default 50, -1 = all; all go to --json)")
     s.add_argument("--nprobe", type=positive_int, default=None, help="ivf: override the cells visited per query")
     s.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: override the search candidate list")
@@ -87,7 +87,7 @@ def run_index(args) -> int:
     t0 = time.perf_counter()
     index = TwinIndex.from_file(
         args.latents, metric=args.metric, kind=args.kind, chunk_rows=args.chunk_rows, seed=args.seed,
-        progress=not getattr(args, "quiet", False),
+        progress=wants_progress(args),
         M=args.M, ef_construction=args.ef_construction, ef_search=args.ef_search, nlist=args.nlist, nprobe=args.nprobe,
     )
     index.save(out, overwrite=args.overwrite)

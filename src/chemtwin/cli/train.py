@@ -12,10 +12,33 @@ import logging
 import os
 import time
 
-from chemtwin.cli.arguments import finite_non_negative_float, non_negative_float, non_negative_int, seed, thread_count
+from chemtwin.cli.arguments import (
+    finite_non_negative_float,
+    non_negative_float,
+    non_negative_int,
+    seed,
+    thread_count,
+    wants_progress,
+)
 from chemtwin.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+# What the training bar shows (chemtwin.tagging.training.Trainer.run), for `chemtwin train --help`.
+BAR_HELP = (
+    "The progress bar (on a terminal, without -q), e.g. 'fader  42%|####  | 42/100% [01:10<01:37, step=1230, "
+    "rec=0.81, adv_ce=3.9, adv_acc=0.05, lam=0.01]': the percentage is of the whole run, epochs or "
+    "--time-limit, whichever is further on, so the time left is a true estimate. Every 10 steps: step = "
+    "optimizer steps so far; rec = the reconstruction loss (the epoch's mean so far; falls as the model "
+    "learns); adv_ce = the adversary's cross-entropy guessing the conditioned labels' bins from the latent "
+    "(higher is better disentangled); adv_acc = the adversary's accuracy (near adv_chance, the share of the "
+    "most common bin, when z hides TEFF and LOGG); lam = the adversarial weight lambda "
+    "now (it warms up to --lambda). At the end of each epoch: val_rank0 = the share of validation stars "
+    "whose twin is their nearest neighbour in the latent space (higher is better; 'nan' without a "
+    "validation set). MODEL_DIR/history.csv has them per epoch as train_recon, train_adv_ce, train_adv_acc, "
+    "adv_chance, lambda and val_rank0."
+)
 
 
 def register(subparsers) -> None:
@@ -24,6 +47,7 @@ def register(subparsers) -> None:
         description="Train the fader-style disentangling autoencoder (or its no-adversary baseline, --model cae) "
                     "on a chemtwin dataset. Writes MODEL_DIR/config.json, model.safetensors, checkpoint.safetensors "
                     "and history.csv; --resume continues from the last checkpoint (also after kill -9).",
+        epilog=BAR_HELP,
     )
     p.add_argument("data", help="training dataset (.h5, `chemtwin generate` / `chemtwin ingest` layout)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
@@ -74,8 +98,10 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    progress = wants_progress(args)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone reports
         logging.getLogger().setLevel(logging.WARNING)
+        progress = False
     given = {OPTIONS[k]: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
     if args.condition is not None:
         given["condition"] = tuple(c.strip().upper() for c in args.condition.split(",") if c.strip())
@@ -93,12 +119,11 @@ def run(args) -> int:
         cfg = FaderConfig(**given)
     if args.time_limit == 0:
         raise InputError("--time-limit must be positive")
-    quiet = logging.getLogger().level > logging.INFO
     t = time.monotonic()
     with open_dataset(args.data) as ds:
         val = open_dataset(args.val_data) if args.val_data else None
         try:
-            final = train(ds, args.out, cfg, val_source=val, resume=args.resume, overwrite=args.overwrite, progress=not quiet)
+            final = train(ds, args.out, cfg, val_source=val, resume=args.resume, overwrite=args.overwrite, progress=progress)
         finally:
             if val is not None:
                 val.close()

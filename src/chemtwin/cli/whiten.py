@@ -15,7 +15,7 @@ import logging
 
 from tqdm.auto import tqdm
 
-from chemtwin.cli.arguments import positive_int
+from chemtwin.cli.arguments import positive_int, wants_progress
 from chemtwin.core.files import prepare_output
 from chemtwin.errors import InputError
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, LatentWriter, open_latents
@@ -52,7 +52,7 @@ def run(args) -> int:
             raise InputError(f"{args.latents}: holds no latents")
         if lf.dim != len(metric.centre_):
             raise InputError(f"{args.latents}: {lf.dim}-dimensional latents, {args.train}: {len(metric.centre_)}")
-        progress = logging.getLogger().level <= logging.INFO
+        progress = wants_progress(args)
         with LatentWriter(out, lf.dim, lf.n_stars, overwrite=args.overwrite) as w:
             for _, chunk in tqdm(lf.iter_chunks(args.chunk_rows), total=-(-lf.n_stars // args.chunk_rows),
                                  desc="whiten", unit="chunk", disable=not progress, leave=False):

@@ -50,3 +50,59 @@ def check_in_range(names: list[str] | tuple[str, ...], values: np.ndarray) -> No
                 f"label {name}={column.reshape(-1)[row]:g} (row {row}) is outside the synthesizer's "
                 f"valid range [{lo:g}, {hi:g}]"
             )
+
+
+def is_table(labels) -> bool:
+    """Whether ``labels`` carries its own column names: a dict of columns, a NumPy structured
+    array, an astropy ``Table`` (``.colnames``) or a pandas ``DataFrame`` (``.columns``)."""
+    return (isinstance(labels, dict) or getattr(getattr(labels, "dtype", None), "names", None) is not None
+            or hasattr(labels, "colnames") or (hasattr(labels, "columns") and hasattr(labels, "__getitem__")))
+
+
+def _columns(table) -> list[str]:
+    if isinstance(table, dict):
+        return [str(k) for k in table]
+    if getattr(getattr(table, "dtype", None), "names", None) is not None:
+        return list(table.dtype.names)
+    if hasattr(table, "colnames"):
+        return list(table.colnames)
+    return [str(c) for c in table.columns]
+
+
+def _column_values(table, name: str, what: str) -> np.ndarray:
+    """One column as float64, masked or missing entries (astropy masks, pandas NA) as NaN."""
+    column = table[name]
+    try:
+        if hasattr(column, "to_numpy"):  # pandas: NA becomes NaN
+            return np.asarray(column.to_numpy(dtype=float, na_value=np.nan), dtype=np.float64)
+        return np.ma.filled(np.ma.asarray(column, dtype=np.float64), np.nan)
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: column {name} is not numeric") from None
+
+
+def label_table(labels, names=None, *, what: str = "the label table") -> tuple[list[str], np.ndarray]:
+    """``(names, values)``: labels as their names and a float64 (stars, labels) array.
+
+    ``labels`` is a table (see :func:`is_table`; missing values become NaN) or a 2-D array.
+    From a table, ``names`` picks the columns in that order (default: every column); an array
+    needs ``names`` for its columns, in order.
+    """
+    if is_table(labels):
+        available = _columns(labels)
+        names = available if names is None else [str(n) for n in names]
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise InputError(f"{what} lacks label(s) {', '.join(missing)} (its columns: {', '.join(available) or 'none'})")
+        if not names:
+            raise InputError(f"{what} has no columns")
+        values = np.column_stack([np.ravel(_column_values(labels, n, what)) for n in names])
+        return names, values
+    if names is None:
+        raise InputError(f"labels given as an array need label_names, the name of each column", "label_names")
+    names = [str(n) for n in names]
+    values = np.asarray(labels, dtype=np.float64)
+    if values.ndim == 1 and len(names) == 1:
+        values = values[:, None]
+    if values.ndim != 2 or values.shape[1] != len(names):
+        raise InputError(f"{what} must be (stars, {len(names)}) for {', '.join(names)}, got shape {values.shape}")
+    return names, values

@@ -114,7 +114,7 @@ def train_emulator(
         need_gb = n * ds.n_pixels * 8 / 1e9
         if need_gb > max_memory_gb:
             raise InputError(
-                f"{ds.path}: {n} spectra need {need_gb:.1f} GB in memory (limit {max_memory_gb:g} GB); train on fewer (--max-stars)"
+                f"{ds.path}: {n} spectra need {need_gb:.1f} GB in memory (limit {max_memory_gb:g} GB); train on fewer (max_stars)", "max_stars"
             )
         all_labels = ds.labels()[:n].astype(np.float64)
         label_names, values = _choose_labels(ds, labels, all_labels)

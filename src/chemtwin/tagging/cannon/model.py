@@ -12,6 +12,7 @@ import numpy as np
 
 from chemtwin.data.spectra import check_spectra
 from chemtwin.errors import InputError
+from chemtwin.spectral_models.labels import is_table, label_table
 from chemtwin.tagging.cannon import model_file
 from chemtwin.tagging.cannon.fitting import (
     IVAR_CAP,
@@ -134,7 +135,8 @@ class Cannon:
     # ---------------------------------------------------------------- training
 
     def fit(self, flux, ivar, labels, *, pixel_mask=None, censors=None, wavelength=None) -> "Cannon":
-        """Train on N stars: flux, ivar (N, P); labels (N, L) in ``label_names`` order.
+        """Train on N stars: flux, ivar (N, P); labels (N, L) in ``label_names`` order, or a table
+        with those columns (dict, structured array, astropy Table, pandas DataFrame).
 
         ``pixel_mask`` (P,) bool: True for pixels to model (default all).
         ``censors`` (L, P) bool or {label: (P,) bool}: pixel p may depend on label l
@@ -142,7 +144,7 @@ class Cannon:
         """
         flux, ivar = _as_spectra(flux, ivar, None, "training")
         n_stars, n_pixels = flux.shape
-        labels = np.asarray(labels, dtype=np.float64)
+        labels = _label_array(labels, self.label_names, "the training label table")
         if labels.ndim != 2 or labels.shape != (n_stars, len(self.label_names)):
             raise InputError(
                 f"expected training labels of shape ({n_stars}, {len(self.label_names)}) for "
@@ -262,7 +264,7 @@ class Cannon:
         As scikit-learn's regressors: 1 is perfect, 0 is no better than the mean.
         Stars whose fit failed (NaN labels) count as missing.
         """
-        truth = np.asarray(labels, dtype=np.float64)
+        truth = _label_array(labels, self.label_names, "the label table")
         pred = self.predict(flux, ivar)
         if truth.shape != pred.shape:
             raise InputError(f"labels have shape {truth.shape}, expected {pred.shape}")
@@ -386,6 +388,11 @@ class Cannon:
     def load(cls, path) -> "Cannon":
         """Read a model written by :meth:`save`; InputError for anything else."""
         return model_file.load(cls, path)
+
+
+def _label_array(labels, names, what: str) -> np.ndarray:
+    """Labels as a float64 array: a table's columns ``names`` in that order, an array as it is."""
+    return label_table(labels, names, what=what)[1] if is_table(labels) else np.asarray(labels, dtype=np.float64)
 
 
 def _pixel_vector(values, n_pixels: int, what: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from itertools import combinations_with_replacement
 import numpy as np
 
 from chemtwin.errors import InputError
+from chemtwin.spectral_models.labels import is_table, label_table
 
 
 class PolynomialVectorizer:
@@ -127,6 +128,8 @@ class PolynomialVectorizer:
         return ~((~censors.T)[:, None, :] & uses[None, :, :]).any(axis=-1)
 
     def _check_labels(self, labels) -> np.ndarray:
+        if is_table(labels):  # a dict, structured array, astropy Table or pandas DataFrame
+            labels = label_table(labels, self.label_names)[1]
         labels = np.asarray(labels, dtype=np.float64)
         if labels.ndim == 1:
             labels = labels[None, :]
