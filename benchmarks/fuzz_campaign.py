@@ -22,6 +22,9 @@ Builds small valid seed inputs once (benchmarks/fuzz_seeds.py), derives the case
   column, or NaN dataset labels exactly where an input dataset has them: docs/dataset.md's
   "unknown" label, passed on; the documented conventions, counted apart), ``wrote_on_failure`` (a failed run left a
   new output file), ``nondeterministic`` (determinism trials).
+* a byte flip in an HDF5 file that changes no value the file holds (free space, padding, unused
+  B-tree slots: every object, attribute and value reads back as before) makes the case expect
+  ``any``, and its record says ``content_unchanged``: no reader can, or needs to, tell.
 
 How a case runs: the parent imports chemtwin.cli, torch, h5py, FAISS, scikit-learn, matplotlib
 and astropy once, then forks a child per case that prepares the inputs, then calls
@@ -70,7 +73,7 @@ FLAGS = ("accepted_bad", "refused_valid", "leftover", "overwrote_foreign", "unfl
 FAILURES = ("messy_error", "traceback", "crash", "hang", "other_exit", "prep_error", "accepted_bad", "refused_valid",
             "leftover", "overwrote_foreign", "unflagged_nonfinite", "wrote_on_failure")
 LEFTOVER = re.compile(r"^\..+\.tmp-\d+|^\.tmp|\.tmp$|^\..+\.spectra-\d+\.h5$|^tmp[\w-]{6,}$|^chemtwin-\w+$")
-INTERNAL = ("_stdout", "_stderr", "_before.json", "_tmpdir", "_rerun_stdout", "_rerun_stderr", "_second_stdout",
+INTERNAL = ("_content_unchanged", "_stdout", "_stderr", "_before.json", "_tmpdir", "_rerun_stdout", "_rerun_stderr", "_second_stdout",
             "_second_stderr")
 FRAME = re.compile(r'File "([^"]+)", line (\d+),? in (\S+)')
 LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: |^WARNING: .*\[[\w.]+\]$")  # ours; astropy's
@@ -472,6 +475,9 @@ def finish_case(r: Running, status: int | None, timed_out: bool, env: Env, keep:
         err = _read(case_dir / "_stderr")
         primary, info = classify_stderr(rc, err, timed_out)
         before = json.loads(_read(case_dir / "_before.json") or "{}")
+        if (case_dir / fuzz_cases.mut.UNCHANGED_MARK).exists():
+            c = dict(c, expect="any")  # the flip changed no value the file holds (fuzz_mutations.hdf5_content)
+            rec.update(expect="any", content_unchanged=True)
         check = post_check(c, case_dir, before, primary, r.own)
         rec.update(primary=primary, **info, flags=expectation_flags(c, primary) + check.pop("flags"), **check,
                    stderr_tail=err[-700:], stdout_tail=_read(case_dir / "_stdout")[-300:])

@@ -75,6 +75,8 @@ def check_seal(f: h5py.File, path) -> None:
     present = _attributes(f)
     for key, digest in recorded.items():
         where, _, name = str(key).rpartition(":")
+        if where != "/" and not isinstance(f.get(where, getlink=True), h5py.HardLink):
+            continue  # an object gone or replaced by a link: the reader's dataset checks name it more plainly
         if key not in present:
             raise InputError(f"{path}: attribute {name!r} of {where} is missing (damaged or edited file)")
         if _digest(present[key]) != digest:
