@@ -105,9 +105,11 @@ LATENT_CONSUMERS = {
     "index-hnsw": ("index", ["index", "{D}", "--out", "{C}/idx", "--kind", "hnsw", "--M", "8"], LATENT_NEEDS),
     "whiten": ("whiten", ["whiten", "{D}", "--train", "{train_latents}", "--out", "{C}/w.h5"], LATENT_NEEDS | {"dim"}),
     "whiten-train": ("whiten", ["whiten", "{latents}", "--train", "{D}", "--out", "{C}/w.h5"],
-                     LATENT_NEEDS | {"group", "dim"}),
+                     LATENT_NEEDS | {"group", "group_in_file", "dim"}),
     "cluster": ("cluster", ["cluster", "{D}", "--out", "{C}/c.h5", "--min-cluster-size", "2"], LATENT_NEEDS),
-    "evaluate-latents": ("evaluate", ["evaluate", "--latents", "{D}", "--json", "{C}/e.json"], LATENT_NEEDS | {"group"}),
+    "evaluate-latents": ("evaluate", ["evaluate", "--latents", "{D}", "--json", "{C}/e.json"],
+                         LATENT_NEEDS | {"group", "group_in_file"}),
+    # with the dataset given, the groups come from it (methods/latents.py): the file's own are checked, not needed
     "evaluate-latents-data": ("evaluate", ["evaluate", "--latents", "{D}", "{data}", "--json", "{C}/e.json"],
                               LATENT_NEEDS | {"group"}),
     "search-query": ("search", ["search", "{index}", "--query", "{D}", "-k", "3"], LATENT_NEEDS | {"dim"}),

@@ -525,7 +525,7 @@ def _latents() -> dict:
                 del f[name]
 
     m["z-rows-huge"] = (h5(huge), {"any"})
-    m["group-missing"] = (h5(lambda f, ctx: f.__delitem__("group")), {"group"})
+    m["group-missing"] = (h5(lambda f, ctx: f.__delitem__("group")), {"group_in_file"})
     m["group-float-nan"] = (_values("group", lambda a, c, f: np.where(np.arange(a.size) == 2, np.nan, a.astype(float))), {"group"})
     m["group-fixed-str"] = (_values("group", lambda a, c, f: a.astype("S6")), {"structure"})
     m["group-one-short"] = (_values("group", lambda a, c, f: a[:-1]), {"structure"})

@@ -40,6 +40,9 @@ class TwinMetric:
         np.add.at(sums, inverse, x)
         resid = x - sums[inverse] / counts[inverse, None]
         within = resid.T @ resid / (len(x) - len(counts))
+        if not np.trace(within) > 0:
+            raise InputError("the training latents have no scatter within twin groups (every twin identical): "
+                             "a twin metric cannot be learned from them")
         # a latent dimension the encoder left constant has no within-twin scatter: keep it finite
         within += np.eye(len(within)) * 1e-12 * max(float(np.trace(within)) / len(within), 1e-300)
         self.whitening_ = whitening_matrix(within)
@@ -54,4 +57,8 @@ class TwinMetric:
         z = np.asarray(z, np.float64)
         if z.ndim != 2 or z.shape[1] != len(self.centre_):
             raise InputError(f"latents of shape {z.shape}; the twin metric was fitted on {len(self.centre_)} dimensions")
-        return (z - self.centre_) @ self.whitening_.T
+        out = (z - self.centre_) @ self.whitening_.T
+        if not np.isfinite(out.astype(np.float32)[np.isfinite(z).all(axis=1)]).all():
+            raise InputError("whitened latents overflow float32: the training set's twin scatter is far smaller "
+                             "than these latents' spread (a degenerate twin metric)")
+        return out
