@@ -64,8 +64,8 @@ def output_format(path, fmt: str | None = None, option: str = "format") -> str:
     if fmt not in FORMATS:
         raise InputError(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}", option)
     if by_suffix is not None and by_suffix != fmt:
-        raise InputError(f"{path}: a {fmt} output should not end in {suffix} (the suffix of {by_suffix} files); "
-                         f"rename it or drop the format option", option)
+        raise InputError(f"{path}: format {fmt} does not match the suffix {suffix} (a {by_suffix} file); "
+                         f"rename the output or drop the format option", option)
     return fmt
 
 
@@ -137,10 +137,12 @@ def star_columns(table: Table, star_id=None, telescope=None, field=None) -> None
         table[name].description = text
 
 
-def search_table(queries, nbr_ids, rows, dist, *, query_group=None, nbr_group=None, meta=None) -> Table:
+def search_table(queries, nbr_ids, rows, dist, *, query_group=None, nbr_group=None, query_flags=None,
+                 meta=None) -> Table:
     """Twin-search results as one row per (query, neighbour): QUERY_ID, RANK (1 = nearest),
-    APOGEE_ID, ROW (the neighbour's row in the index), DISTANCE, GROUP / QUERY_GROUP when known.
-    Missing neighbours (row -1) are left out."""
+    APOGEE_ID, ROW (the neighbour's row in the index), DISTANCE, GROUP / QUERY_GROUP when known,
+    QUERY_FLAGS (the query's out-of-depth bitmask) when the query file has one.  Missing
+    neighbours (row -1) are left out."""
     rows = np.asarray(rows)
     q, j = np.nonzero(rows >= 0)
     t = Table(meta={"extname": "TWINS", **(meta or {})})
@@ -149,6 +151,9 @@ def search_table(queries, nbr_ids, rows, dist, *, query_group=None, nbr_group=No
     if query_group is not None:
         t["QUERY_GROUP"] = np.asarray(query_group, np.int64)[q]
         t["QUERY_GROUP"].description = "twin group of the query (-1 = none)"
+    if query_flags is not None:
+        t["QUERY_FLAGS"] = np.asarray(query_flags, np.int16)[q]
+        t["QUERY_FLAGS"].description = "out-of-depth bitmask of the query (0 = in depth; see its latent file)"
     t["RANK"] = (j + 1).astype(np.int32)
     t["RANK"].description = "1 = the nearest latent"
     t["APOGEE_ID"] = np.asarray(nbr_ids, dtype=str)[q, j]
