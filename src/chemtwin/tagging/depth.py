@@ -6,7 +6,8 @@ docs/model.md "Out of depth"):
 * ``LABELS_OUT_OF_RANGE`` (bit 1): a conditioning label (TEFF, LOGG, ...) outside the
   [min, max] of the training rows.  The decoder and the baseline b(u) extrapolate there.
 * ``LATENT_FAR`` (bit 2): the Mahalanobis distance of z under the training latents' mean and
-  covariance is above its 99.9th percentile on the training set.
+  covariance is above its 99.9th percentile on the training set (the largest value with fewer
+  than 1,000 reference stars; + 0.01% ``MARGIN`` against rounding).
 * ``POOR_RECONSTRUCTION`` (bit 4): the reconstruction chi^2 per pixel of D(z, u) against the
   spectrum is above ``max(3 x its training median, its training 99.9th percentile)``, where
   chi^2 = mean over pixels with ivar > 0 of (x_hat - x)^2 / (1 / ivar + s2) and s2 is the
@@ -37,6 +38,8 @@ FLAG_BITS = {"LABELS_OUT_OF_RANGE": LABELS_OUT_OF_RANGE, "LATENT_FAR": LATENT_FA
 REFERENCE_STARS = 5000        # training rows the reference is measured on (at most)
 QUANTILE = 0.999              # the training quantile a star must exceed to be flagged
 CHI2_FACTOR = 3.0             # ... and for chi^2, at least this many times the training median
+MARGIN = 1.0001               # thresholds sit 0.01% above the training quantile: the float rounding of
+                              # other batch sizes must not push a training star over its own envelope
 REFERENCE_VERSION = 1
 
 
@@ -119,6 +122,9 @@ def reference_statistics(model, source, rows: np.ndarray, columns, u_train: np.n
     dist = _mahalanobis(z, mean, cov)
     u_train = np.asarray(u_train, np.float64)
     chi2_median = float(np.median(chi2))
+    # "higher": an observed value, so fewer than 1 / (1 - QUANTILE) = 1,000 reference stars give their maximum
+    # and no training star is beyond its own envelope
+    q_dist, q_chi2 = (float(np.quantile(x, QUANTILE, method="higher")) for x in (dist, chi2))
     return {
         "version": REFERENCE_VERSION, "n_stars": int(len(z)), "quantile": QUANTILE,
         "label_min": u_train.min(0).tolist(), "label_max": u_train.max(0).tolist(),
@@ -126,9 +132,9 @@ def reference_statistics(model, source, rows: np.ndarray, columns, u_train: np.n
         "label_p99.5": np.percentile(u_train, 99.5, axis=0).tolist(),
         "latent_mean": mean.tolist(), "latent_cov": cov.tolist(),
         "latent_distance_median": float(np.median(dist)),
-        "latent_distance_threshold": float(np.quantile(dist, QUANTILE)),
+        "latent_distance_threshold": MARGIN * q_dist,
         "model_variance": s2, "recon_chi2_median": chi2_median,
-        "recon_chi2_threshold": float(max(CHI2_FACTOR * chi2_median, np.quantile(chi2, QUANTILE))),
+        "recon_chi2_threshold": max(CHI2_FACTOR * chi2_median, MARGIN * q_chi2),
     }
 
 
