@@ -98,24 +98,24 @@ def reference_statistics(model, source, rows: np.ndarray, columns, u_train: np.n
     rows = np.asarray(rows)
     if rows.size > max_stars:
         rows = np.sort(np.random.default_rng(seed + 3).choice(rows, size=max_stars, replace=False))
-    zs, r2s, ivars = [], [], []
+    # pass 1: latents and the model's own error variance (the squared residual in excess of the
+    # noise per star, median); pass 2: chi^2 with it.  Two passes keep memory at one chunk.
+    zs, excess = [], []
     for a in range(0, rows.size, read_rows):
         b = source.take(rows[a : a + read_rows])
         ivar = np.asarray(b.ivar)
         z, r2 = _encode_decode(model, np.asarray(b.flux), ivar, np.asarray(b.labels)[:, columns])
+        var, good = _noise_variance(ivar)
         zs.append(z)
-        var, good = _noise_variance(ivar)
-        r2s.append(r2)
-        ivars.append(ivar)
+        excess.append((np.where(good, r2, 0).sum(1) - np.where(good, var, 0).sum(1)) / np.maximum(good.sum(1), 1))
     z = np.concatenate(zs).astype(np.float64)
-    # the model's own error variance: the squared residual in excess of the noise, per star, median
-    excess = []
-    for r2, ivar in zip(r2s, ivars):
-        var, good = _noise_variance(ivar)
-        n = np.maximum(good.sum(1), 1)
-        excess.append((np.where(good, r2, 0).sum(1) - np.where(good, var, 0).sum(1)) / n)
     s2 = float(max(np.median(np.concatenate(excess)), 1e-12))
-    chi2 = np.concatenate([_chi2(r2, ivar, s2) for r2, ivar in zip(r2s, ivars)])
+    chi2 = []
+    for k, a in enumerate(range(0, rows.size, read_rows)):
+        b = source.take(rows[a : a + read_rows])
+        _, r2 = _encode_decode(model, np.asarray(b.flux), None, np.asarray(b.labels)[:, columns], z=zs[k])
+        chi2.append(_chi2(r2, np.asarray(b.ivar), s2))
+    chi2 = np.concatenate(chi2)
     mean = z.mean(0)
     cov = np.cov(z.T).reshape(z.shape[1], z.shape[1]) if len(z) > 1 else np.eye(z.shape[1])
     cov = cov + 1e-9 * max(float(np.trace(cov)) / len(cov), 1e-12) * np.eye(len(cov))
