@@ -79,6 +79,15 @@ def test_reference_is_recorded_at_train_time(trained):
     assert ref["recon_chi2_threshold"] >= 3 * ref["recon_chi2_median"] > 0 and ref["latent_distance_threshold"] > 0
 
 
+def test_reference_survives_load_and_save(trained, tmp_path):
+    from chemtwin.tagging import ChemTwin
+
+    model, _ = trained
+    ChemTwin.load(model).save(tmp_path / "copy")
+    assert (json.loads((tmp_path / "copy" / "config.json").read_text())["reference"]
+            == json.loads((model / "config.json").read_text())["reference"])
+
+
 def test_training_stars_are_in_depth(trained, tmp_path, caplog):
     model, data = trained
     out = tmp_path / "z.h5"
