@@ -144,6 +144,18 @@ def test_embed_spectrum_files_to_fits_and_ecsv(trained, tmp_path):
     assert not _leftovers(tmp_path)
 
 
+@needs_fixtures
+def test_whiten_keeps_the_flags(trained, real, tmp_path):
+    model, data = trained
+    assert main(["embed", str(model), str(data), "--out", str(tmp_path / "train_z.h5")]) == 0
+    assert main(["embed", str(model), str(real), "--out", str(tmp_path / "real_z.h5")]) == 0
+    assert main(["whiten", str(tmp_path / "real_z.h5"), "--train", str(tmp_path / "train_z.h5"),
+                 "--out", str(tmp_path / "white.h5")]) == 0
+    with open_latents(tmp_path / "real_z.h5") as a, open_latents(tmp_path / "white.h5") as b:
+        for name in ("flags", "latent_distance", "recon_chi2"):
+            np.testing.assert_array_equal(a.column(name), b.column(name))
+
+
 def test_old_model_folder_without_reference(trained, tmp_path, caplog):
     """A model folder written before the reference: label range only (from the weights), a note."""
     model, data = trained

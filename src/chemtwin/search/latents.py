@@ -63,6 +63,7 @@ from chemtwin.errors import InputError
 from chemtwin.search.tables import label_unit, star_columns, write_hdf5_table
 
 DEFAULT_CHUNK_ROWS = 65_536
+DEPTH_COLUMNS = ("flags", "latent_distance", "recon_chi2")  # per star; files derived row by row keep them
 LAYOUT_VERSION = 1  # the attribute layout_version of the files written here
 
 
@@ -228,6 +229,11 @@ class ShardedLatents(ShardSet, _Latents):
     @property
     def attrs(self) -> dict:
         return dict(self._first.attrs, shards=len(self.shard_names))
+
+    def column(self, name: str) -> np.ndarray | None:
+        """An optional per-star column over all shards (None unless every shard has it)."""
+        parts = self._each(lambda lf: lf.column(name))
+        return None if any(p is None for p in parts) else np.concatenate(parts)
 
     def star_id(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         if not self.has_star_id:
