@@ -154,6 +154,7 @@ def test_whiten_keeps_the_flags(trained, real, tmp_path):
     with open_latents(tmp_path / "real_z.h5") as a, open_latents(tmp_path / "white.h5") as b:
         for name in ("flags", "latent_distance", "recon_chi2"):
             np.testing.assert_array_equal(a.column(name), b.column(name))
+        np.testing.assert_array_equal(Table.read(tmp_path / "white.h5")["Z"], b.read())
 
 
 def test_old_model_folder_without_reference(trained, tmp_path, caplog):

@@ -62,7 +62,8 @@ def run(args) -> int:
                      arrays={"twin_metric/centre": metric.centre_, "twin_metric/whitening": metric.whitening_,
                              **{k: v for k, v in depth.items() if v is not None}},
                      attrs={**{k: v for k, v in lf.attrs.items() if k != "shards"},
-                            "twin_metric_train": str(args.train), "twin_metric_groups": metric.n_groups_})
+                            "twin_metric_train": str(args.train), "twin_metric_groups": metric.n_groups_},
+                     table=True)
     log.info("%d latents in the twin metric of %d training groups -> %s (search and rank them with --metric l2)",
              lf.n_stars, metric.n_groups_, out)
     return 0
