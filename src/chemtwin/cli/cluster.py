@@ -19,6 +19,7 @@ from chemtwin.search.cluster import (
     write_clusters,
 )
 from chemtwin.search.latents import open_latents
+from chemtwin.search.tables import FORMATS, output_format
 
 
 def register(subparsers) -> None:
@@ -30,7 +31,10 @@ def register(subparsers) -> None:
                     "--scale standard.",
     )
     p.add_argument("latents", help="latent file (.h5 with z (N,d), optional group, star_id)")
-    p.add_argument("--out", required=True, help="output CLUSTERS.h5 (cluster, probability, star_id, group)")
+    p.add_argument("--out", required=True, help="output CLUSTERS.h5 (cluster, probability, star_id, group); "
+                   ".fits / .ecsv: a table (APOGEE_ID, CLUSTER, PROBABILITY, GROUP)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="hdf5 (default), fits (binary table) or ecsv; default: from the --out suffix")
     p.add_argument("--method", choices=METHODS, default="hdbscan", help="clustering algorithm (default hdbscan)")
     p.add_argument("--min-cluster-size", type=positive_int, default=5, help="smallest cluster reported (default 5)")
     p.add_argument("--min-samples", type=positive_int, default=None,
@@ -54,6 +58,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     out = prepare_output(args.out, args.overwrite, inputs=(args.latents,))
+    fmt = output_format(out, args.format)
     plot = prepare_output(args.plot, args.overwrite, inputs=(args.latents,)) if args.plot else None
     json_out = prepare_output(args.json, args.overwrite, inputs=(args.latents,)) if args.json else None
     if args.method == "dbscan" and args.eps is None:
@@ -75,7 +80,8 @@ def run(args) -> int:
     metrics = None
     if group is not None and (group >= 0).any():
         metrics = clustering_metrics(result.labels, group, args.min_purity, args.min_completeness)
-    write_clusters(out, result, star_id=star_id, group=group, metrics=metrics, source=str(args.latents), overwrite=args.overwrite)
+    write_clusters(out, result, star_id=star_id, group=group, metrics=metrics, source=str(args.latents),
+                   overwrite=args.overwrite, fmt=fmt)
 
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.params.items() if v is not None)
     print(f"{len(z)} stars, {z.shape[1]}-d latents: {params}  [{seconds:.1f} s]")

@@ -11,8 +11,15 @@ instead of a dataset, they are ingested on the fly by ``chemtwin ingest``'s own 
 skipping) into a temporary dataset next to the output, which is embedded and removed.
 The condition labels come from ``--catalog`` or else from each file's header
 (``chemtwin.data.apogee.header_labels``).  ``row`` is then the spectrum's position among
-the usable files, and ``file`` names each latent's source file.  Exit code 1 when some
-files were skipped (listed on stderr), 2 when none could be used (nothing written).
+the usable files, and ``file`` names each latent's source file, ``telescope`` and ``field``
+the TELESCOP and FIELD keywords of its header.  Exit code 1 when some files were skipped
+(listed on stderr), 2 when none could be used (nothing written).
+
+Every latent is checked against the model's out-of-depth reference (``flags``,
+``latent_distance``, ``recon_chi2``; one warning line with the counts).  ``--format fits|ecsv``
+(or an ``--out`` ending in .fits / .ecsv) writes the same stars as a FITS binary table or ECSV
+for TOPCAT and ``astropy.table.Table.read`` instead of the HDF5 latent file (which holds that
+table too); chemtwin's own commands (index, cluster, whiten) read the HDF5 file.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from chemtwin.cli.ingest import (
     ingest_files,
     report_errors,
 )
-from chemtwin.core.files import prepare_output, scratch_path
+from chemtwin.core.files import open_fits, prepare_output, scratch_path
 from chemtwin.core.grids import GRID_NAMES, get_grid, identify_grid
 from chemtwin.data.allstar import read_catalog
 from chemtwin.data.apogee import header_labels
@@ -40,6 +47,8 @@ from chemtwin.data.dataset import open_dataset
 from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError
 from chemtwin.search.embed import embed_sharded, embed_to_file, model_attrs
+from chemtwin.search.latents import LatentFile
+from chemtwin.search.tables import FORMATS, output_format, write_table
 from chemtwin.tagging.estimator import ChemTwin
 
 log = logging.getLogger(__name__)
@@ -55,7 +64,10 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="trained model folder (`chemtwin train --out`)")
     p.add_argument("inputs", nargs="*", metavar="DATA.h5|FILE",
                    help="one dataset (.h5) holding the model's condition labels, or APOGEE spectrum files / quoted glob patterns")
-    p.add_argument("--out", required=True, metavar="LATENTS.h5", help="latent file to write")
+    p.add_argument("--out", required=True, metavar="LATENTS.h5", help="latent file to write (.fits / .ecsv: a table)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="hdf5 (the latent file chemtwin reads back; default), fits (binary table) or ecsv; "
+                        "default: from the --out suffix")
     p.add_argument("--catalog", metavar="CAT.fits",
                    help="spectrum files: allStar-style table giving the condition labels by APOGEE_ID (default: each "
                         "file's header: TEFF/LOGG/FE_H, else the RV pipeline's RV_TEFF... (apStar) or RVTEFF... (apVisit))")
@@ -74,6 +86,27 @@ def _progress() -> bool:
 def run(args) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
+    fmt = output_format(args.out, args.format)
+    if fmt != "hdf5":
+        if wants_cluster(args):
+            raise InputError(f"--workers/--scheduler write a folder of HDF5 latent shards, not {fmt}; embed into a "
+                             f"single file for a {fmt} table")
+        out = prepare_output(args.out, args.overwrite, inputs=(*args.inputs, *filter(None, (args.catalog, args.file_list))))
+        latents, overwrite = scratch_path(out, "latents"), args.overwrite
+        try:
+            args.out, args.overwrite = latents, True
+            code = _embed(args)
+            with LatentFile(latents) as lf:
+                write_table(lf.table(), out, fmt, overwrite=overwrite)
+        finally:
+            latents.unlink(missing_ok=True)
+        log.info("wrote the latent table (%s) to %s", fmt, out)
+        return code
+    return _embed(args)
+
+
+def _embed(args) -> int:
+    """The HDF5 latent file (or folder of shards) at ``args.out``."""
     ct = ChemTwin.load(args.model, device=args.device)
     if wants_cluster(args):
         if len(args.inputs) != 1 or args.file_list or not _is_hdf5(args.inputs[0]):
@@ -150,7 +183,23 @@ def _embed_files(ct, out: Path, args) -> int:
             embed_to_file(ct, ds, out, {**model_attrs(ct, args.model), "data": f"{len(files)} spectrum file(s)",
                                         "grid": grid, "labels_from": args.catalog or "headers"},
                           batch_size=args.batch_size, files=np.asarray(result.files, dtype=object),
-                          overwrite=True, progress=_progress())
+                          extra=_telescope_field(result.files), overwrite=True, progress=_progress())
     finally:
         spectra.unlink(missing_ok=True)
     return 1 if result.errors else 0
+
+
+def _telescope_field(files) -> dict:
+    """TELESCOPE and FIELD of each spectrum file from its primary header (TELESCOP, FIELD; "" when
+    absent): apStar files name their field, apVisit files their telescope."""
+    out = {"telescope": [], "field": []}
+    for path in files:
+        try:
+            with open_fits(path) as hdus:
+                header = hdus[0].header
+                values = [header.get("TELESCOP", header.get("TELESCOPE", "")), header.get("FIELD", "")]
+        except InputError:
+            values = ["", ""]
+        for key, value in zip(out, values):
+            out[key].append(str(value).strip())
+    return {key: np.asarray(v, dtype=str) for key, v in out.items() if any(v)}

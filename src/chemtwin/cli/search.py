@@ -3,6 +3,7 @@
     chemtwin index LATENTS.h5 --out INDEX [--metric l1|l2] [--kind flat|hnsw|ivf]
     chemtwin search INDEX --star 2M17335483-2753043 -k 10
     chemtwin search INDEX --query OTHER_LATENTS.h5 -k 10 --json twins.json
+    chemtwin search INDEX --star ID -k 10 --out twins.fits      # or .ecsv, .h5 (astropy tables)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from chemtwin.search.index import (
 )
 from chemtwin.search.index_folder import prepare_index_folder
 from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, open_latents
+from chemtwin.search.tables import FORMATS, output_format, search_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,17 @@ def register(subparsers) -> None:
     what.add_argument("--star", metavar="ID", action=CommaList,
                       help="star id(s) in the index (row numbers if it keeps none), comma-separated: --star A,B (also --star A B)")
     s.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
-    s.add_argument("-o", "--out", "--json", dest="json", metavar="OUT.json", default=None, help="also write the neighbours to this JSON file")
+    s.add_argument("--json", metavar="OUT", default=None, help="also write the neighbours to this JSON file")
+    s.add_argument("--out", metavar="TABLE", default=None,
+                   help="also write the neighbours as a table, one row per (query, neighbour): FITS (.fits), ECSV "
+                        "(.ecsv) or HDF5 (.h5), each read by astropy's Table.read(TABLE) and TOPCAT; a .json name "
+                        "writes what --json writes")
+    s.add_argument("--format", choices=FORMATS, default=None, help="format of --out (default: from its suffix, else hdf5)")
     s.add_argument("--show", type=int, default=50, help="print the tables of at most this many queries (default 50, -1 = all; all go to --json)")
     s.add_argument("--nprobe", type=positive_int, default=None, help="ivf: override the cells visited per query")
     s.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: override the search candidate list")
     s.add_argument("--threads", type=thread_count, default=None, help="FAISS threads (default: all cores)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --json or --out file")
     s.set_defaults(func=run_search)
 
 
@@ -105,7 +112,15 @@ def _format_distance(d: float) -> str:
 
 
 def run_search(args) -> int:
+    if args.out and args.json is None and args.format is None and str(args.out).lower().endswith(".json"):
+        args.json, args.out = args.out, None  # -o/--out OUT.json: the JSON list of neighbours
     json_path = prepare_output(args.json, args.overwrite, inputs=(args.index,)) if args.json else None
+    if args.format is not None and not args.out:
+        raise InputError("--format applies to --out (the table of neighbours)")
+    table_path = prepare_output(args.out, args.overwrite, inputs=(args.index, *filter(None, (args.query,)))) if args.out else None
+    fmt = output_format(args.out, args.format) if args.out else None
+    if table_path is not None and json_path is not None and table_path.resolve() == json_path.resolve():
+        raise InputError(f"--out and --json name the same file {table_path}")
     _threads(args.threads)
     index = TwinIndex.load(args.index)
     if args.nprobe is not None:
@@ -118,6 +133,7 @@ def run_search(args) -> int:
         index.ef_search = args.ef_search
     k = args.k
     groups = index.group
+    query_flags = None
     if args.star:
         names = np.asarray(args.star, dtype=str)
         query_rows = index.rows_of(names)
@@ -135,6 +151,7 @@ def run_search(args) -> int:
             names = ids if ids is not None else np.array([f"row {i}" for i in range(lf.n_stars)])
             # Group numbers of another file need not match the index's: no "same group" marks.
             query_group = None
+            query_flags = lf.column("flags") if hasattr(lf, "column") else None
         dist, rows = index.search(z, k)
         source = str(args.query)
     nbr_ids = index.ids_of(rows)
@@ -183,4 +200,9 @@ def run_search(args) -> int:
         with atomic_output(json_path) as tmp:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
         print(f"\nwrote {json_path}")
+    if table_path:
+        meta = {"index": str(args.index), "metric": index.metric, "kind": index.kind, "k": k, "queries_from": source}
+        write_table(search_table(names, nbr_ids, rows, dist, query_group=query_group, nbr_group=nbr_group,
+                                 query_flags=query_flags, meta=meta), table_path, fmt, overwrite=args.overwrite)
+        print(f"\nwrote {table_path}")
     return 0

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from chemtwin.cli.arguments import positive_int, wants_progress
 from chemtwin.core.files import prepare_output
 from chemtwin.errors import InputError
-from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, LatentWriter, open_latents
+from chemtwin.search.latents import DEFAULT_CHUNK_ROWS, DEPTH_COLUMNS, LatentWriter, open_latents
 from chemtwin.search.twin_metric import TwinMetric
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,13 @@ def run(args) -> int:
             for _, chunk in tqdm(lf.iter_chunks(args.chunk_rows), total=-(-lf.n_stars // args.chunk_rows),
                                  desc="whiten", unit="chunk", disable=not progress, leave=False):
                 w.append(metric.transform(chunk))
+            depth = {name: lf.column(name) for name in DEPTH_COLUMNS}  # out-of-depth flags go along
             w.finish(group=lf.group, star_id=lf.star_id(), row=lf.rows,
-                     arrays={"twin_metric/centre": metric.centre_, "twin_metric/whitening": metric.whitening_},
+                     arrays={"twin_metric/centre": metric.centre_, "twin_metric/whitening": metric.whitening_,
+                             **{k: v for k, v in depth.items() if v is not None}},
                      attrs={**{k: v for k, v in lf.attrs.items() if k != "shards"},
-                            "twin_metric_train": str(args.train), "twin_metric_groups": metric.n_groups_})
+                            "twin_metric_train": str(args.train), "twin_metric_groups": metric.n_groups_},
+                     table=True)
     log.info("%d latents in the twin metric of %d training groups -> %s (search and rank them with --metric l2)",
              lf.n_stars, metric.n_groups_, out)
     return 0

@@ -29,6 +29,7 @@ from chemtwin.core.files import atomic_output, json_safe, new_hdf5, prepare_outp
 from chemtwin.data.dataset import write_star_columns
 from chemtwin.errors import InputError
 from chemtwin.search.index import TwinIndex
+from chemtwin.search.tables import cluster_table, write_hdf5_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +353,22 @@ def plot_clusters(z, labels, path, group=None, title: str = "", max_points: int 
 
 
 def write_clusters(path, result: ClusterResult, star_id=None, group=None, metrics: dict | None = None,
-                   source: str | None = None, overwrite: bool = False) -> Path:
+                   source: str | None = None, overwrite: bool = False, fmt: str = "hdf5") -> Path:
     """Write CLUSTERS.h5: ``cluster`` int64 (N,) (-1 noise), ``probability`` float32 (N,),
     ``star_id`` and ``group`` copied from the latent file when present; attributes
-    ``params`` and ``metrics`` (JSON), ``method``, ``n_clusters``, ``source``."""
+    ``params`` and ``metrics`` (JSON), ``method``, ``n_clusters``, ``source``; and the same as an
+    astropy table ``table`` (``Table.read(path)`` opens it).  ``fmt`` fits / ecsv: that table
+    alone, as a FITS binary table or ECSV (``chemtwin.search.tables``)."""
 
     path = prepare_output(path, overwrite)
+    meta = {"method": result.params.get("method", ""), "params": json_safe(result.params),
+            "n_clusters": result.n_clusters, "noise_fraction": result.noise_fraction,
+            "metrics": json_safe(metrics or {}), "source": source or "", "chemtwin_version": __version__}
+    table = cluster_table(result.labels, result.probabilities, star_id=star_id, group=group, meta=meta)
+    if fmt != "hdf5":
+        return write_table(table, path, fmt, overwrite=overwrite)
     with atomic_output(path) as tmp, new_hdf5(tmp) as f:
+        write_hdf5_table(table, f)
         f.create_dataset("cluster", data=result.labels.astype(np.int64))
         f.create_dataset("probability", data=result.probabilities.astype(np.float32))
         write_star_columns(f, group, star_id)

@@ -8,8 +8,21 @@ Layout of ``LATENTS.h5`` (``LAYOUT_VERSION`` 1, attribute ``layout_version``; do
 * ``star_id``  str (N,): a unique name per star, e.g. APOGEE_ID (optional)
 * ``row``      int64 (N,): the dataset row of each latent (``chemtwin embed`` writes it; optional)
 * ``file``     str (N,): the spectrum file of each latent (embedding FITS files; optional)
+* ``telescope``, ``field``  str (N,): TELESCOPE / FIELD of each star's spectrum, "" unknown (optional)
+* ``flags``    int16 (N,): out-of-depth bitmask of ``chemtwin.tagging.depth`` (1 conditioning labels
+  outside the training range, 2 latent far from the training latents, 4 poor reconstruction;
+  0 = none; optional: files written before it have none, read as "not checked")
+* ``latent_distance``, ``recon_chi2``  float32 (N,): the statistics behind bits 2 and 4 (NaN =
+  not measured: the model folder has no reference)
+* ``table`` + ``table.__table_column_meta__``: the same stars as an astropy table (APOGEE_ID,
+  Z, labels with units, FLAGS, ...; ``latent_table``), so that ``astropy.table.Table.read(path)``
+  opens the file (``chemtwin embed`` writes it; optional, never read by chemtwin)
 * ``twin_metric/centre``, ``twin_metric/whitening``: the metric a ``chemtwin whiten`` output is in
-* attributes: ``model``, ``data``, ``condition``, ``latent_dim``, ``model_kind`` (embed), ...
+* attributes: ``model``, ``data``, ``condition``, ``latent_dim``, ``model_kind`` (embed),
+  ``flag_bits`` and ``depth`` (JSON: the bits, the thresholds used, the counts), ...
+
+Every column but ``z`` is optional and readers of files without it go on (layout version 1
+throughout: the columns added since are optional).
 
 This module is the one that reads and writes it (``LatentWriter``, ``write_latents``).
 
@@ -30,6 +43,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from astropy.table import Table
 
 from chemtwin.core.files import (
     atomic_output,
@@ -47,8 +61,10 @@ from chemtwin.core.hdf5_seal import seal
 from chemtwin.data.dataset import write_star_columns
 from chemtwin.data.shard_folder import ShardSet
 from chemtwin.errors import InputError
+from chemtwin.search.tables import label_unit, star_columns, write_hdf5_table
 
 DEFAULT_CHUNK_ROWS = 65_536
+DEPTH_COLUMNS = ("flags", "latent_distance", "recon_chi2")  # per star; files derived row by row keep them
 LAYOUT_VERSION = 1  # the attribute layout_version of the files written here
 
 
@@ -158,6 +174,14 @@ class LatentFile(_Latents):
         """The dataset row of every latent (``chemtwin embed`` writes it), or None."""
         return self._file["row"][:].astype(np.int64) if isinstance(self._file.get("row"), h5py.Dataset) else None
 
+    def column(self, name: str) -> np.ndarray | None:
+        """A whole optional per-star column (``flags``, ``recon_chi2``, ``telescope``, ...), or None."""
+        return _column(self._file, name, self.path, self.n_stars)
+
+    def table(self) -> Table:
+        """The stars of this file as an astropy table (``latent_table``)."""
+        return latent_table(self._file, self.path)
+
     @property
     def attrs(self) -> dict:
         try:
@@ -206,6 +230,11 @@ class ShardedLatents(ShardSet, _Latents):
     @property
     def attrs(self) -> dict:
         return dict(self._first.attrs, shards=len(self.shard_names))
+
+    def column(self, name: str) -> np.ndarray | None:
+        """An optional per-star column over all shards (None unless every shard has it)."""
+        parts = self._each(lambda lf: lf.column(name))
+        return None if any(p is None for p in parts) else np.concatenate(parts)
 
     def star_id(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         if not self.has_star_id:
@@ -260,9 +289,10 @@ class LatentWriter:
         self.n_rows += len(z)
 
     def finish(self, *, row=None, group=None, star_id=None, labels=None, label_names=None, files=None,
-               attrs=None, arrays=None) -> Path:
+               attrs=None, arrays=None, table: bool = False) -> Path:
         """The per-star columns (``row``, ``group``, ``star_id``, ``labels`` + names, source ``files``),
-        extra ``arrays`` {name: values} and file ``attrs``; then the rename."""
+        extra ``arrays`` {name: values} (``flags``, ``telescope``, ...) and file ``attrs``; with
+        ``table`` the astropy table of it all (``latent_table``); then the rename."""
         with destructor_write_errors():
             f = self._file
             if row is not None:
@@ -274,9 +304,15 @@ class LatentWriter:
             if files is not None:
                 f.create_dataset("file", data=np.asarray(files, dtype=object), dtype=h5py.string_dtype())
             for name, values in (arrays or {}).items():
-                f[name] = values
+                values = np.asarray(values)
+                if values.dtype.kind in "UOS":  # text: UTF-8 strings, as star_id
+                    f.create_dataset(name, data=values.astype(object), dtype=h5py.string_dtype())
+                else:
+                    f[name] = values
             f.attrs.update(attrs or {})
             f.attrs["layout_version"] = LAYOUT_VERSION
+            if table:
+                write_hdf5_table(latent_table(f, self.path), f)
             seal(f)
             f.flush()  # the last writes: a full disk may fail only now (then __exit__ cleans up)
         f.close()
@@ -293,9 +329,66 @@ class LatentWriter:
             self._output.__exit__(exc_type, exc, tb)
 
 
-def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False, row=None):
+def write_latents(path, z, group=None, star_id=None, labels=None, label_names=None, attrs=None, overwrite=False, row=None,
+                  arrays=None, table: bool = False):
     """Write a whole latent file at once (sharded embedding, tests and benchmarks)."""
     z = np.asarray(z, dtype=np.float32)
     with LatentWriter(path, z.shape[1], len(z), overwrite) as w:
         w.append(z)
-        return w.finish(row=row, group=group, star_id=star_id, labels=labels, label_names=label_names, attrs=attrs)
+        return w.finish(row=row, group=group, star_id=star_id, labels=labels, label_names=label_names, attrs=attrs,
+                        arrays=arrays, table=table)
+
+
+def _column(f: h5py.File, name: str, path, n: int) -> np.ndarray | None:
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        return None
+    if obj.shape[:1] != (n,):
+        raise InputError(f"{path}: '{name}' has shape {obj.shape}, expected ({n}, ...)")
+    try:
+        return obj.asstr()[:].astype(str) if h5py.check_string_dtype(obj.dtype) else obj[:]
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: '{name}' is unreadable ({describe_error(exc)})") from None
+
+
+_DESCRIPTIONS = {
+    "ROW": "row of the star in the embedded dataset", "GROUP": "known twin group (-1 = none)",
+    "Z": "latent vector (chemistry)", "FLAGS": "out-of-depth bitmask: 1 conditioning labels outside the training "
+    "range, 2 latent far from the training latents, 4 poor reconstruction (0 = in depth)",
+    "LATENT_DISTANCE": "Mahalanobis distance of Z under the training latents (NaN = not measured)",
+    "RECON_CHI2": "reconstruction chi2 per pixel of the decoded spectrum (NaN = not measured)",
+    "FILE": "the spectrum file",
+}
+
+
+def latent_table(f: h5py.File, path="latents") -> Table:
+    """The stars of an open latent file as an astropy table: APOGEE_ID, TELESCOPE, FIELD (when
+    known), ROW, GROUP, Z (a vector column), one column per label with its unit, FLAGS,
+    LATENT_DISTANCE, RECON_CHI2, FILE (each when the file has it); the file's attributes as meta."""
+    z = f["z"][:]
+    n = len(z)
+    col = lambda name: _column(f, name, path, n)  # noqa: E731
+    t = Table()
+    for name, key in (("ROW", "row"), ("GROUP", "group")):
+        if (values := col(key)) is not None:
+            t[name] = values.astype(np.int64)
+    t["Z"] = z.astype(np.float32)
+    labels = col("labels")
+    if labels is not None and labels.ndim == 2:
+        names = [str(x) for x in f["labels"].attrs.get("names", [])]
+        names = names if len(names) == labels.shape[1] else [f"LABEL_{i}" for i in range(labels.shape[1])]
+        for i, name in enumerate(names):
+            t[name] = labels[:, i].astype(np.float32)
+            t[name].unit = label_unit(name)
+            t[name].description = "label of the input (NaN = unknown)"
+    for name, key in (("FLAGS", "flags"), ("LATENT_DISTANCE", "latent_distance"), ("RECON_CHI2", "recon_chi2"),
+                      ("FILE", "file")):
+        if (values := col(key)) is not None:
+            t[name] = values
+    for name in t.colnames:
+        if name in _DESCRIPTIONS:
+            t[name].description = _DESCRIPTIONS[name]
+    star_id = col("star_id")
+    star_columns(t, star_id if star_id is not None else np.arange(n).astype(str), col("telescope"), col("field"))
+    t.meta.update({"extname": "LATENTS", **{str(k): v for k, v in f.attrs.items()}})
+    return t

@@ -5,7 +5,11 @@ Layout (``FORMAT`` "chemtwin-fader", ``FORMAT_VERSION`` 1; docs/model.md):
 * ``config.json``             ``format``, ``format_version``, ``chemtwin_version``, ``config`` (the
                               flat ``FaderConfig.to_dict()``), ``n_pixels``, ``status`` (``Status``),
                               ``data`` (what it was trained on) and, once finished, ``final``
-                              (the last validation metrics, epoch, step, time_s)
+                              (the last validation metrics, epoch, step, time_s) and ``reference``
+                              (the out-of-depth reference of ``tagging/depth.py``: training label
+                              range, latent mean/covariance and distance threshold, model error
+                              variance and chi^2 threshold; absent in folders trained before it,
+                              and while training: ``read_reference`` then gives None)
 * ``model.safetensors``       weights and preprocessing buffers (+ ``data.wavelength``)
 * ``checkpoint.safetensors``  weights, optimizer state, RNG state and the ``TrainState`` counters
                               (JSON metadata in the safetensors header); written atomically at
@@ -164,6 +168,31 @@ def read_model_dir(model_dir) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise InputError(f"{d}: config.json is invalid ({exc.__class__.__name__}: {exc})") from None
     return meta
+
+
+REFERENCE_KEYS = ("label_min", "label_max", "latent_mean", "latent_cov", "latent_distance_threshold",
+                  "model_variance", "recon_chi2_threshold")
+
+
+def read_reference(meta: dict, model_dir="model") -> dict | None:
+    """config.json's out-of-depth ``reference`` (``tagging/depth.py``), checked against the model's
+    condition labels and latent dimension; None when the folder has none (trained before it, or
+    not finished); InputError when it is damaged."""
+    ref = meta.get("reference")
+    if ref is None:
+        return None
+    cfg = FaderConfig.from_dict(meta["config"])
+    k, d = len(cfg.net.condition), cfg.net.latent_dim
+    try:
+        shapes = {"label_min": (k,), "label_max": (k,), "latent_mean": (d,), "latent_cov": (d, d)}
+        for key in REFERENCE_KEYS:
+            value = np.asarray(ref[key], dtype=float)
+            if value.shape != shapes.get(key, ()) or not np.isfinite(value).all():
+                raise ValueError(f"{key} has shape {value.shape}, expected {shapes.get(key, ())}, or is not finite")
+        np.linalg.cholesky(np.asarray(ref["latent_cov"], float))
+    except (KeyError, TypeError, ValueError, np.linalg.LinAlgError) as exc:
+        raise InputError(f"{model_dir}: config.json's out-of-depth reference is invalid ({describe_error(exc)})") from None
+    return ref
 
 
 def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | None]:

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from chemtwin import __version__
 from chemtwin.core.files import check_free_space
 from chemtwin.core.ranks import doppelganger_ranks
+from chemtwin.data.dataset import label_columns
 from chemtwin.errors import InputError
 from chemtwin.tagging import model_folder
+from chemtwin.tagging.depth import reference_statistics
 from chemtwin.tagging.distributed import Ranks
 from chemtwin.tagging.fader import FaderNet, adversary_loss, recon_loss
 from chemtwin.tagging.fader_config import FaderConfig
@@ -317,6 +319,11 @@ class Trainer:
         self.meta["final"] = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         self.meta["final"].update(epoch=st.epoch, step=st.step, time_s=self.elapsed())
         if ranks.main:
+            # what `chemtwin embed` compares new stars with (tagging/depth.py, docs/model.md "Out of depth")
+            data = self.data
+            self.meta["reference"] = reference_statistics(
+                self.model, data.source, data.train_rows, label_columns(data.source, cfg.net.condition),
+                data.u_train, seed=cfg.run.seed)
             model_folder.write_config(self.out, self.meta)
         ranks.barrier()  # MODEL_DIR is complete when train() returns, on every rank
         return self.meta["final"]
