@@ -345,3 +345,17 @@ def test_latent_file_reader(latents):
         sample = lf.sample(50, seed=1, chunk_rows=64)
         assert sample.shape == (50, z.shape[1])
         assert all((np.abs(z - s).sum(axis=1) == 0).any() for s in sample)
+
+
+def test_an_index_that_cannot_fit_in_memory_is_refused_before_work(tmp_path, capsys):
+    # 10^11 declared rows of fill value: a tiny file whose hnsw graph would need 8 TB.
+    path = write_latents(tmp_path / "z.h5", np.zeros((4, 4), np.float32))
+    with h5py.File(path, "r+") as f:
+        del f["z"]
+        f.create_dataset("z", shape=(10**11, 4), dtype="f4", chunks=(65536, 4), fillvalue=0.5)
+    index = TwinIndex(4, "l1", "hnsw", M=8)
+    assert index.memory_bytes(10**11) == 10**11 * (4 * 4 + 8 * 8)
+    assert main(["index", str(path), "--out", str(tmp_path / "idx"), "--kind", "hnsw", "--M", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an hnsw index of 100000000000 stars needs about 8,000 GB of memory" in err[0]
+    assert not (tmp_path / "idx").exists()

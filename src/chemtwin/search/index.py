@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from chemtwin.core.memory import check_memory
 from chemtwin.errors import InputError
 from chemtwin.search import index_folder
 from chemtwin.search.index_folder import METRICS
@@ -242,6 +243,7 @@ class TwinIndex:
         if z.ndim != 2:
             raise InputError(f"latents must be 2-D (stars, dims), got shape {z.shape}")
         index = cls(z.shape[1], metric, kind, **params)
+        check_memory(index.memory_bytes(len(z)), f"an {kind} index of {len(z)} stars")
         if kind == "ivf":
             nlist = index.nlist or default_nlist(len(z))
             rng = np.random.default_rng(seed)
@@ -266,6 +268,7 @@ class TwinIndex:
             if lf.n_stars == 0:
                 raise InputError(f"{path}: holds no latents")
             index = cls(lf.dim, metric, kind, **params)
+            check_memory(index.memory_bytes(lf.n_stars), f"{path}: an {kind} index of {lf.n_stars} stars")
             index.source = str(Path(path).resolve())
             if kind == "ivf":
                 nlist = index.nlist or default_nlist(lf.n_stars)
@@ -280,6 +283,12 @@ class TwinIndex:
                 index.add(z, lf.star_id(a, a + len(z)), None if group is None else group[a : a + len(z)])
         index._finish()
         return index
+
+    def memory_bytes(self, n_stars: int) -> int:
+        """What this index holds for ``n_stars`` latents: the vectors (float32), plus the graph's ``M``
+        links a node at its base level (both ways, int32) for hnsw, or an int64 id a vector for ivf."""
+        per_star = 4 * self.dim + {"hnsw": 8 * self.M, "ivf": 8}.get(self.kind, 0)
+        return n_stars * per_star
 
     # ----------------------------------------------------------------- queries
     @property
