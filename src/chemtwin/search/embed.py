@@ -42,7 +42,7 @@ def model_attrs(ct: ChemTwin, model_dir) -> dict:
 
 def depth_check(ct: ChemTwin, model_dir=None) -> DepthCheck:
     """The out-of-depth check of a loaded model (label range only when its folder has no reference)."""
-    return DepthCheck(ct.model, read_reference(ct.meta, model_dir or ct.meta.get("model", "model")))
+    return DepthCheck(ct.net_, read_reference(ct.meta, model_dir or ct.meta.get("model", "model")))
 
 
 def iter_checked(ct: ChemTwin, ds, batch_size: int, check: DepthCheck):
