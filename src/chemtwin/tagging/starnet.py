@@ -33,6 +33,7 @@ from chemtwin.data.augment import Augmenter
 from chemtwin.errors import InputError
 
 LOG_VAR_RANGE = (-16.0, 8.0)  # in standardised units: sigma from 3e-4 to 55 std
+FLUX_STD_FLOOR = 0.005        # continuum units: half the noise of an SNR-100 pixel
 BETA = 0.5                    # beta-NLL's exponent (0: the Gaussian NLL, 1: an MSE-like gradient)
 AUGMENT_FIELDS = tuple(f.name for f in fields(Augmenter))
 
@@ -113,14 +114,15 @@ def encode(flux, ivar, center=None, scale=None) -> torch.Tensor:
 
 
 def flux_statistics(flux, ivar) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel mean and std of the measured training flux (1 and 1 where no star measures it)."""
+    """Per-pixel mean and std of the measured training flux (1 and 1 where no star measures it);
+    the std at least ``FLUX_STD_FLOOR``, so that a pixel that hardly varies in noiseless training
+    spectra (the continuum) does not blow the noise of observed ones up by orders of magnitude."""
     flux, good = np.asarray(flux, np.float64), np.asarray(ivar) > 0
     n = good.sum(0)
     mean = np.where(good, flux, 0.0).sum(0) / np.maximum(n, 1)
     var = np.where(good, (flux - mean) ** 2, 0.0).sum(0) / np.maximum(n - 1, 1)
-    std = np.sqrt(var)
-    ok = (n > 1) & (std > 1e-6)
-    return np.where(n > 0, mean, 1.0), np.where(ok, std, 1.0)
+    std = np.maximum(np.sqrt(var), FLUX_STD_FLOOR)
+    return np.where(n > 0, mean, 1.0), np.where(n > 1, std, 1.0)
 
 
 class StarNetModel(nn.Module):

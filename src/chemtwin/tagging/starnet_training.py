@@ -49,6 +49,7 @@ FORMAT = "chemtwin-starnet"
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "val_rmse", "val_pull_std")
 PREDICT_BATCH = 512
+STATISTICS_STARS = 5000  # training stars (augmented) behind the per-pixel input statistics
 
 
 @dataclass
@@ -203,7 +204,12 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.model = StarNetModel(cfg, data.flux.shape[1])
         self.model.set_label_statistics(data.labels[self.train_rows])
-        self.model.set_flux_statistics(data.flux[self.train_rows], data.ivar[self.train_rows])
+        # the input statistics of the spectra as the network sees them: augmented when they are
+        sample = self.train_rows[:STATISTICS_STARS]
+        flux, ivar = data.flux[sample], data.ivar[sample]
+        if self.augmenter is not None:
+            flux, ivar = self.augmenter(flux, ivar, data.wavelength, np.random.default_rng([cfg.seed, 2**32 + 1]))
+        self.model.set_flux_statistics(flux, ivar)
         self.model.to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "elapsed": 0.0, "loss_sum": 0.0, "n": 0}
