@@ -39,9 +39,11 @@ from chemtwin.tagging.starnet_training import (
 class StarNet(BaseEstimator):
     """A 1-D CNN regressing ``labels`` from spectra, with a predictive error per label (docs/starnet.md)."""
 
-    def __init__(self, labels=(), *, filters=(4, 16), kernel=8, pool=4, hidden=(256, 128), lr=7e-4, weight_decay=0.0,
-                 batch_size=32, epochs=30, time_limit=None, val_fraction=0.1, seed=0, device="auto", augment=None):
+    def __init__(self, labels=(), *, filters=(4, 16), kernel=8, pool=4, hidden=(256, 128), standardize_flux=True, lr=7e-4,
+                 weight_decay=0.0, batch_size=32, epochs=30, time_limit=None, val_fraction=0.1, seed=0, device="auto",
+                 augment=None):
         self.labels, self.filters, self.kernel, self.pool, self.hidden = labels, filters, kernel, pool, hidden
+        self.standardize_flux = standardize_flux
         self.lr, self.weight_decay, self.batch_size, self.epochs = lr, weight_decay, batch_size, epochs
         self.time_limit, self.val_fraction, self.seed, self.device, self.augment = (time_limit, val_fraction, seed,
                                                                                     device, augment)
