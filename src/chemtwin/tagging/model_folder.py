@@ -13,7 +13,9 @@ Layout (``FORMAT`` "chemtwin-fader", ``FORMAT_VERSION`` 1; docs/model.md):
 * ``history.csv``             one row per epoch (``HISTORY_COLUMNS``)
 
 Nothing is unpickled: safetensors and JSON only.  A folder that is not a model gives an
-InputError naming what is wrong.
+InputError naming what is wrong; a StarNet model folder (``OTHER_FORMATS``: the same file
+names, its own content, owned by ``tagging/starnet_training.py``) is refused by name.  The
+checkpoint, history, lock and clean-up functions here serve both kinds.
 """
 
 from __future__ import annotations
