@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "cluster",
     "payne",  # registers `payne train` and `payne fit`
     "cannon",  # registers `cannon train` and `cannon test`
+    "starnet",  # registers `starnet train` and `starnet predict`
 )
 
 

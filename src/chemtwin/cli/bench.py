@@ -16,7 +16,7 @@ import torch
 
 from chemtwin.cli.arguments import add_output, positive_int, seed, thread_count
 from chemtwin.errors import InputError
-from chemtwin.evaluation.bench import BenchConfig, bench_methods, run_bench
+from chemtwin.evaluation.bench import BenchConfig, bench_methods, on_request_methods, run_bench
 
 
 def _snrs(text: str) -> tuple:
@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                    help="SNR of the observed-like scenario made with perturbed atomic data (default 100; 'none' "
                         "to leave it out)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default all: {','.join(bench_methods())})")
+                   help=f"comma-separated methods (default all: {','.join(bench_methods())}; also, only when "
+                        f"named: {','.join(on_request_methods())})")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="training time per model and scenario (default 1800; quick 15)")
     p.add_argument("--preset", choices=("fast", "paper"), default=None, help="model preset (default fast)")

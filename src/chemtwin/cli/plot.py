@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from chemtwin.cli.arguments import CommaList, star_key
 from chemtwin.core.files import prepare_output, temporary_path
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
-from chemtwin.spectral_models.linelist import load_windows
-
-# Windows shaded in the plot: a few elements with distinct colours.
-SHADED = {"Fe": "tab:orange", "Mg": "tab:green", "Si": "tab:purple", "O": "tab:red", "Al": "tab:brown", "Ca": "tab:pink"}
+from chemtwin.evaluation.spectra_figure import DEFAULT_RANGE, plot_dataset_spectra
 
 
 def register(subparsers) -> None:
@@ -32,42 +27,19 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = prepare_output(args.out, args.overwrite, inputs=(args.file,))
+    lo, hi = args.range or DEFAULT_RANGE
     with open_dataset(args.file) as ds:
         rows = star_rows(ds, args.index)
-        batch = ds.take(np.array(rows))
-        wave, names = ds.wavelength, ds.label_names
-    lo, hi = args.range or (15700.0, 15950.0)
-    show = (wave >= lo) & (wave <= hi)
-    if not show.any():
-        raise InputError(f"no pixels between {lo:g} and {hi:g} A")
-    step = np.diff(np.log10(wave))
-    gap_after = np.flatnonzero(step > 1.5 * np.median(step))
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    windows = load_windows()
-    for element, colour in SHADED.items():
-        for k, (a, b) in enumerate(windows.get(element, [])):
-            if b >= lo and a <= hi:
-                ax.axvspan(a, b, color=colour, alpha=0.15, lw=0, label=f"{element} windows" if k == 0 else None)
-    col = {n: names.index(n) for n in ("TEFF", "LOGG", "FE_H") if n in names}
-    for row, flux, ivar, labels, group in zip(rows, batch.flux, batch.ivar, batch.labels, batch.group):
-        flux = np.where(ivar > 0, flux, np.nan)
-        flux[gap_after] = np.nan  # break the line across detector gaps
-        text = ", ".join(f"{n}={labels[c]:.4g}" for n, c in col.items())
-        ax.plot(wave[show], flux[show], lw=0.8, label=f"star {row} (group {group}): {text}")
-    ax.set_xlabel("vacuum wavelength (Angstrom)")
-    ax.set_ylabel("normalized flux")
-    ax.set_xlim(lo, hi)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
-    fig.tight_layout()
-    tmp = temporary_path(out)
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+        wave = ds.wavelength
+        if not ((wave >= lo) & (wave <= hi)).any():
+            raise InputError(f"no pixels between {lo:g} and {hi:g} A")
+        tmp = temporary_path(out)
+        try:
+            plot_dataset_spectra(ds, rows, tmp, wave_range=(lo, hi))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(out)
     print(f"wrote {out}")
     return 0

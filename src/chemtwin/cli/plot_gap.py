@@ -108,7 +108,7 @@ def run(args) -> int:
     embedding = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=args.seed).fit_transform(features)
     score = origin_score(features, origin, args.seed)
 
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = plt.subplots(figsize=(7.5, 6), layout="constrained")
     for value, label, colour in ((0, f"synthetic ({len(syn)})", "tab:blue"), (1, f"real ({len(real)})", "tab:red")):
         sel = origin == value
         ax.scatter(embedding[sel, 0], embedding[sel, 1], s=8 if value == 0 else 18, alpha=0.6, c=colour, label=label,
@@ -119,8 +119,7 @@ def run(args) -> int:
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(loc="best", fontsize=9)
-    fig.tight_layout()
+    fig.legend(loc="outside right upper", fontsize=9)  # off the data
     tmp = temporary_path(Path(out))
     try:
         fig.savefig(tmp, dpi=120, format="png")

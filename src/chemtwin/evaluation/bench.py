@@ -71,8 +71,14 @@ def runnable(method: Method) -> bool:
 
 
 def bench_methods() -> tuple[str, ...]:
-    """The methods a bench runs by default: every registered one it can provide for, in registry order."""
-    return tuple(name for name, m in METHODS.items() if runnable(m))
+    """The methods a bench runs by default: every registered one it can provide for and that does
+    not ask to run only when named (``Method.in_default_bench``), in registry order."""
+    return tuple(name for name, m in METHODS.items() if runnable(m) and m.in_default_bench)
+
+
+def on_request_methods() -> tuple[str, ...]:
+    """The methods a bench runs only when ``methods`` names them (StarNet)."""
+    return tuple(name for name, m in METHODS.items() if runnable(m) and not m.in_default_bench)
 
 
 @dataclass
@@ -109,7 +115,8 @@ class BenchConfig:
         self.methods = bench_methods() if self.methods is None else tuple(self.methods)
         unknown = [m for m in self.methods if m not in METHODS or not runnable(METHODS[m])]
         if unknown:
-            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(bench_methods())}")
+            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(bench_methods() + on_request_methods())}")
         if not self.snrs and self.mismatch_snr is None:
             raise InputError("no scenario: give at least one SNR")
         check_snr(self.snrs + ((self.mismatch_snr,) if self.mismatch_snr is not None else ()), allow_inf=True)

@@ -19,6 +19,7 @@ from chemtwin.methods.oracle import Oracle
 from chemtwin.methods.payne import PayneLabels
 from chemtwin.methods.polyres import Polyres
 from chemtwin.methods.raw import Raw
+from chemtwin.methods.starnet import StarNetLabels
 from chemtwin.methods.twin_metric import TwinMetricOn
 
 __all__ = ["METHODS", "get_method", "Method", "MetricWrapper", "Inputs", "Tags", "Fitted", "INPUTS"]
@@ -31,6 +32,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Raw(),
     CannonLabels(),
     PayneLabels(),
+    StarNetLabels(),     # not in a bench's default methods (in_default_bench = False)
     TwinMetricOn(Fader()),
     TwinMetricOn(Cae()),
     TwinMetricOn(Polyres()),

@@ -13,6 +13,8 @@ scores).  It says what it needs, and the CLI and the bench provide exactly that:
   Mahalanobis distance (``default_metric``), also in a bench run with another ``--metric``.
 * ``applies_to_mismatch``  False where a bench's observed-like scenario makes it meaningless.
 * ``wrappable``  a learned metric (``methods.metric_wrapper``) may be put on its tags.
+* ``in_default_bench``  False where a bench runs it only when named (``--methods``): StarNet,
+  whose training would make the quick bench slower.
 
 ``method.fit(inputs, target)`` learns what it needs (trains a model, loads a folder, fits an
 emulator, measures errors) and returns a ``Fitted``: its ``tag(ds)`` gives the ``Tags`` of an
@@ -83,6 +85,7 @@ class Method:
     whitened: ClassVar[bool] = False
     applies_to_mismatch: ClassVar[bool] = True
     wrappable: ClassVar[bool] = False
+    in_default_bench: ClassVar[bool] = True       # False: a bench runs it only when asked (--methods)
     base: ClassVar[Method | None] = None          # the method a wrapper wraps
     published: ClassVar[dict] = {}                # {snr: [(source, (rank 0, < 0.1% N, < 1% N) in %)]}
 

@@ -324,7 +324,8 @@ def plot_clusters(z, labels, path, group=None, title: str = "", max_points: int 
     panels = [("found clusters", labels[rows])]
     if group is not None:
         panels.append(("true groups", np.asarray(group)[rows]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.4), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.4), squeeze=False, sharex=True, sharey=True,
+                             layout="constrained")
     cmap = plt.get_cmap("tab20")
     size = 6 if len(rows) <= 20_000 else 1
     for ax, (name, lab) in zip(axes[0], panels):
@@ -337,9 +338,8 @@ def plot_clusters(z, labels, path, group=None, title: str = "", max_points: int 
         ax.set_xlabel(f"PC 1 of latents ({100 * explained[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC 2 of latents ({100 * explained[1]:.1f}% of variance)")
         if bg.any():
-            ax.legend(loc="best", markerscale=3, fontsize=8)
+            ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12), markerscale=3, fontsize=8, frameon=False)  # below the axes
     fig.suptitle((title or "clusters") + note)
-    fig.tight_layout()
     path = Path(path)
 
     tmp = temporary_path(path)

@@ -1,7 +1,8 @@
-"""Models that turn spectra into chemical tags: the fader disentangling autoencoder.
+"""Models that turn spectra into chemical tags: the fader disentangling autoencoder (and
+StarNet, a CNN that regresses labels).
 
-``ChemTwin``, ``FaderConfig``, ``FaderNet`` and ``train`` are imported on
-first use, so that ``import chemtwin.tagging.<module>`` does not load torch.
+``ChemTwin``, ``FaderConfig``, ``FaderNet``, ``train``, ``StarNet`` and ``StarNetConfig`` are
+imported on first use, so that ``import chemtwin.tagging.<module>`` does not load torch.
 """
 
 import importlib
@@ -11,6 +12,8 @@ _EXPORTS = {
     "FaderConfig": "chemtwin.tagging.fader_config",
     "FaderNet": "chemtwin.tagging.fader",
     "train": "chemtwin.tagging.training",
+    "StarNet": "chemtwin.tagging.starnet_estimator",
+    "StarNetConfig": "chemtwin.tagging.starnet",
 }
 __all__ = list(_EXPORTS)
 

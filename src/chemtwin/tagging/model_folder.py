@@ -17,7 +17,9 @@ Layout (``FORMAT`` "chemtwin-fader", ``FORMAT_VERSION`` 1; docs/model.md):
 * ``history.csv``             one row per epoch (``HISTORY_COLUMNS``)
 
 Nothing is unpickled: safetensors and JSON only.  A folder that is not a model gives an
-InputError naming what is wrong.
+InputError naming what is wrong; a StarNet model folder (``OTHER_FORMATS``: the same file
+names, its own content, owned by ``tagging/starnet_training.py``) is refused by name.  The
+checkpoint, history, lock and clean-up functions here serve both kinds.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "chemtwin-fader"
 FORMAT_VERSION = 1
+# Model folders of other kinds that share this layout's files (their owners read them).
+OTHER_FORMATS = {"chemtwin-starnet": "a StarNet model folder (chemtwin starnet predict reads it)"}
 MODEL_FILES = ("config.json", "model.safetensors", "checkpoint.safetensors", "history.csv")
 HISTORY_COLUMNS = ("epoch", "step", "time_s", "lr", "lambda", "train_loss", "train_recon", "train_adv_ce",
                    "train_adv_acc", "val_recon", "val_swap", "val_adv_acc", "adv_chance", "val_rank0", "val_median_rank")
@@ -157,6 +161,8 @@ def read_model_dir(model_dir) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
         raise InputError(f"{d}: not a chemtwin model (no readable config.json)") from None
+    if isinstance(meta, dict) and meta.get("format") in OTHER_FORMATS:
+        raise InputError(f"{d}: {OTHER_FORMATS[meta['format']]}, not a fader model folder")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{d}: not a chemtwin model (config.json has no format {FORMAT!r})")
     try:
@@ -281,10 +287,10 @@ def load_checkpoint(path: Path, model, opts: dict, device) -> tuple[torch.Tensor
     return tensors["rng.shuffle"], meta["state"]
 
 
-def append_history(path: Path, row: dict) -> None:
+def append_history(path: Path, row: dict, columns=HISTORY_COLUMNS) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -313,7 +319,7 @@ def _check_finite(tensors: dict, context: str) -> None:
                          + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "") + " (a diverged run?)")
 
 
-def truncate_history(path: Path, step: int) -> None:
+def truncate_history(path: Path, step: int, columns=HISTORY_COLUMNS) -> None:
     """Drop rows written after the checkpoint (the process died between the two)."""
     if not path.exists():
         return
@@ -324,11 +330,11 @@ def truncate_history(path: Path, step: int) -> None:
         log.warning("%s: unreadable training log, started again (%s)", path, exc.__class__.__name__)
         rows = []
     with atomic_output(path) as tmp:
-        write_history(tmp, rows)
+        write_history(tmp, rows, columns)
 
 
-def write_history(path, rows) -> None:
+def write_history(path, rows, columns=HISTORY_COLUMNS) -> None:
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)

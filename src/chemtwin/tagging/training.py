@@ -127,14 +127,15 @@ class TrainState:
         return cls(d["epoch"], d["step"], d["batch_in_epoch"], d["elapsed"], Sums(*values, n))
 
 
-def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Whether the run resumes; InputError when ``out`` may not be written."""
+def check_out_dir(out: Path, resume: bool, overwrite: bool, read=model_folder.read_model_dir) -> bool:
+    """Whether the run resumes; InputError when ``out`` may not be written (``read``: the reader
+    of the model folder's config.json, which refuses a folder of another kind)."""
     check_free_space(out / "checkpoint.safetensors", what="a model folder")
     if resume:
         if out.is_dir() and not any(not p.name.startswith(".") for p in out.iterdir()):
             log.warning("%s: empty (stopped before config.json was written); training starts again", out)
             return False
-        model_folder.read_model_dir(out)
+        read(out)
         if not (out / "checkpoint.safetensors").is_file():
             # killed before its first checkpoint: nothing learnt is lost by starting again
             log.warning("%s: no checkpoint.safetensors yet (stopped before the first one); training starts again", out)
@@ -348,7 +349,7 @@ def train(source, out_dir, cfg: FaderConfig, val_source=None, resume=False, over
     out = Path(out_dir)
     ranks, device = Ranks.setup(pick_device(cfg.run.device))  # several under torchrun (tagging/distributed.py)
     progress = progress and ranks.main
-    resumable = _check_out_dir(out, resume, overwrite)
+    resumable = check_out_dir(out, resume, overwrite)
     overwrite, resume = overwrite or (resume and not resumable), resumable  # killed before a checkpoint: restart
     ranks.barrier()  # every rank has looked at MODEL_DIR before rank 0 writes to it
     data = prepare(source, val_source, cfg, with_eval_set=ranks.main, progress=progress)
