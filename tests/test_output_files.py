@@ -4,11 +4,14 @@ and what a killed run left behind cleaned by the next run (issue 19)."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 import subprocess
 import sys
 
 import pytest
 
+from chemtwin.cli import main
 from chemtwin.core.files import atomic_output, scratch_path, temporary_path
 from chemtwin.errors import InputError
 from chemtwin.tagging.model_folder import remove_stale_temporaries
@@ -69,8 +72,6 @@ def test_only_safetensors_temporaries_are_removed_from_a_model_folder(tmp_path):
 
 def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
     """A batch system's stop (SIGTERM) cleans up like Ctrl-C: no temporary file stays."""
-    import signal
-    import time
 
     out = tmp_path / "g.h5"
     p = subprocess.Popen([sys.executable, "-m", "chemtwin", "-q", "generate", "-o", str(out), "--n-groups", "400",
@@ -84,3 +85,23 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "chemtwin generate: terminated"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_that_a_library_turned_into_its_own_error_still_stops_cleanly(monkeypatch, capsys, signum, code, word):
+    """h5py turns an exception raised inside its conversion callbacks into a TypeError: a SIGTERM landing
+    there must still end the command as terminated (exit 143, one line), not as a traceback."""
+    import chemtwin.cli.info as info
+
+    def run(args):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises before this ends
+        except KeyboardInterrupt:
+            raise TypeError("Operation not defined for data type class") from None
+        return 0
+
+    monkeypatch.setattr(info, "run", run)
+    assert main(["info", "x.h5"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [f"chemtwin info: {word}"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler

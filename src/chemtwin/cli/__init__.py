@@ -104,31 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    previous = _on_sigterm_raise()
-    try:
-        resolve_output(args)
-        return int(args.func(args) or 0)
-    except Terminated:
-        print(f"chemtwin {args.command}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except InputError as exc:
-        return _error(args.command, flag_message(exc))
-    except MemoryError:
-        return _error(args.command, "not enough memory for this input")
-    except KeyboardInterrupt:
-        print(f"chemtwin {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        # The machine, not chemtwin: a full disk, a file too large, a name too long, no permission
-        # (an OSError, or one that h5py or safetensors wrapped in their own exception type).
-        machine = disk_error(exc) or (exc if isinstance(exc, OSError) else None)
-        if machine is None:
-            raise
-        where = f"{machine.filename}: " if getattr(machine, "filename", None) else ""
-        return _error(args.command, f"{where}{machine.strerror or describe_error(machine)}")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with StopSignals() as stop:
+        try:
+            resolve_output(args)
+            code = int(args.func(args) or 0)
+            # a stop that a callback swallowed and that came back too late: the work is whole, but say so
+            return _stopped(args.command, stop.received) if stop.received is not None else code
+        except BaseException as exc:
+            if stop.received is not None or isinstance(exc, KeyboardInterrupt):
+                return _stopped(args.command, stop.received or (signal.SIGTERM if isinstance(exc, Terminated)
+                                                                else signal.SIGINT))
+            if isinstance(exc, InputError):
+                return _error(args.command, flag_message(exc))
+            if isinstance(exc, MemoryError):
+                return _error(args.command, "not enough memory for this input")
+            # The machine, not chemtwin: a full disk, a file too large, a name too long, no permission
+            # (an OSError, or one that h5py or safetensors wrapped in their own exception type).
+            machine = (disk_error(exc) or (exc if isinstance(exc, OSError) else None)) if isinstance(exc, Exception) else None
+            if machine is None:
+                raise
+            where = f"{machine.filename}: " if getattr(machine, "filename", None) else ""
+            return _error(args.command, f"{where}{machine.strerror or describe_error(machine)}")
 
 
 def run() -> int:
@@ -146,16 +142,55 @@ class Terminated(KeyboardInterrupt):
     temporary files are deleted and an interrupted training writes its checkpoint."""
 
 
-def _on_sigterm_raise():
-    """Make SIGTERM raise Terminated; the previous handler (None off the main thread, where Python
-    cannot handle signals)."""
-    def handler(signum, frame):
-        raise Terminated
+class StopSignals:
+    """While a command runs, Ctrl-C (SIGINT) raises KeyboardInterrupt and SIGTERM raises Terminated, and
+    each is remembered: a signal that lands inside a library's callback can come out as that library's
+    own exception (h5py turns it into a TypeError), and the command must still end as stopped, with
+    its clean-up done and exit 130 or 143, not with that exception.  Off the main thread, where Python
+    cannot handle signals, nothing changes."""
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        return None
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        self._previous_hook = None
+
+    def _handler(self, signum, frame):
+        self.received = signum
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def _unraisable(self, unraisable) -> None:
+        """The stop raised inside a weakref callback or a destructor, where Python only prints it and
+        goes on: raise it again 50 ms later (SIGALRM), once that callback is over."""
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.received is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+        else:
+            self._previous_hook(unraisable)
+
+    def _alarm(self, signum, frame):
+        if self.received is not None:
+            self._handler(self.received, frame)
+
+    def __enter__(self) -> "StopSignals":
+        for signum, handler in ((signal.SIGINT, self._handler), (signal.SIGTERM, self._handler),
+                                (signal.SIGALRM, self._alarm)):
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:
+                return self
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous_hook is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            sys.unraisablehook = self._previous_hook
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def _stopped(command: str, signum: int) -> int:
+    print(f"chemtwin {command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+    return 128 + signum
 
 
 def _error(command: str, message: str) -> int:
