@@ -53,20 +53,9 @@ class CannonLabels(Method):
         # BLAS's own threads make the Cannon's small stacked matrix operations many times slower
         # (measured: 20x on 2 shared cores); the Cannon runs its own threads with one BLAS thread each
         with open_dataset(inputs.train) as tr, threadpool_limits(1, user_api="blas"):
-            if target is not None and tr.n_pixels != target.n_pixels:
-                raise InputError(f"{tr.path} has {tr.n_pixels} pixels but {target.path} has {target.n_pixels}")
-            all_labels = np.asarray(tr.labels(), dtype=np.float64)
-            names = list(self.label_names) if self.label_names is not None else label_fit.independent_labels(
-                tr.label_names, all_labels)
-            values = all_labels[:, tr.label_columns(names)]
-            chem = label_fit.chemical_columns(names)
-            abundances = [names[k] for k in chem]
-            order_rows = np.random.default_rng(inputs.seed).permutation(tr.n_stars)
-            n_hold = min(self.holdout_stars, tr.n_stars // 5) if self.whiten == "errors" else 0
-            if self.whiten == "errors" and n_hold < 2:
-                raise InputError(f"{tr.path}: too few training stars ({tr.n_stars}) to hold some out for the whitening")
-            hold_rows = np.sort(order_rows[:n_hold])
-            fit_rows = np.sort(order_rows[n_hold : n_hold + self.max_train_stars])
+            names, values, chem, abundances, hold_rows, fit_rows = label_fit.training_split(
+                tr, self.label_names, inputs.seed, self.holdout_stars if self.whiten == "errors" else None,
+                self.max_train_stars, target)
             batch = tr.take(fit_rows)
             model = Cannon(names, order=self.order, n_jobs=self.n_jobs)
             t0 = time.perf_counter()

@@ -115,3 +115,22 @@ def over_rows(source, rows, fn, desc: str, progress: bool) -> list:
             parts.append(fn(b, a))
             bar.update(len(b.flux))
     return parts
+
+
+def training_split(tr, label_names, seed: int, holdout_stars: int | None, max_train_stars: int, target=None):
+    """The labels a label-fitting method trains on and a random split of a training dataset:
+    (names, values (N, L), abundance columns, abundance names, held-out rows, training rows).  ``label_names`` None
+    takes every independent label; ``holdout_stars`` (at most a fifth of the stars, at least 2) are
+    held out to measure errors on, none when it is None."""
+    if target is not None and tr.n_pixels != target.n_pixels:
+        raise InputError(f"{tr.path} has {tr.n_pixels} pixels but {target.path} has {target.n_pixels}")
+    all_labels = np.asarray(tr.labels(), dtype=np.float64)
+    names = list(label_names) if label_names is not None else independent_labels(tr.label_names, all_labels)
+    values = all_labels[:, tr.label_columns(names)]
+    chem = chemical_columns(names)
+    order_rows = np.random.default_rng(seed).permutation(tr.n_stars)
+    n_hold = 0 if holdout_stars is None else min(holdout_stars, tr.n_stars // 5)
+    if holdout_stars is not None and n_hold < 2:
+        raise InputError(f"{tr.path}: too few training stars ({tr.n_stars}) to hold some out for the whitening")
+    return (names, values, chem, [names[k] for k in chem], np.sort(order_rows[:n_hold]),
+            np.sort(order_rows[n_hold : n_hold + max_train_stars]))
