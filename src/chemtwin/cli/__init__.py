@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "cluster",
     "payne",  # registers `payne train` and `payne fit`
     "cannon",  # registers `cannon train` and `cannon test`
+    "cyclestarnet",  # registers `cyclestarnet train|fit|embed|tsne`
 )
 
 
