@@ -165,7 +165,7 @@ def run_tsne(args) -> int:
     from chemtwin.evaluation.cyclestarnet_tsne import tsne_figure
 
     prepare_output(args.out, args.overwrite, inputs=[p for p in (args.syn, args.obs, args.raw, args.real) if p])
-    path = tsne_figure(args.syn, args.obs, args.out, raw=args.raw, model=args.model, real=args.real,
+    path, scores = tsne_figure(args.syn, args.obs, args.out, raw=args.raw, model=args.model, real=args.real,
                        n_stars=args.stars, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote {path}")
+    print(f"wrote {path}: " + "; ".join(f"{t}: domain accuracy {v:.2f}" for t, v in scores.items()))
     return 0
