@@ -18,7 +18,8 @@ from chemtwin.data.dataset import DatasetWriter, open_dataset
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import PayneEmulator
 from chemtwin.tagging.cyclestarnet import CycleConfig, CycleEmulator, CycleStarNet, losses
-from chemtwin.tagging.cyclestarnet_train import load, map_syn_to_obs, read_folder, read_history, train
+from chemtwin.tagging.cyclestarnet_train import (load, map_syn_to_obs, read_folder, read_history, split_box_of,
+                                                 train)
 from chemtwin.tagging.payne_fit import PayneFitter
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -84,6 +85,22 @@ def test_adapted_emulator_plugs_into_the_payne_fitter(setup):
     assert np.all(np.abs(r.labels[:, 0] - setup["labels"][:6, 0]) < 600)  # TEFF roughly recovered
 
 
+def test_free_split_latent_becomes_extra_labels(setup):
+    net, emu, _, _ = load(setup["model"])
+    flux = setup["flux"][:6]
+    box = split_box_of(net, flux, np.full_like(flux, 1e4))
+    _, _, adapted, _ = load(setup["model"], "residual", split_box=box)
+    assert adapted.label_names == NAMES + ["ZSP_0", "ZSP_1"] and adapted.n_labels == 6
+    # at the mean z_sp it is the fixed-split model
+    labels = np.c_[setup["labels"][:6], np.tile(net.split_mean.numpy(), (6, 1))]
+    fixed = CycleEmulator(emu, net, "residual").predict(setup["labels"][:6])
+    np.testing.assert_allclose(adapted.predict(labels), fixed, atol=1e-5)
+    r = PayneFitter(adapted, max_iter=10, n_retries=0).fit(flux, np.full_like(flux, 1e4))
+    assert r.labels.shape == (6, 6) and np.isfinite(r.labels).all()
+    with pytest.raises(InputError):
+        CycleEmulator(emu, net, split_box=(np.zeros(2), np.zeros(2)))
+
+
 def test_losses_have_every_term_and_a_discriminator_after_warmup():
     net = CycleStarNet(CycleConfig(**TINY), 30)
     xs, xo = torch.rand(5, 30), torch.rand(7, 30)
@@ -138,13 +155,17 @@ def test_commands_fit_embed_tsne(setup, tmp_path, capsys):
     assert main(["-q", "cyclestarnet", "fit", model, str(setup["same"]), "-o", str(tmp_path / "l.h5"),
                  "--mode", "residual", "--threads", "1"]) == 0
     with __import__("h5py").File(tmp_path / "l.h5") as f:
-        assert f["labels"].shape == (96, 4)
+        assert f["labels"].shape == (96, 6)  # the labels and the fitted z_sp (ZSP_0, ZSP_1)
     assert main(["-q", "cyclestarnet", "embed", model, str(setup["same"]), "-o", str(tmp_path / "z.h5")]) == 0
     assert main(["-q", "evaluate", "--latents", str(tmp_path / "z.h5"), str(setup["same"]),
                  "-o", str(tmp_path / "e.json")]) == 0
     assert main(["-q", "evaluate", "--method", "cyclestarnet", model, str(setup["same"]),
                  "-o", str(tmp_path / "e2.json")]) == 0
     assert json.loads((tmp_path / "e2.json").read_text())["n_pairs"] > 0
+    assert main(["-q", "evaluate", "--method", "cyclestarnet-payne", model, str(setup["same"]),
+                 "-o", str(tmp_path / "e3.json")]) == 0
+    e3 = json.loads((tmp_path / "e3.json").read_text())
+    assert e3["model"]["free_split"] and e3["label_fit"]["labels"] == NAMES + ["ZSP_0", "ZSP_1"]
     assert main(["-q", "cyclestarnet", "tsne", str(setup["syn"]), str(setup["same"]), "--raw", str(setup["syn"]),
                  "--model", model, "--stars", "40", "-o", str(tmp_path / "t.png")]) == 0
     assert (tmp_path / "t.png").stat().st_size > 10_000

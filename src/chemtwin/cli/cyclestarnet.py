@@ -1,7 +1,7 @@
 """``chemtwin cyclestarnet train|fit|embed|tsne``: Cycle-StarNet (docs/cyclestarnet.md).
 
     chemtwin cyclestarnet train SYN.h5 OBS.h5 --out DIR [--emulator EMU.npz] [--epochs 40] [--time-limit S] [--resume]
-    chemtwin cyclestarnet fit DIR DATA.h5 --out LABELS.h5 [--mode full|residual]
+    chemtwin cyclestarnet fit DIR DATA.h5 --out LABELS.h5 [--mode residual|full] [--fixed-split]
     chemtwin cyclestarnet embed DIR DATA.h5 --out LATENTS.h5
     chemtwin cyclestarnet tsne SYN.h5 OBS.h5 --out FIG.png [--raw OBS_RAW.h5] [--model DIR] [--real APOGEE.h5]
 """
@@ -65,9 +65,12 @@ def register(subparsers) -> None:
     f.add_argument("model", metavar="DIR", help="Cycle-StarNet folder")
     f.add_argument("data", metavar="DATA.h5", help="observed spectra to fit")
     f.add_argument("-o", "--out", required=True, metavar="LABELS.h5", help="labels file to write")
-    f.add_argument("--mode", choices=("full", "residual"), default="full",
+    f.add_argument("--mode", choices=("full", "residual"), default="residual",
                    help="full: emulator -> encoder -> observed decoder (the paper); residual: the emulator's spectrum "
-                        "plus the learnt domain difference (default full)")
+                        "plus the learnt domain difference (default residual: measured better)")
+    f.add_argument("--fixed-split", action="store_true",
+                   help="hold z_sp at the observed training stars' mean (default: fit it with the labels, inside the "
+                        "box of DATA.h5's own encoded z_sp)")
     f.add_argument("--threads", type=thread_count, default=None, help="batches fitted in parallel (default: up to 2)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     f.set_defaults(func=run_fit)
@@ -127,16 +130,24 @@ def run_train(args) -> int:
 
 
 def run_fit(args) -> int:
-    from chemtwin.tagging.cyclestarnet_train import load
+    from chemtwin.data.dataset import open_dataset
+    from chemtwin.tagging.cyclestarnet_train import load, split_box_of
     from chemtwin.tagging.payne_fit import fit_dataset
 
     prepare_output(args.out, args.overwrite, inputs=(args.model, args.data))
-    _, _, adapted, _ = load(args.model, args.mode)
+    net, _, adapted, _ = load(args.model, args.mode)
+    if not args.fixed_split:
+        with open_dataset(args.data) as ds:
+            if ds.n_pixels != net.n_pixels:
+                raise InputError(f"{ds.path}: spectra have {ds.n_pixels} pixels, the model {net.n_pixels}")
+            b = ds.read(0, min(ds.n_stars, 5000))
+        _, _, adapted, _ = load(args.model, args.mode, split_box=split_box_of(net, b.flux, b.ivar))
     path, result, seconds = fit_dataset(adapted, args.data, args.out, overwrite=args.overwrite,
                                         progress=wants_progress(args),
                                         threads=args.threads or min(2, os.cpu_count() or 1))
     n = len(result.labels)
-    print(f"wrote {path}: {n} stars fitted through Cycle-StarNet ({args.mode}) in {seconds:.1f} s; converged "
+    split = "z_sp held" if args.fixed_split else "z_sp fitted"
+    print(f"wrote {path}: {n} stars fitted through Cycle-StarNet ({args.mode}, {split}) in {seconds:.1f} s; converged "
           f"{int(result.converged.sum())}/{n}; median reduced chi2 "
           f"{np.nanmedian(result.reduced_chi2) if n else float('nan'):.3g}")
     return 0

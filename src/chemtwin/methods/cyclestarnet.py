@@ -2,7 +2,10 @@
 (``chemtwin cyclestarnet train``), neither run by the bench unless asked (it trains no such model).
 
 * ``cyclestarnet-payne``: The Payne's fit (``methods.payne.PayneLabels``, every option of it) with
-  the adapted emulator (emulator -> synthetic encoder -> observed decoder) in place of the plain one.
+  the adapted emulator (``tagging.cyclestarnet.CycleEmulator``) in place of the plain one.
+  Defaults (the best of the measured variants, docs/cyclestarnet.md): ``mode="residual"`` and
+  ``free_split=True`` (z_sp fitted with the labels, inside the box of the evaluated stars' own
+  encoded z_sp).
 * ``cyclestarnet``: the shared latent z_sh of the observed encoder, ranked directly.
 """
 
@@ -29,7 +32,9 @@ class CycleStarNetPayne(PayneLabels):
     needs: ClassVar[dict] = {"model": "a Cycle-StarNet folder (chemtwin cyclestarnet train)"}
     uses: ClassVar[frozenset] = frozenset({"calibration", "train"})
     model_kind: ClassVar[str] = "cyclestarnet"
-    mode: str = "full"
+    mode: str = "residual"
+    free_split: bool = True
+    split_stars: int = 5000        # evaluated stars encoded to find the z_sp box
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,9 +44,18 @@ class CycleStarNetPayne(PayneLabels):
     def fit(self, inputs: Inputs, target=None) -> Fitted:
         if inputs.model is None:
             raise InputError("give the Cycle-StarNet folder (model=...)", "model")
-        _, _, adapted, _ = cyclestarnet_train.load(inputs.model, self.mode)
+        net, _, adapted, _ = cyclestarnet_train.load(inputs.model, self.mode)
+        box = None
+        if self.free_split:
+            if target is None:
+                raise InputError("fitting z_sp needs the stars to tag (their z_sp box); pass free_split=False",
+                                 "free_split")
+            b = target.read(0, min(target.n_stars, self.split_stars))
+            box = cyclestarnet_train.split_box_of(net, b.flux, b.ivar)
+            _, _, adapted, _ = cyclestarnet_train.load(inputs.model, self.mode, split_box=box)
         fitted = PayneLabels.fit(self, dataclasses.replace(inputs, emulator=adapted), target)
-        fitted.info.update(path=os.path.abspath(str(inputs.model)), **{"class": "CycleEmulator", "mode": self.mode})
+        fitted.info.update(path=os.path.abspath(str(inputs.model)), mode=self.mode, free_split=self.free_split,
+                           **{"class": "CycleEmulator"})
         return fitted
 
 

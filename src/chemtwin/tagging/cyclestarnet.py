@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -192,30 +193,49 @@ def losses(net: CycleStarNet, xs, xo, wo, sigma_o, adversarial: bool, gen: torch
 class CycleEmulator(PayneEmulator):
     """labels -> observed-domain spectrum: a Payne emulator adapted by a trained Cycle-StarNet.
 
-    ``mode="full"`` (the paper): emulator -> synthetic encoder -> observed decoder (z_sp at the
-    observed stars' mean).  ``mode="residual"``: the emulator's own spectrum plus the learnt
-    domain difference ``decode_obs(z) - decode_syn(z)``, which keeps the emulator's precision.
-    Behaves as a Payne emulator of a format of its own ("cyclestarnet"), so The Payne's fitter
-    uses its general (forward-mode autodiff) derivatives.
+    ``mode="full"`` (the paper): emulator -> synthetic encoder -> observed decoder.
+    ``mode="residual"``: the emulator's own spectrum plus the learnt domain difference
+    ``decode_obs(z) - decode_syn(z)``, which keeps the emulator's precision.  z_sp is held at the
+    observed stars' mean, or, with ``split_box=(lo, hi)`` (arrays of the split size), it becomes
+    extra labels ``ZSP_0``... inside that box, fitted with the others (the per-star instrument
+    and reduction effects the split latent learnt).  Behaves as a Payne emulator of a format of
+    its own ("cyclestarnet"), so The Payne's fitter uses its general (autodiff) derivatives.
     """
 
-    def __init__(self, emulator: PayneEmulator, net: CycleStarNet, mode: str = "full", source: str = "cyclestarnet"):
+    def __init__(self, emulator: PayneEmulator, net: CycleStarNet, mode: str = "full", source: str = "cyclestarnet",
+                 split_box=None):
         if mode not in FIT_MODES:
             raise InputError(f"mode must be one of {', '.join(FIT_MODES)}, not {mode!r}", "mode")
-        super().__init__(emulator.arrays(), emulator.label_names, emulator.wavelength, dtype=emulator.dtype,
-                         source=source)
+        arrays, names = emulator.arrays(), list(emulator.label_names)
+        self.n_physical = len(names)
+        if split_box is not None:  # the emulator's first layer ignores the extra labels (zero columns)
+            lo, hi = (np.asarray(v, dtype=np.float64).reshape(-1) for v in split_box)
+            if lo.size != net.cfg.split or hi.size != net.cfg.split or not np.all(hi > lo):
+                raise InputError(f"split_box must be two arrays of {net.cfg.split} values with hi > lo")
+            w0 = arrays["w_array_0"]
+            arrays["w_array_0"] = np.concatenate([w0, np.zeros((w0.shape[0], lo.size), w0.dtype)], 1)
+            arrays["x_min"], arrays["x_max"] = np.r_[arrays["x_min"], lo], np.r_[arrays["x_max"], hi]
+            names += [f"ZSP_{k}" for k in range(lo.size)]
+        arrays.pop("label_names", None)
+        super().__init__(arrays, names, emulator.wavelength, dtype=emulator.dtype, source=source)
         self.net = net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
-        self.mode = mode
+        self.mode, self.free_split = mode, split_box is not None
         self.format = "cyclestarnet"
 
     def forward_scaled(self, s: torch.Tensor) -> torch.Tensor:
         x = super().forward_scaled(s)
         z = self.net.encode_syn(x)
+        z_sp = None
+        if self.free_split:
+            n = self.n_physical
+            lo = torch.as_tensor(self.x_min[n:], dtype=s.dtype)
+            z_sp = (s[..., n:] + 0.5) * torch.as_tensor(self.x_max[n:] - self.x_min[n:], dtype=s.dtype) + lo
         if self.mode == "residual":
-            return x + self.net.decode_obs(z) - self.net.decode_syn(z)
-        return self.net.decode_obs(z)
+            return x + self.net.decode_obs(z, z_sp) - self.net.decode_syn(z)
+        return self.net.decode_obs(z, z_sp)
 
     def __repr__(self) -> str:
-        return f"CycleEmulator(mode={self.mode}, labels={self.n_labels}, pixels={self.n_pixels}, source={self.source!r})"
+        return (f"CycleEmulator(mode={self.mode}, free_split={self.free_split}, labels={self.n_labels}, "
+                f"pixels={self.n_pixels}, source={self.source!r})")

@@ -100,8 +100,9 @@ def read_folder(folder) -> dict:
     return meta
 
 
-def load(folder, mode: str = "full") -> tuple[CycleStarNet, PayneEmulator, CycleEmulator, dict]:
-    """(network, plain emulator, adapted emulator, config.json) of a trained folder."""
+def load(folder, mode: str = "full", split_box=None) -> tuple[CycleStarNet, PayneEmulator, CycleEmulator, dict]:
+    """(network, plain emulator, adapted emulator, config.json) of a trained folder (``split_box``:
+    see ``CycleEmulator``; ``split_box_of`` gives one for a set of observed spectra)."""
     meta = read_folder(folder)
     d = Path(folder)
     if not (d / "model.safetensors").is_file():
@@ -115,7 +116,7 @@ def load(folder, mode: str = "full") -> tuple[CycleStarNet, PayneEmulator, Cycle
     except Exception as exc:  # safetensors' own errors, or weights that do not fit config.json
         raise InputError(f"{d}: model.safetensors is unusable ({describe_error(exc)})") from None
     emulator = PayneEmulator.load(d / "emulator.npz")
-    return net.eval(), emulator, CycleEmulator(emulator, net, mode, source=f"{d} ({mode})"), meta
+    return net.eval(), emulator, CycleEmulator(emulator, net, mode, source=f"{d} ({mode})", split_box=split_box), meta
 
 
 def _write_history_row(path: Path, row: dict) -> None:
@@ -346,6 +347,18 @@ def shared_latents(net: CycleStarNet, flux, ivar, batch: int = 512) -> np.ndarra
     w = torch.from_numpy(pixel_weights(ivar))
     x = torch.from_numpy(np.where(w.numpy() > 0, flux, 1.0).astype(np.float32))
     return torch.cat([net.encode_obs(x[a : a + batch], w[a : a + batch])[0] for a in range(0, len(x), batch)]).numpy()
+
+
+@torch.no_grad()
+def split_box_of(net: CycleStarNet, flux, ivar, margin: float = 0.1, batch: int = 512):
+    """(lo, hi) of the split latent z_sp of observed spectra (their 0.5-99.5 percentiles, widened by
+    ``margin`` of the range on each side): the box a fit with free z_sp searches."""
+    w = torch.from_numpy(pixel_weights(ivar))
+    x = torch.from_numpy(np.where(w.numpy() > 0, flux, 1.0).astype(np.float32))
+    zp = torch.cat([net.encode_obs(x[a : a + batch], w[a : a + batch])[1] for a in range(0, len(x), batch)]).numpy()
+    lo, hi = np.percentile(zp, [0.5, 99.5], axis=0)
+    pad = margin * (hi - lo) + 1e-6
+    return lo - pad, hi + pad
 
 
 @torch.no_grad()
