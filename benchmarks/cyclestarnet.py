@@ -15,7 +15,8 @@
 2. The Payne emulator of the synthetic domain (``payne train``, 19 labels, --emulator-time-limit).
 3. Cycle-StarNet (``cyclestarnet train syn.h5 obs_train.h5``, --cycle-time-limit).
 4. Rows (``chemtwin.evaluation.evaluate``), all on obs_test unless said: The Payne, unadapted
-   emulator; The Payne through Cycle-StarNet (full and residual); The Cannon trained on the
+   emulator; The Payne through Cycle-StarNet (full and residual with z_sp held at its mean,
+   and residual with z_sp fitted: the method's default); The Cannon trained on the
    synthetic domain's labels; Cycle-StarNet's z_sh ranked directly; The Payne on clean_test
    (matched model).  The Payne rows whiten their abundances by their errors on --cal-stars (100)
    labelled stars of their own domain (``cal.h5``: observed-like, other seed; ``cal_clean.h5`` for
@@ -117,10 +118,12 @@ def main() -> None:
     payne = dict(whiten="errors", holdout_stars=a.cal_stars, threads=2)
     plans = {
         "payne_unadapted": (PayneLabels(**payne), work / "obs_test.h5", {"emulator": str(emu), **cal}),
-        "payne_cyclestarnet_full": (CycleStarNetPayne(**payne, mode="full"), work / "obs_test.h5",
+        "payne_cyclestarnet_full": (CycleStarNetPayne(**payne, mode="full", free_split=False), work / "obs_test.h5",
                                     {"model": str(model), **cal}),
-        "payne_cyclestarnet_residual": (CycleStarNetPayne(**payne, mode="residual"), work / "obs_test.h5",
-                                        {"model": str(model), **cal}),
+        "payne_cyclestarnet_residual": (CycleStarNetPayne(**payne, mode="residual", free_split=False),
+                                        work / "obs_test.h5", {"model": str(model), **cal}),
+        "payne_cyclestarnet_residual_free_split": (CycleStarNetPayne(**payne), work / "obs_test.h5",
+                                                   {"model": str(model), **cal}),
         "cannon_on_synthetic": ("cannon", work / "obs_test.h5", {"train": str(work / "syn.h5")}),
         "cyclestarnet_zsh": ("cyclestarnet", work / "obs_test.h5", {"model": str(model)}),
         "payne_matched_model": (PayneLabels(**payne), work / "clean_test.h5",
