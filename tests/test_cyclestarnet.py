@@ -166,6 +166,7 @@ def test_commands_fit_embed_tsne(setup, tmp_path, capsys):
                  "-o", str(tmp_path / "e3.json")]) == 0
     e3 = json.loads((tmp_path / "e3.json").read_text())
     assert e3["model"]["free_split"] and e3["label_fit"]["labels"] == NAMES + ["ZSP_0", "ZSP_1"]
+    assert set(e3["label_fit"]["accuracy"]) == set(NAMES)  # scored on the labels the data has a truth for
     assert main(["-q", "cyclestarnet", "tsne", str(setup["syn"]), str(setup["same"]), "--raw", str(setup["syn"]),
                  "--model", model, "--stars", "40", "-o", str(tmp_path / "t.png")]) == 0
     assert (tmp_path / "t.png").stat().st_size > 10_000
