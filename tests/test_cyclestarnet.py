@@ -99,6 +99,8 @@ def test_free_split_latent_becomes_extra_labels(setup):
     assert r.labels.shape == (6, 6) and np.isfinite(r.labels).all()
     with pytest.raises(InputError):
         CycleEmulator(emu, net, split_box=(np.zeros(2), np.zeros(2)))
+    with pytest.raises(InputError):
+        adapted.save(setup["root"] / "adapted.npz")
 
 
 def test_losses_have_every_term_and_a_discriminator_after_warmup():

@@ -236,6 +236,9 @@ class CycleEmulator(PayneEmulator):
             return x + self.net.decode_obs(z, z_sp) - self.net.decode_syn(z)
         return self.net.decode_obs(z, z_sp)
 
+    def save(self, path, overwrite: bool = False):
+        raise InputError("an adapted emulator has no Payne .npz layout; keep its Cycle-StarNet folder instead")
+
     def __repr__(self) -> str:
         return (f"CycleEmulator(mode={self.mode}, free_split={self.free_split}, labels={self.n_labels}, "
                 f"pixels={self.n_pixels}, source={self.source!r})")
