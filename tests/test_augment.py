@@ -11,6 +11,7 @@ from chemtwin.core.grids import SPEED_OF_LIGHT_KMS, get_grid
 from chemtwin.data.augment import (
     Augmenter,
     add_noise,
+    continuum_error,
     mask_tellurics,
     persistence,
     telluric_mask,
@@ -167,6 +168,22 @@ def test_persistence_dilutes_lines_on_one_chip_only():
     core = int(LINE_PIXELS[1])
     assert np.all(out[:, core] >= flux[:, core]) and np.any(out[:, core] > flux[:, core])
     assert np.all(out[:, slices[1]] <= 1.0 + 1e-12)
+
+
+def test_continuum_error_is_smooth_per_chip_and_scales_ivar():
+    flux = line_spectra(4)
+    ivar = np.full_like(flux, 1e4)
+    out, out_ivar = continuum_error(flux, ivar, WAVE, 0.01, 3)
+    factor = out / flux
+    np.testing.assert_allclose(out_ivar, ivar / factor**2, rtol=1e-10)
+    assert 0 < np.abs(factor - 1).max() < 0.05
+    for s in chip_segments(WAVE)[0]:  # a quadratic across each chip: third differences vanish
+        assert np.abs(np.diff(factor[:, s], 3)).max() < 1e-9
+    same, _ = continuum_error(flux, ivar, WAVE, 0.01, 3)
+    np.testing.assert_array_equal(out, same)
+    np.testing.assert_array_equal(continuum_error(flux, ivar, WAVE, 0.0, 3)[0], flux)
+    with pytest.raises(InputError):
+        continuum_error(flux, ivar, WAVE, -1.0, 3)
 
 
 def test_same_seed_same_output():

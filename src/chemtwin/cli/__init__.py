@@ -38,6 +38,7 @@ COMMAND_MODULES = (
     "payne",  # registers `payne train` and `payne fit`
     "cannon",  # registers `cannon train` and `cannon test`
     "starnet",  # registers `starnet train` and `starnet predict`
+    "cyclestarnet",  # registers `cyclestarnet train|fit|embed|tsne`
 )
 
 

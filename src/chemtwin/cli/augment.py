@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--bad-pixel-frac", type=float, default=0.0, metavar="F", help="fraction of pixels set to flux 0, ivar 0")
     p.add_argument("--persistence", type=float, default=0.0, metavar="A", help="persistence-like line dilution, amplitude uniform in [0, A]")
     p.add_argument("--persistence-chip", default="green", choices=CHIP_NAMES, help="chip that gets persistence (default green, where the DR17 files flag it)")
+    p.add_argument("--continuum", type=float, default=0.0, metavar="A",
+                   help="continuum-normalization errors: tilt and curvature per chip, coefficients ~ N(0, A)")
     p.add_argument("--batch-size", type=positive_int, default=512, help="spectra per batch (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p.set_defaults(func=run)
@@ -62,6 +64,7 @@ def run(args) -> int:
         snr=parse_snr(args.snr), rv_max=args.rv_max, vsini_max=args.vsini_max, limb_darkening=args.limb_darkening,
         vmacro_max=args.vmacro_max, macro_kind=args.macro, telluric=args.telluric, telluric_rv_max=args.telluric_rv_max,
         bad_pixel_frac=args.bad_pixel_frac, persistence=args.persistence, persistence_chip=args.persistence_chip,
+        continuum=args.continuum,
     )
     prepare_output(args.out, args.overwrite, inputs=(args.input,))
     with open_dataset(args.input) as ds:

@@ -177,6 +177,24 @@ def persistence(flux, ivar, wavelength, amplitude: float, rng, chip: str = "gree
     return out_flux, out_ivar
 
 
+def continuum_error(flux, ivar, wavelength, amplitude: float, rng):
+    """A continuum-normalization error: each chip of each spectrum multiplied by 1 + a P1(x) + b P2(x)
+    (Legendre polynomials of the position x in [-1, 1] across the chip, a and b ~ N(0, amplitude)):
+    the tilt and curvature a pseudo-continuum fit leaves behind.  ivar is divided by the factor squared."""
+    flux, ivar, wavelength = check_batch(flux, ivar, wavelength)
+    rng = as_generator(rng)
+    if not np.isfinite(amplitude) or amplitude < 0:
+        raise InputError("continuum error amplitude must be >= 0")
+    slices, _ = chip_segments(wavelength)
+    factor = np.ones_like(flux, dtype=np.float64)
+    for s in slices:
+        x = np.linspace(-1.0, 1.0, s.stop - s.start)[None, :]
+        a, b = rng.normal(0.0, amplitude, size=(2, flux.shape[0], 1))
+        factor[:, s] = 1.0 + a * x + b * 0.5 * (3 * x * x - 1)
+    factor = np.clip(factor, 0.5, 1.5)
+    return flux * factor, ivar / factor**2
+
+
 # ---------------------------------------------------------------------------------------------
 # the bundle
 
@@ -195,6 +213,7 @@ class Augmenter:
     telluric: mask the telluric windows at a Doppler shift uniform in +-telluric_rv_max km/s.
     bad_pixel_frac: fraction of pixels zeroed (flux 0, ivar 0).
     persistence: amplitude of persistence-like line dilution on ``persistence_chip``.
+    continuum: amplitude of continuum-normalization errors (``continuum_error``).
     """
 
     snr: float | tuple[float, float] | list | None = None
@@ -208,9 +227,10 @@ class Augmenter:
     bad_pixel_frac: float = 0.0
     persistence: float = 0.0
     persistence_chip: str = "green"
+    continuum: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("rv_max", "vsini_max", "vmacro_max", "telluric_rv_max", "bad_pixel_frac", "persistence"):
+        for name in ("rv_max", "vsini_max", "vmacro_max", "telluric_rv_max", "bad_pixel_frac", "persistence", "continuum"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {value}")
@@ -251,6 +271,8 @@ class Augmenter:
             flux, ivar = doppler_shift(flux, ivar, wavelength, rng.uniform(-self.rv_max, self.rv_max, n))
         if self.persistence > 0:
             flux, ivar = persistence(flux, ivar, wavelength, self.persistence, rng, self.persistence_chip)
+        if self.continuum > 0:
+            flux, ivar = continuum_error(flux, ivar, wavelength, self.continuum, rng)
         if self.snr is not None:
             flux, ivar = add_noise(flux, ivar, self.snr, rng)
         if self.telluric:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from chemtwin.errors import InputError
 from chemtwin.methods.base import INPUTS, Fitted, Inputs, Method, Tags
 from chemtwin.methods.cannon import CannonLabels
+from chemtwin.methods.cyclestarnet import CycleStarNetLatent, CycleStarNetPayne
 from chemtwin.methods.fader import Cae, Fader, TrainedModel
 from chemtwin.methods.latents import LatentFileTags
 from chemtwin.methods.metric_wrapper import MetricWrapper
@@ -36,6 +37,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     TwinMetricOn(Fader()),
     TwinMetricOn(Cae()),
     TwinMetricOn(Polyres()),
+    CycleStarNetPayne(),  # a Cycle-StarNet folder: run only when asked (the bench trains none)
+    CycleStarNetLatent(),
     TrainedModel(),      # any model folder (chemtwin evaluate MODEL_DIR DATA.h5)
     LatentFileTags(),    # chemtwin evaluate --latents
 )}

@@ -118,12 +118,12 @@ class PayneLabels(Method):
             with open_dataset(calibration) as cal:
                 if target is not None and cal.n_pixels != target.n_pixels:
                     raise InputError(f"{cal.path} has {cal.n_pixels} pixels but {target.path} has {target.n_pixels}")
-                truth = np.asarray(cal.labels(names), dtype=np.float64)
+                truth = np.asarray(cal.labels([names[k] for k in chem]), dtype=np.float64)
                 if hold_rows is None:
                     hold_rows = np.sort(np.random.default_rng(inputs.seed).permutation(cal.n_stars)[:self.holdout_stars])
                 held = fit(cal, hold_rows, "payne hold-out")
                 source = str(cal.path)
-            cov, holdout = label_fit.error_covariance(held.labels[:, chem], truth[hold_rows][:, chem],
+            cov, holdout = label_fit.error_covariance(held.labels[:, chem], truth[hold_rows],
                                                       [names[k] for k in chem], source)
             white = whitening_matrix(cov)
         info = {"path": emu_info["source"], "class": "PayneEmulator", "format": emulator.format,
@@ -135,6 +135,7 @@ class PayneLabels(Method):
             fit_s = time.perf_counter() - t0
             w = white if white is not None else whitening_matrix(result.covariance[:, chem][:, :, chem])
             failed = ~np.isfinite(result.labels).all(1)
+            known = [k for k, n in enumerate(names) if n in ds.label_names]
             fit_info = {
                 "labels": names, "abundances": [names[k] for k in chem], "whitening": whiten,
                 "whitening_note": label_fit.WHITENING_NOTES[whiten], "holdout": holdout, "emulator": emu_info,
@@ -144,7 +145,9 @@ class PayneLabels(Method):
                 "median_reduced_chi2": float(np.nanmedian(result.reduced_chi2)) if (~failed).any() else None,
                 "median_formal_error": dict(zip(names, np.nanmedian(result.labels_err, 0).tolist()))
                 if (~failed).any() else None,
-                "accuracy": label_fit.accuracy(names, result.labels, label_fit.true_labels(ds, names)),
+                # labels the data has a truth for (an adapted emulator's nuisance parameters have none)
+                "accuracy": label_fit.accuracy([names[k] for k in known], result.labels[:, known],
+                                               label_fit.true_labels(ds, [names[k] for k in known])),
             }
             return Tags(result.labels[:, chem] @ w.T, extra={"label_fit": fit_info})
 
