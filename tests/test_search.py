@@ -357,5 +357,5 @@ def test_an_index_that_cannot_fit_in_memory_is_refused_before_work(tmp_path, cap
     assert index.memory_bytes(10**11) == 10**11 * (4 * 4 + 8 * 8)
     assert main(["index", str(path), "--out", str(tmp_path / "idx"), "--kind", "hnsw", "--M", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "an hnsw index of 100000000000 stars needs about 8,000 GB of memory" in err[0]
+    assert len(err) == 1 and "the hnsw index of 100000000000 stars needs about 8,000 GB of memory" in err[0]
     assert not (tmp_path / "idx").exists()

@@ -243,7 +243,7 @@ class TwinIndex:
         if z.ndim != 2:
             raise InputError(f"latents must be 2-D (stars, dims), got shape {z.shape}")
         index = cls(z.shape[1], metric, kind, **params)
-        check_memory(index.memory_bytes(len(z)), f"an {kind} index of {len(z)} stars")
+        check_memory(index.memory_bytes(len(z)), f"the {kind} index of {len(z)} stars")
         if kind == "ivf":
             nlist = index.nlist or default_nlist(len(z))
             rng = np.random.default_rng(seed)
@@ -268,7 +268,7 @@ class TwinIndex:
             if lf.n_stars == 0:
                 raise InputError(f"{path}: holds no latents")
             index = cls(lf.dim, metric, kind, **params)
-            check_memory(index.memory_bytes(lf.n_stars), f"{path}: an {kind} index of {lf.n_stars} stars")
+            check_memory(index.memory_bytes(lf.n_stars), f"{path}: the {kind} index of {lf.n_stars} stars")
             index.source = str(Path(path).resolve())
             if kind == "ivf":
                 nlist = index.nlist or default_nlist(lf.n_stars)
