@@ -119,17 +119,6 @@ def load(folder, mode: str = "full", split_box=None) -> tuple[CycleStarNet, Payn
     return net.eval(), emulator, CycleEmulator(emulator, net, mode, source=f"{d} ({mode})", split_box=split_box), meta
 
 
-def _write_history_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def read_history(folder) -> list[dict]:
     path = Path(folder) / "history.csv"
     if not path.exists():
@@ -337,7 +326,7 @@ class _Run:
         return self.meta
 
     def _log(self, row: dict) -> None:
-        _write_history_row(self.hist, row)
+        model_folder.append_history(self.hist, row, HISTORY_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------- use
