@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda: no CUDA device is available", "device")
+        raise InputError("device cuda: this machine has no CUDA GPU", "device")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
