@@ -23,6 +23,7 @@ from chemtwin.errors import InputError
 from chemtwin.tagging.starnet_estimator import StarNet
 
 from fake_twins import LABEL_NAMES, fake_twins, write_fake
+from kill_script import DIE_IN_CHECKPOINT
 
 TINY = dict(filters=(4, 8), hidden=(32,), batch_size=16)
 TRAIN = ["--filters", "4,8", "--hidden", "32", "--batch-size", "8", "--seed", "0", "--threads", "1"]
@@ -146,22 +147,6 @@ def test_labels_file_flags_stars_without_a_measured_pixel(data, tmp_path):
 
 # --------------------------------------------------------------------------- kill -9, then resume
 KILL_TRAIN = ["--labels", "TEFF,LOGG,FE_H", "--epochs", "6", "--snr", "100", *TRAIN]
-DIE_IN_CHECKPOINT = """
-import os, signal, sys
-import chemtwin.tagging.model_folder as model_folder
-real, k, count = model_folder.save_file, int(sys.argv[1]), [0]
-def save_file(tensors, path, metadata=None):
-    real(tensors, path, metadata=metadata)
-    if "checkpoint" in os.path.basename(str(path)):
-        count[0] += 1
-        if count[0] == k:
-            with open(path, "r+b") as fh:
-                fh.truncate(os.path.getsize(path) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-model_folder.save_file = save_file
-from chemtwin.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def _env() -> dict:

@@ -201,26 +201,35 @@ def read_reference(meta: dict, model_dir="model") -> dict | None:
     return ref
 
 
-def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | None]:
-    """(model, config.json contents, wavelength or None) of a trained model directory."""
-    meta = read_model_dir(model_dir)
-    cfg = FaderConfig.from_dict(meta["config"])
+def read_weights(model_dir, record_key: str, missing: str) -> tuple[dict, str | None, torch.Tensor | None]:
+    """(tensors, the metadata entry ``record_key`` the weights were saved with or None, the wavelength
+    grid or None) of ``model_dir/model.safetensors``, for every kind of model folder; InputError naming
+    the folder when the file is absent (``missing`` says what that means), unreadable or not finite."""
     path = Path(model_dir) / "model.safetensors"
     if not path.is_file():
-        raise InputError(f"{model_dir}: not a chemtwin model (no model.safetensors; training never reached a checkpoint)")
+        raise InputError(f"{model_dir}: {missing}")
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            recorded = (f.metadata() or {}).get("condition")
+            recorded = (f.metadata() or {}).get(record_key)
     except Exception as exc:  # safetensors raises its own error type for truncated/garbled files
         raise InputError(f"{model_dir}: model.safetensors is unreadable ({describe_error(exc)})") from None
-    if recorded is not None and recorded != json.dumps(list(cfg.net.condition)):
-        raise InputError(f"{model_dir}: config.json conditions on {', '.join(cfg.net.condition)}, the weights were "
-                         f"trained on {recorded}")
     wavelength = tensors.pop("data.wavelength", None)
     _check_finite(tensors, f"{model_dir}: model.safetensors is unusable")
     if wavelength is not None and not bool(torch.isfinite(wavelength).all()):
         raise InputError(f"{model_dir}: model.safetensors is unusable (data.wavelength is not finite)")
+    return tensors, recorded, wavelength
+
+
+def load_model(model_dir, device="cpu") -> tuple[FaderNet, dict, np.ndarray | None]:
+    """(model, config.json contents, wavelength or None) of a trained model directory."""
+    meta = read_model_dir(model_dir)
+    cfg = FaderConfig.from_dict(meta["config"])
+    tensors, recorded, wavelength = read_weights(
+        model_dir, "condition", "not a chemtwin model (no model.safetensors; training never reached a checkpoint)")
+    if recorded is not None and recorded != json.dumps(list(cfg.net.condition)):
+        raise InputError(f"{model_dir}: config.json conditions on {', '.join(cfg.net.condition)}, the weights were "
+                         f"trained on {recorded}")
     # The network config.json describes, built without memory first: a damaged config.json can
     # ask for any size, and only the weights on disk say what is real.
     with torch.device("meta"):

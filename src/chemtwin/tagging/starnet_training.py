@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -131,19 +130,10 @@ def load_model(model_dir, device="cpu") -> tuple[StarNetModel, dict, np.ndarray 
     """(network, config.json, wavelength or None) of a StarNet model folder."""
     meta = read_starnet_dir(model_dir)
     cfg = StarNetConfig.from_dict(meta["config"])
-    path = Path(model_dir) / "model.safetensors"
-    if not path.is_file():
-        raise InputError(f"{model_dir}: no model.safetensors (training never reached a checkpoint)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            recorded = (f.metadata() or {}).get("labels")
-    except Exception as exc:  # safetensors' own error type for damaged files
-        raise InputError(f"{model_dir}: model.safetensors is unreadable ({describe_error(exc)})") from None
+    tensors, recorded, wavelength = model_folder.read_weights(
+        model_dir, "labels", "no model.safetensors (training never reached a checkpoint)")
     if recorded is not None and recorded != json.dumps(list(cfg.labels)):
         raise InputError(f"{model_dir}: config.json names labels {', '.join(cfg.labels)}, the weights {recorded}")
-    wavelength = tensors.pop("data.wavelength", None)
-    model_folder._check_finite(tensors, f"{model_dir}: model.safetensors is unusable")
     model = StarNetModel(cfg, int(meta["n_pixels"]))
     try:
         model.load_state_dict(tensors)
