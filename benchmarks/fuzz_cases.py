@@ -236,7 +236,7 @@ PATH_COMMANDS = {
     "generate": ("generate", ["generate", "-o", "{OUT}", "--n-groups", "2", "--threads", "1"], None, "g.h5"),
     "generate-emulator": ("generate", ["generate", "-o", "{OUT}", "--emulator", "{IN}", "--n-groups", "2"], "emulator", "g.h5"),
     "bench": ("bench", ["bench", "-o", "{OUT}", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr",
-                        "100", "--mismatch-snr", "none", "--time-limit", "1"], None, "bench/"),
+                        "100", "--protocol", "paper", "--mismatch-snr", "none", "--time-limit", "1"], None, "bench/"),
 }
 IS_DIR_SEED = {"model", "index", "shards", "latent_shards"}
 
@@ -341,7 +341,7 @@ def _opts() -> list[tuple]:
     ctest = ["cannon", "test", "{cannon}", "{data}", "--out", "{C}/l.h5"]
     ingest = ["ingest", "{apstar}", "--catalog", "{catalog}", "--out", "{C}/i.h5"]
     bench = ["bench", "-o", "{C}/b", "--n-train-pairs", "20", "--n-val-pairs", "10", "--methods", "raw", "--snr", "100",
-             "--mismatch-snr", "none", "--time-limit", "1"]
+             "--protocol", "paper", "--mismatch-snr", "none", "--time-limit", "1"]
     B, A = "bad", "any"
 
     def o(flag, *values_expect):
@@ -509,6 +509,8 @@ def _opts() -> list[tuple]:
          + o("--n-val-pairs", ("0", B), (HUGE, B))
          + o("--snr", ("abc", B), ("0", B), ("-1", B), ("", B), ("nan", B))
          + o("--mismatch-snr", ("abc", B), ("0", B))
+         + o("--protocol", ("bogus", B), ("survey", B))
+         + o("--teff-error", ("-1", B), ("nan", B))
          + o("--methods", ("bogus", B), ("", B))
          + o("--time-limit", ("0", B), ("nan", B), ("-1", B))
          + o("--latent-dim", ("0", B), (HUGE, B))

@@ -65,10 +65,13 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
 
 
 def test_scenarios_and_names():
-    cfg = BenchConfig(snrs=("inf", 50), mismatch_snr=100)
+    cfg = BenchConfig(protocol="paper", snrs=("inf", 50), mismatch_snr=100)
     assert [sc.name for sc in cfg.scenarios()] == ["snrinf", "snr50", "snr100_mismatch"]
     assert Scenario(math.inf, False).label == "SNR inf"
-    assert BenchConfig(mismatch_snr=None).scenarios()[-1] == Scenario(30.0, False)
+    assert BenchConfig(protocol="paper", mismatch_snr=None).scenarios()[-1] == Scenario(30.0, False)
+    # the survey protocol gives the model-based methods the other code at every SNR: no separate scenario
+    survey = BenchConfig(snrs=("inf", 50), mismatch_snr=100)
+    assert survey.protocol == "survey" and [sc.name for sc in survey.scenarios()] == ["snrinf", "snr50"]
 
 
 def test_anchor_text_uses_the_published_numbers():
@@ -85,6 +88,12 @@ def test_anchor_text_uses_the_published_numbers():
     (["--n-val-pairs", "1"], "at least 2"),
     (["--time-limit", "0"], "time limit must be positive"),
     (["--metric", "l3"], "metric"),
+    (["--protocol", "asteroseismic"], "unknown --protocol"),
+    (["--teff-error", "-30"], "--teff-error must be a finite number >= 0"),
+    (["--logg-systematic", "-0.1"], "--logg-systematic must be a finite number >= 0"),
+    (["--logg-error", "nan"], "--logg-error must be a finite number >= 0"),
+    (["--protocol", "paper", "--teff-error", "30"], "the survey protocol's"),
+    (["--mismatch-snr", "50"], "the paper protocol's"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", "-o", str(tmp_path / "b"), "--quick", *argv]) == 2
@@ -111,12 +120,14 @@ def test_refuses_a_foreign_folder_and_other_settings(tmp_path, capsys):
 def test_quick_config_is_small():
     cfg = BenchConfig.quick_config()
     assert cfg.quick and cfg.n_train_pairs * cfg.time_limit < BenchConfig().n_train_pairs * BenchConfig().time_limit
-    assert np.isinf(cfg.snrs[0]) and cfg.mismatch_snr == 100
+    assert np.isinf(cfg.snrs[0]) and cfg.mismatch_snr is None and cfg.protocol == "survey"
+    assert BenchConfig.quick_config(protocol="paper").mismatch_snr == 100
 
 
 def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
     out = tmp_path / "b"
-    assert main(["-q", "bench", "-o", str(out), "--quick", "--snr", "inf", "--mismatch-snr", "none", "--methods", "raw",
+    assert main(["-q", "bench", "-o", str(out), "--quick", "--protocol", "paper", "--snr", "inf", "--mismatch-snr",
+                 "none", "--methods", "raw",
                  "--n-train-pairs", "3", "--n-val-pairs", "4"]) == 0
     cfg = json.loads((out / "bench_config.json").read_text())
     assert cfg["mismatch_snr"] is None and cfg["snrs"] == ["inf"] and cfg["n_val_pairs"] == 4
@@ -127,7 +138,7 @@ def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
 def test_a_finished_bench_given_more_methods_computes_only_their_rows(tmp_path, capsys):
     out = tmp_path / "b"
     small = ["-q", "bench", "-o", str(out), "--n-train-pairs", "30", "--n-val-pairs", "20", "--snr", "inf",
-             "--mismatch-snr", "none", "--time-limit", "1"]
+             "--time-limit", "1"]
     assert main([*small, "--methods", "raw"]) == 0
     first = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in first["rows"]] == ["raw"]

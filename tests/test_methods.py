@@ -88,7 +88,7 @@ def test_a_new_method_is_evaluated_by_name_and_its_ranks_are_its_tags(toy, sets,
 def test_a_new_method_gets_a_bench_row_and_a_report_line(toy, tmp_path):
     out = tmp_path / "bench"
     assert main(["-q", "bench", "-o", str(out), "--n-train-pairs", "20", "--n-val-pairs", "20", "--snr", "inf",
-                 "--mismatch-snr", "none", "--time-limit", "1", "--methods", "raw,bands"]) == 0
+                 "--time-limit", "1", "--methods", "raw,bands"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["raw", "bands"] and rows[1]["n_stars"] == 40
     table = (out / "report.md").read_text()

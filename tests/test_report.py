@@ -165,7 +165,7 @@ def test_report_of_a_small_bench_with_100_stars(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["-q", "bench", str(out), "--n-train-pairs", "30", "--n-val-pairs", "50", "--snr", "inf",
-                     "--mismatch-snr", "none", "--time-limit", "20", "--methods", "fader,cae,raw"]) == 0
+                     "--time-limit", "20", "--methods", "fader,cae,raw"]) == 0
     layout = [str(w.message) for w in caught if any(k in str(w.message).lower() for k in ("layout", "legend"))]
     assert layout == []
     text = (out / "report.md").read_text()

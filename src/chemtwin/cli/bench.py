@@ -1,9 +1,9 @@
 """``chemtwin bench``: the whole benchmark, from generated data to ``report.md``.
 
-    chemtwin bench -o OUT_DIR [--quick] [--snr inf,100,50,30] [--time-limit SECONDS] ...
+    chemtwin bench -o OUT_DIR [--quick] [--protocol survey|paper] [--snr inf,100,50,30] ...
 
-Generates twin sets at every SNR (and an "observed-like" mismatch set), trains the fader
-and the cae baseline at each, evaluates every method on the same validation stars and
+Generates twin sets at every SNR (the paper protocol adds an "observed-like" mismatch set),
+trains the fader and the cae baseline at each, evaluates every method on the same validation stars and
 writes ``OUT_DIR/report.md``, ``OUT_DIR/results.json`` and ``OUT_DIR/figures/``.  Run the
 same command again to finish an interrupted run: finished steps are skipped.
 """
@@ -16,7 +16,8 @@ import torch
 
 from chemtwin.cli.arguments import add_output, positive_int, seed, thread_count
 from chemtwin.errors import InputError
-from chemtwin.evaluation.bench import BenchConfig, bench_methods, on_request_methods, run_bench
+from chemtwin.data.label_errors import LabelErrors
+from chemtwin.evaluation.bench import PROTOCOLS, BenchConfig, bench_methods, on_request_methods, run_bench
 
 
 def _snrs(text: str) -> tuple:
@@ -32,17 +33,30 @@ def register(subparsers) -> None:
         description="Generate twin sets at several SNRs, train the fader and the cae baseline at each, evaluate "
                     "every method (fader, cae, Cramer-Rao oracle, polynomial residuals, raw spectra, The Cannon, "
                     "The Payne, and fader, cae and polyres with the twin metric) on the same validation stars, and write report.md, results.json and figures. "
-                    "Defaults are the paper's protocol (25,000/12,500 pairs; hours on a CPU); --quick runs a small "
+                    "Defaults are the paper's sizes (25,000/12,500 pairs; hours on a CPU); --quick runs a small "
                     "version in minutes. Rerun the same command to finish an interrupted run.")
     add_output(p, "OUT_DIR", "folder for data, models, results and the report", positional=True)
     p.add_argument("--quick", action="store_true",
                    help="small sets (1,000/300 pairs), 15 s of training per model: minutes on 2 CPU cores")
     p.add_argument("--n-train-pairs", type=positive_int, default=None, help="training twin pairs per scenario (default 25000)")
     p.add_argument("--n-val-pairs", type=positive_int, default=None, help="validation twin pairs per scenario (default 12500)")
+    p.add_argument("--protocol", default="survey", metavar="|".join(PROTOCOLS),
+                   help="survey (default): TEFF/LOGG with survey errors, The Payne with another code's emulator and "
+                        "The Cannon on that pipeline's labels, at every SNR; paper: exact labels and the matched "
+                        "model, plus one mismatch scenario")
+    defaults = LabelErrors()
+    p.add_argument("--teff-error", type=float, default=None, metavar="K",
+                   help=f"survey protocol: random TEFF error, 1 sigma (default {defaults.teff_random:g} K)")
+    p.add_argument("--logg-error", type=float, default=None, metavar="DEX",
+                   help=f"survey protocol: random LOGG error, 1 sigma (default {defaults.logg_random:g} dex)")
+    p.add_argument("--teff-systematic", type=float, default=None, metavar="K",
+                   help=f"survey protocol: TEFF error per dex of FE_H (default {defaults.teff_per_feh:g} K)")
+    p.add_argument("--logg-systematic", type=float, default=None, metavar="DEX",
+                   help=f"survey protocol: LOGG error per dex of FE_H (default {defaults.logg_per_feh:g} dex)")
     p.add_argument("--snr", default=None, help="comma-separated SNRs to run (default inf,100,50,30)")
     p.add_argument("--mismatch-snr", default=None,
-                   help="SNR of the observed-like scenario made with perturbed atomic data (default 100; 'none' "
-                        "to leave it out)")
+                   help="paper protocol: SNR of the observed-like scenario made with perturbed atomic data (default "
+                        "100; 'none' to leave it out)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default all: {','.join(bench_methods())}; also, only when "
                         f"named: {','.join(on_request_methods())})")
@@ -68,6 +82,22 @@ def run(args) -> int:
              "preset": args.preset, "latent_dim": args.latent_dim, "metric": args.metric, "seed": args.seed,
              "device": args.device}
     given = {k: v for k, v in given.items() if v is not None}
+    errors = {"teff_random": args.teff_error, "logg_random": args.logg_error, "teff_per_feh": args.teff_systematic,
+              "logg_per_feh": args.logg_systematic}
+    for flag, value in zip(("--teff-error", "--logg-error", "--teff-systematic", "--logg-systematic"), errors.values()):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{flag} must be a finite number >= 0, got {value}")
+    errors = {k: v for k, v in errors.items() if v is not None}
+    protocol = args.protocol.strip().lower()
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown --protocol {args.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if protocol == "paper" and errors:
+        raise InputError("--teff-error, --logg-error and the systematics are the survey protocol's; the paper "
+                         "protocol gives exact labels")
+    if protocol == "survey" and args.mismatch_snr is not None:
+        raise InputError("--mismatch-snr is the paper protocol's: the survey protocol gives the model-based methods "
+                         "the other code at every SNR")
+    given.update(protocol=protocol, label_errors=LabelErrors(**errors))
     if args.snr is not None:
         given["snrs"] = _snrs(args.snr)
     if args.mismatch_snr is not None:  # "none" (no mismatch scenario) is kept as None

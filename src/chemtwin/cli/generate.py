@@ -23,6 +23,7 @@ from chemtwin.data.population import RedGiantPrior
 from chemtwin.data.shard_folder import MANIFEST
 from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError
+from chemtwin.spectral_models.linelist import DEFAULT_LINELIST, LINELISTS
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=seed, default=0, help="random seed; the same seed gives the same file (default 0)")
     p.add_argument("--threads", type=thread_count, default=None, help="synthesis threads (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--linelist", choices=tuple(LINELISTS), default=DEFAULT_LINELIST,
+                   help="line list: calibrated (lines found in real APOGEE spectra, default) or drawn (lines drawn "
+                        "inside the ASPCAP element windows; the bench's second code)")
     p.add_argument("--mismatch", action="store_true",
                    help="'observed-like' spectra: the synthesizer with wrong atomic data (log gf jitter of 0.1 dex "
                         "per line, 10%% of the lines removed); same labels as without it")
@@ -65,6 +69,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if args.mismatch_seed is not None and not args.mismatch:
         raise InputError("--mismatch-seed needs --mismatch")
+    if args.emulator and args.linelist != DEFAULT_LINELIST:
+        raise InputError("--linelist chooses the embedded synthesizer's line list; it cannot be used with --emulator")
     if args.mismatch and args.emulator:
         raise InputError("--mismatch perturbs the embedded synthesizer's line list; it cannot be used with --emulator")
     if args.emulator:
@@ -74,7 +80,7 @@ def run(args) -> int:
     prior = RedGiantPrior(teff=tuple(args.teff), logg=tuple(args.logg))
     start = time.perf_counter()
     settings = dict(n_groups=args.n_groups, group_size=args.group_size, snr=args.snr, seed=args.seed, grid=args.grid,
-                    prior=prior, overwrite=args.overwrite, progress=args.progress,
+                    prior=prior, overwrite=args.overwrite, progress=args.progress, linelist=args.linelist,
                     mismatch=args.mismatch if args.mismatch_seed is None else args.mismatch_seed)
     if wants_cluster(args):
         n_stars = args.n_groups * args.group_size  # refused before a cluster starts, not after

@@ -5,7 +5,10 @@ Layout (``LAYOUT_VERSION`` 1; see docs/dataset.md):
 * ``flux``        float32 (N, P), continuum-normalized, chunked by rows
 * ``ivar``        float32 (N, P), inverse variance; 0 marks a masked pixel
 * ``wavelength``  float64 (P,), vacuum Angstrom
-* ``labels``      float32 (N, L), attribute ``names`` (APOGEE allStar column names)
+* ``labels``      float32 (N, L), attribute ``names`` (APOGEE allStar column names): the labels
+                  a method is given (for real spectra: the survey's)
+* ``true_labels`` optional float32 (N, L), same names: the truth, where ``labels`` carry errors
+                  (``generate`` with ``label_errors``); only scoring and the oracle read it
 * ``group``       int64 (N,), stars with the same value >= 0 share chemistry; -1 unknown
 * ``star_id``     optional variable-length str (N,), e.g. APOGEE_ID for real spectra
 * ``telescope``, ``field``  optional str (N,): allStar's TELESCOPE and FIELD (``chemtwin ingest``)
@@ -108,8 +111,10 @@ class DatasetWriter:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         expected_rows: int | None = None,
         text_columns: tuple[str, ...] = (),
+        with_true_labels: bool = False,
     ):
         self.text_columns = tuple(text_columns)
+        self.with_true_labels = with_true_labels
         self.path = prepare_output(path, overwrite)
         self.overwrite = overwrite
         wavelength = np.asarray(wavelength, dtype=np.float64)
@@ -137,11 +142,12 @@ class DatasetWriter:
                 chunks=(rows, self.n_pixels),
             )
         f.create_dataset("wavelength", data=wavelength)
-        labels = f.create_dataset(
-            "labels", shape=(0, self.n_labels), maxshape=(None, self.n_labels), dtype="f4",
-            chunks=(max(rows, 1024), max(self.n_labels, 1)),
-        )
-        labels.attrs["names"] = np.array(list(label_names), dtype=h5py.string_dtype())
+        for name in ("labels",) + (("true_labels",) if self.with_true_labels else ()):
+            labels = f.create_dataset(
+                name, shape=(0, self.n_labels), maxshape=(None, self.n_labels), dtype="f4",
+                chunks=(max(rows, 1024), max(self.n_labels, 1)),
+            )
+            labels.attrs["names"] = np.array(list(label_names), dtype=h5py.string_dtype())
         f.create_dataset("group", shape=(0,), maxshape=(None,), dtype="i8", chunks=(max(rows, 4096),))
         if with_star_id:
             f.create_dataset("star_id", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
@@ -149,14 +155,14 @@ class DatasetWriter:
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
         # Held open until close: a dataset handle dropped mid-file flushes its chunk cache in a
         # destructor, where a full disk is only a printed warning and the writing goes on.
-        self._columns = {name: f[name] for name in ("flux", "ivar", "labels", "group", "star_id", *self.text_columns)
-                         if name in f}
+        self._columns = {name: f[name] for name in ("flux", "ivar", "labels", "true_labels", "group", "star_id",
+                                                    *self.text_columns) if name in f}
         f.attrs["chemtwin_version"] = __version__
         f.attrs["layout_version"] = LAYOUT_VERSION
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
 
-    def append(self, flux, ivar, labels, group, star_id=None, text: dict | None = None) -> None:
+    def append(self, flux, ivar, labels, group, star_id=None, text: dict | None = None, true_labels=None) -> None:
         flux = np.asarray(flux, dtype=np.float32)
         n = flux.shape[0]
         if flux.shape != (n, self.n_pixels) or np.shape(ivar) != flux.shape:
@@ -164,6 +170,10 @@ class DatasetWriter:
         if np.shape(labels) != (n, self.n_labels) or np.shape(group) != (n,):
             raise InputError("batch labels/group do not match the batch size")
         columns = {"flux": flux, "ivar": ivar, "labels": labels, "group": group}
+        if self.with_true_labels:
+            if np.shape(true_labels) != (n, self.n_labels):
+                raise InputError("this dataset stores true_labels: give one row per star")
+            columns["true_labels"] = true_labels
         if "star_id" in self._columns:
             if star_id is None or len(star_id) != n:
                 raise InputError("this dataset stores star_id: give one per row")
@@ -211,6 +221,7 @@ class BaseDataset:
     the attributes ``path``, ``n_stars``, ``n_pixels``, ``label_names``, ``attrs``, ``wavelength``."""
 
     has_star_id = False
+    has_true_labels = False
 
     def __len__(self) -> int:
         return self.n_stars
@@ -229,6 +240,14 @@ class BaseDataset:
         if names is None:
             return values
         return values[:, self.label_columns(names)]
+
+    def true_labels(self, names: list[str] | tuple[str, ...] | None = None) -> np.ndarray:
+        """The true values of the named labels: ``true_labels`` where the file has them (its
+        ``labels`` carry survey-like errors), else ``labels``.  For scoring only."""
+        if not self.has_true_labels:
+            return self.labels(names)
+        values = self.column("true_labels")
+        return values if names is None else values[:, self.label_columns(names)]
 
     def label_columns(self, names, role: str = "label") -> list[int]:
         return label_columns(self, names, role)
@@ -281,7 +300,8 @@ class SpectraDataset(BaseDataset):
         missing = [name for name in REQUIRED if name not in f]
         if missing:
             raise InputError(f"{self.path}: not a chemtwin dataset (missing {', '.join(missing)})")
-        for name in REQUIRED + (("star_id",) if "star_id" in f else ()):
+        optional = tuple(name for name in ("star_id", "true_labels") if name in f)
+        for name in REQUIRED + optional:
             check_dataset(f, name, self.path, kind="U" if name == "star_id" else "iu" if name == "group" else "f")
         n, p = f["flux"].shape if f["flux"].ndim == 2 else (-1, -1)
         consistent = (
@@ -291,6 +311,7 @@ class SpectraDataset(BaseDataset):
             and f["labels"].shape[0] == n
             and f["group"].shape == (n,)
             and ("star_id" not in f or f["star_id"].shape == (n,))
+            and ("true_labels" not in f or f["true_labels"].shape == f["labels"].shape)
             and "names" in f["labels"].attrs
             and len(f["labels"].attrs["names"]) == f["labels"].shape[1]
         )
@@ -311,6 +332,10 @@ class SpectraDataset(BaseDataset):
     @property
     def has_star_id(self) -> bool:
         return "star_id" in self._file
+
+    @property
+    def has_true_labels(self) -> bool:
+        return "true_labels" in self._file
 
     def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of one per-row array (flux, ivar, labels, group, star_id)."""
@@ -350,6 +375,7 @@ class RowRange(BaseDataset):
         self.path = f"{parent.path} rows {start}-{stop}"
         self.n_stars, self.n_pixels = self.stop - self.start, parent.n_pixels
         self.label_names, self.attrs, self.has_star_id = parent.label_names, parent.attrs, parent.has_star_id
+        self.has_true_labels = parent.has_true_labels
 
     @property
     def wavelength(self) -> np.ndarray:
@@ -385,6 +411,7 @@ class ShardedDataset(ShardSet, BaseDataset):
         self._init_shards(folder)
         first = self._shard(0)
         self.n_pixels, self.label_names, self.has_star_id = first.n_pixels, first.label_names, first.has_star_id
+        self.has_true_labels = first.has_true_labels
         self.attrs = dict(first.attrs, shards=len(self.shard_names))
 
     def _open_shard(self, path: Path) -> SpectraDataset:
@@ -398,7 +425,8 @@ class ShardedDataset(ShardSet, BaseDataset):
             raise InputError(f"{self.path}: shard {name} has another pixel grid ({ds.n_pixels} px) than {MANIFEST} "
                              f"records ({m.get('n_pixels', '?')} px); shards of one dataset must share one grid")
         first = self._first
-        if ds.label_names != first.label_names or ds.has_star_id != first.has_star_id:
+        if (ds.label_names != first.label_names or ds.has_star_id != first.has_star_id
+                or ds.has_true_labels != first.has_true_labels):
             raise InputError(f"{self.path}: shard {name} has other labels or star ids than shard {self.shard_names[0]}")
 
     @property

@@ -6,7 +6,9 @@ Layout (``LAYOUT_VERSION`` 1; docs/benchmarks.md), scenarios named ``snrinf``, `
 * ``bench_config.json``                  the run's settings (``BenchConfig``); a rerun with the
                                          same settings resumes, other methods add rows
 * ``data/{train,val}_{scenario}.h5``     the twin sets (chemtwin datasets)
-* ``data/payne_train_snrinf.h5``         the noiseless set the Payne's emulator learns from
+* ``data/pipeline_{scenario}.h5``         survey protocol: training stars with pipeline labels
+* ``data/payne_train_snrinf.h5``         the noiseless set the Payne's emulator learns from (survey
+                                         protocol: made with the other line list)
 * ``data/val_jacobians.h5``              the oracle's cache of Fisher matrices (all scenarios)
 * ``models/{kind}_{scenario}/``          trained model folders (``chemtwin.tagging.model_folder``)
 * ``models/payne_emulator.npz`` + ``.json``  the emulator and its training summary
@@ -69,7 +71,7 @@ class BenchFolder:
         return self.root / REPORT
 
     def dataset(self, kind: str, scenario: str) -> Path:
-        """``kind``: "train" or "val"."""
+        """``kind``: "train", "val" or "pipeline" (survey protocol: training stars with pipeline labels)."""
         return self.data / f"{kind}_{scenario}.h5"
 
     @property

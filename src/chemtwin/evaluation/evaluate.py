@@ -62,7 +62,7 @@ def evaluate(method: Method | str, data=None, *, metric: str | None = None, max_
         if fitted.condition:
             names = list(fitted.condition)
             try:
-                extra["condition_r2"] = condition_leakage(tags.values, ds.labels(names), names, seed=inputs.seed)
+                extra["condition_r2"] = condition_leakage(tags.values, ds.true_labels(names), names, seed=inputs.seed)
             except InputError as exc:  # a diagnostic beside the ranks: too few stars skip it, not the ranks
                 log.warning("condition leakage not measured: %s", exc)
                 extra["condition_r2"] = None

@@ -164,7 +164,7 @@ def plot_latent_map(root: Path, scenario: str, path: Path, seed: int = 0) -> Pat
     with open_dataset(folder.dataset("val", scenario)) as ds:
         rows = np.sort(np.random.default_rng(seed).choice(ds.n_stars, min(MAP_STARS, ds.n_stars), replace=False))
         b = ds.take(rows)
-        colour = b.labels[:, ds.label_columns(names)]
+        colour = ds.true_labels(names)[rows]
         plt = _plt()
         fig, axes = plt.subplots(len(models), 3, figsize=(13, 4 * len(models) + 0.6), dpi=110, squeeze=False,
                                  layout="constrained")
@@ -264,6 +264,22 @@ def _sci(x) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
+def _information(cfg: dict) -> str:
+    """What the methods were given: the bench's protocol (runs before protocols were the paper's)."""
+    if cfg.get("protocol", "paper") == "paper":
+        return ("Information: the **paper protocol**. Every method is given the exact TEFF and LOGG; The Cannon "
+                "trains on the true labels; The Payne fits with an emulator of the synthesizer that made the spectra.")
+    e = cfg.get("label_errors", {})
+    return ("Information: the **survey protocol**, only what a survey has. TEFF and LOGG carry survey-like errors "
+            f"wherever a method reads them (random {e.get('teff_random', '?'):g} K and {e.get('logg_random', '?'):g} "
+            f"dex; systematic {e.get('teff_per_feh', '?'):g} K and {e.get('logg_per_feh', '?'):g} dex per dex of "
+            "FE_H). The model-based methods have another code than the one that made the spectra, at every SNR: "
+            "the synthesizer with other atomic data (log gf off by 0.1 dex per line, 10% of the lines missing). "
+            "The Payne fits with an emulator of that code, and The Cannon trains on the labels that "
+            f"pipeline fitted to {cfg.get('pipeline_label_stars', 0):,} training stars. Only the scores and the "
+            "oracle read the true labels.")
+
+
 def write_report(root, results: dict) -> Path:
     """Figures into ``root/figures`` and ``root/report.md``; returns the report's path."""
     root = Path(root)
@@ -300,6 +316,8 @@ def write_report(root, results: dict) -> Path:
         "supervision the published methods did not use."
         + (" **Quick run**: small sets and short training, a smoke test of the whole pipeline, "
            "not a measurement of the method." if cfg.get("quick") else ""),
+        "",
+        _information(cfg),
         "",
         f"Machine: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, torch {mach.get('torch', '?')}"
         + (f", GPU {mach['gpu']}" if mach.get("gpu") else ", no GPU")

@@ -12,6 +12,8 @@ scores).  It says what it needs, and the CLI and the bench provide exactly that:
 * ``whitened``  its tags are whitened by their errors or scatter: ranked with L2, the
   Mahalanobis distance (``default_metric``), also in a bench run with another ``--metric``.
 * ``applies_to_mismatch``  False where a bench's observed-like scenario makes it meaningless.
+* ``learns_labels``  it learns from the training set's labels beyond TEFF/LOGG (The Cannon,
+  StarNet): a bench's survey protocol trains it on pipeline labels, not the truth.
 * ``wrappable``  a learned metric (``methods.metric_wrapper``) may be put on its tags.
 * ``in_default_bench``  False where a bench runs it only when named (``--methods``): StarNet,
   whose training would make the quick bench slower.
@@ -84,6 +86,7 @@ class Method:
     model_kind: ClassVar[str | None] = None
     whitened: ClassVar[bool] = False
     applies_to_mismatch: ClassVar[bool] = True
+    learns_labels: ClassVar[bool] = False
     wrappable: ClassVar[bool] = False
     in_default_bench: ClassVar[bool] = True       # False: a bench runs it only when asked (--methods)
     base: ClassVar[Method | None] = None          # the method a wrapper wraps

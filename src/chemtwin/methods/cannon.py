@@ -32,6 +32,7 @@ class CannonLabels(Method):
     label: ClassVar[str] = "The Cannon"
     needs: ClassVar[dict] = {"train": "labelled stars: its training set"}
     whitened: ClassVar[bool] = True
+    learns_labels: ClassVar[bool] = True
     label_names: tuple | None = None
     order: int = 2
     whiten: str = "errors"

@@ -88,7 +88,7 @@ def true_labels(ds, names) -> np.ndarray | None:
     """True labels of the evaluated stars (for reporting the accuracy only), when the dataset has them."""
     if not all(n in ds.label_names for n in names):
         return None
-    values = np.asarray(ds.labels(list(names)), dtype=np.float64)
+    values = np.asarray(ds.true_labels(list(names)), dtype=np.float64)
     return values if np.isfinite(values).any() else None
 
 

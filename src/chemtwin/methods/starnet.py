@@ -40,6 +40,7 @@ class StarNetLabels(Method):
     label: ClassVar[str] = "StarNet"
     needs: ClassVar[dict] = {"train": "labelled stars: its training set"}
     whitened: ClassVar[bool] = True
+    learns_labels: ClassVar[bool] = True
     in_default_bench: ClassVar[bool] = False
     label_names: tuple | None = None
     holdout_stars: int = 1000

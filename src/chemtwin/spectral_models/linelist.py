@@ -1,9 +1,10 @@
 """The shipped line lists and element windows.
 
-Two line lists, as two radiative-transfer codes have two: ``"drawn"`` (lines drawn inside the ASPCAP
-windows: scripts/derive_linelist.py; still the default) and ``"calibrated"`` (lines found in the
-real APOGEE fixtures, strengths and excitation calibrated on them: scripts/derive_calibrated_linelist.py;
-it becomes the default once the synthesizer's physics tests hold on it, issue 15).
+Two line lists, as two radiative-transfer codes have two: ``"calibrated"``, the default (lines found
+in the real APOGEE fixtures, strengths and excitation calibrated on them:
+scripts/derive_calibrated_linelist.py), and ``"drawn"`` (lines drawn inside the ASPCAP windows:
+scripts/derive_linelist.py), the synthesizer's first list, kept as an independent second "sky" for
+tests and comparisons (``generate --linelist drawn``).
 docs/synthesizer.md says what came from data and what was assumed in each.
 """
 
@@ -33,6 +34,9 @@ MOLECULES = ("CO", "CN", "OH")
 # element without a label.  It behaves as Fe I (its strength follows FE_H, as real blends mostly do).
 UNIDENTIFIED = "X"
 LINELISTS = {"calibrated": "linelist_calibrated.csv", "drawn": "linelist.csv"}
+DEFAULT_LINELIST = "calibrated"
+# Datasets written before generate recorded its line list were all made with the drawn one.
+LEGACY_LINELIST = "drawn"
 DISSOCIATION_EV = {"CO": 11.09, "CN": 7.76, "OH": 4.39}
 
 
@@ -70,7 +74,7 @@ class LineList:
 
 
 @lru_cache(maxsize=2)
-def load_linelist(name: str = "drawn") -> LineList:
+def load_linelist(name: str = DEFAULT_LINELIST) -> LineList:
     """One of the shipped line lists (``LINELISTS``)."""
     if name not in LINELISTS:
         raise InputError(f"unknown line list {name!r}; choose from {', '.join(LINELISTS)}")

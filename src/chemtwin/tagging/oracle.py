@@ -72,6 +72,7 @@ from chemtwin.core.threads import torch_threads
 from chemtwin.data.spectra import check_ivar
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES, check_in_range
+from chemtwin.spectral_models.linelist import DEFAULT_LINELIST, LEGACY_LINELIST
 from chemtwin.spectral_models.lines import R_MAX, LineSynthesizer
 from chemtwin.tagging.oracle_cache import (
     read_cache,
@@ -307,6 +308,10 @@ def _check_generated(ds) -> str:
     if generator != GENERATOR:
         raise InputError(f"{ds.path}: made by {generator!r}, not by the embedded synthesizer ({GENERATOR}); the "
                          "Cramer-Rao oracle needs the true forward model of the spectra")
+    linelist = attrs.get("linelist", LEGACY_LINELIST)
+    if linelist != DEFAULT_LINELIST:
+        raise InputError(f"{ds.path}: made with the {linelist!r} line list; the Cramer-Rao oracle computes with the "
+                         f"default ({DEFAULT_LINELIST!r})")
     if "augment" in attrs:
         try:
             config = json.loads(attrs["augment"])
@@ -377,7 +382,7 @@ def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: 
     generate``, with its true labels (N, 21) and cache statistics; the Jacobians go through
     ``jacobian_file``."""
     grid = _check_generated(ds)
-    labels = np.asarray(ds.labels(list(LABEL_NAMES)), dtype=np.float64)
+    labels = np.asarray(ds.true_labels(list(LABEL_NAMES)), dtype=np.float64)  # a survey's errors are not the oracle's
     synth_pixels = len(_synthesizer(grid, torch.float32).wavelength)
     if ds.n_pixels != synth_pixels:
         raise InputError(f"{ds.path}: {ds.n_pixels} pixels, but the synthesizer on grid {grid!r} has {synth_pixels}")
