@@ -3,7 +3,8 @@
 Tests taking ``linelist`` run on both shipped line lists (docs/synthesizer.md).  Two stay on the
 drawn list, each for a stated reason: the calibrated list has no Ti II line (the only Ti II window
 lies in a detector gap, so the real fixtures show none), and its lines at the CO 3-0 bandhead are
-CN lines of an N window (see test_co_bandhead...)."""
+CN lines of an N window (see test_co_bandhead...).  The molecular-band test runs on the
+calibrated list (the default) only, for the reason given beside it."""
 
 import numpy as np
 import pytest
@@ -98,6 +99,32 @@ def test_co_bandhead_strengthens_with_cooler_teff_and_more_carbon():
     assert by_teff[-1] > 1.5 * by_teff[0]  # steep
     by_carbon = [depth(C_FE=c) for c in (-0.3, 0.0, 0.3)]
     assert np.all(np.diff(by_carbon) > 0)
+
+
+# calibrated list only: the drawn list's CN lines, with drawn excitation energies, are nearly flat in
+# TEFF (1.09x from 5,500 to 4,000 K); its CO is covered by the bandhead test above
+@pytest.mark.parametrize("linelist", ["calibrated"], indirect=True)
+def test_molecular_bands_follow_teff_and_carbon_nitrogen_oxygen(linelist):
+    """Each molecule's lines alone: CO grows with C and O, CN with C and N and shrinks with O (which
+    locks carbon into CO), OH grows with O and shrinks with C; all are far stronger at 4,000 K
+    than at 5,500 K, OH at every cooler step (molecules dissociate in hotter atmospheres)."""
+    lines = load_linelist(linelist)
+
+    def band(species):
+        synth = LineSynthesizer(dtype=torch.float64, linelist=lines.select(np.flatnonzero(lines.species == species)))
+        return lambda **kw: float((1 - spectrum(synth, **kw)).sum())  # noqa: E731
+
+    grows = {"CO": ("C_FE", "O_FE"), "CN": ("C_FE", "N_FE"), "OH": ("O_FE",)}
+    shrinks = {"CO": (), "CN": ("O_FE",), "OH": ("C_FE",)}
+    for species in ("CO", "CN", "OH"):
+        depth = band(species)
+        for name in grows[species]:
+            assert depth(**{name: -0.3}) < depth(**{name: 0.0}) < depth(**{name: 0.3}), (species, name)
+        for name in shrinks[species]:
+            assert depth(**{name: -0.3}) > depth(**{name: 0.0}) > depth(**{name: 0.3}), (species, name)
+        assert depth(TEFF=4000.0) > 1.2 * depth(TEFF=5500.0), species
+    by_teff = [band("OH")(TEFF=t) for t in (5500.0, 5000.0, 4500.0, 4000.0)]
+    assert np.all(np.diff(by_teff) > 0)
 
 
 @pytest.mark.parametrize("linelist", ["drawn"], indirect=True)  # the calibrated list has no Ti II line
