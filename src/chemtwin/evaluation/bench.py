@@ -109,7 +109,8 @@ class BenchConfig:
     n_train_pairs: int = 25_000
     n_val_pairs: int = 12_500
     snrs: tuple = (math.inf, 100.0, 50.0, 30.0)
-    mismatch_snr: float | None = 100.0        # paper protocol: the observed-like scenario's SNR (None: none)
+    mismatch_snr: float | None = 100.0        # paper protocol: the observed-like scenario's SNR (None: none);
+                                              # the survey protocol sets it to None
     pipeline_label_stars: int = 6000          # survey protocol: training stars the pipeline labels (Cannon, StarNet)
     methods: tuple | None = None              # None: bench_methods()
     time_limit: float = 1800.0                # seconds of training per model and scenario
