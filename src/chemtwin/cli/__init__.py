@@ -44,7 +44,8 @@ COMMAND_MODULES = (
 
 # Library parameters whose flag is not "--" + the name with "-" for "_".
 FLAG_NAMES = {"n_components": "--components", "max_train_stars": "--train-stars", "lambda_adv": "--lambda",
-              "jacobian_file": "--jacobians"}
+              "jacobian_file": "--jacobians", "teff_random": "--teff-error", "logg_random": "--logg-error",
+              "teff_per_feh": "--teff-systematic", "logg_per_feh": "--logg-systematic"}
 
 
 def flag_message(exc: InputError) -> str:

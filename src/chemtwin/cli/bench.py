@@ -84,9 +84,6 @@ def run(args) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     errors = {"teff_random": args.teff_error, "logg_random": args.logg_error, "teff_per_feh": args.teff_systematic,
               "logg_per_feh": args.logg_systematic}
-    for flag, value in zip(("--teff-error", "--logg-error", "--teff-systematic", "--logg-systematic"), errors.values()):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise InputError(f"{flag} must be a finite number >= 0, got {value}")
     errors = {k: v for k, v in errors.items() if v is not None}
     protocol = args.protocol.strip().lower()
     if protocol not in PROTOCOLS:
