@@ -41,6 +41,10 @@ def test_quick_bench_writes_every_row_and_resumes(tmp_path, capsys):
         if r["method"] in MODELS:
             assert r["train_s"] > 0 and r["mse_swapped"] > 0
     by = {(r["method"], r["scenario"]): r for r in results["rows"]}
+    # the demo is the survey protocol: The Cannon learned from the pipeline's labels, not the truth
+    assert results["config"]["protocol"] == "survey" and "survey protocol" in report
+    cannon = json.loads((out / "evals" / "snr100" / "cannon.json").read_text())
+    assert cannon["model"]["train"]["path"].endswith("pipeline_snr100.h5")
     # noiseless, the model is known: the oracle finds every twin; noise can only hurt it
     assert by[("oracle", "snrinf")]["frac_rank0"] == 1.0
     assert by[("oracle", "snr30")]["frac_rank0"] <= by[("oracle", "snr100")]["frac_rank0"]
