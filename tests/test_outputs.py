@@ -157,16 +157,21 @@ def test_whiten_keeps_the_flags(trained, real, tmp_path):
         np.testing.assert_array_equal(Table.read(tmp_path / "white.h5")["Z"], b.read())
 
 
+def _copy_with_config(model, dest, edit):
+    """A copy of the model folder ``model`` at ``dest`` whose config.json ``edit(meta)`` changed."""
+    dest.mkdir()
+    for p in model.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((dest / "config.json").read_text())
+    edit(meta)
+    (dest / "config.json").write_text(json.dumps(meta))
+    return dest
+
+
 def test_old_model_folder_without_reference(trained, tmp_path, caplog):
     """A model folder written before the reference: label range only (from the weights), a note."""
     model, data = trained
-    old = tmp_path / "old"
-    old.mkdir()
-    for p in model.iterdir():
-        (old / p.name).write_bytes(p.read_bytes())
-    meta = json.loads((old / "config.json").read_text())
-    del meta["reference"]
-    (old / "config.json").write_text(json.dumps(meta))
+    old = _copy_with_config(model, tmp_path / "old", lambda meta: meta.pop("reference"))
     out = tmp_path / "z.h5"
     with caplog.at_level("WARNING"):
         assert main(["embed", str(old), str(data), "--out", str(out)]) == 0
@@ -177,13 +182,8 @@ def test_old_model_folder_without_reference(trained, tmp_path, caplog):
 
 def test_damaged_reference_is_one_line(trained, tmp_path, capsys):
     model, data = trained
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for p in model.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
-    meta = json.loads((bad / "config.json").read_text())
-    meta["reference"]["latent_cov"] = [[1.0, 2.0]]
-    (bad / "config.json").write_text(json.dumps(meta))
+    bad = _copy_with_config(model, tmp_path / "bad",
+                            lambda meta: meta["reference"].update(latent_cov=[[1.0, 2.0]]))
     _one_line_exit_2(capsys, ["embed", str(bad), str(data), "--out", str(tmp_path / "z.h5")], "out-of-depth reference is invalid")
     assert not (tmp_path / "z.h5").exists() and not _leftovers(tmp_path)
 

@@ -165,15 +165,21 @@ def read_model_dir(model_dir) -> dict:
         raise InputError(f"{d}: {OTHER_FORMATS[meta['format']]}, not a fader model folder")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{d}: not a chemtwin model (config.json has no format {FORMAT!r})")
+    check_config(d, meta, FaderConfig)
+    return meta
+
+
+def check_config(d: Path, meta: dict, config_class) -> None:
+    """The ``config`` of a model folder's config.json builds a ``config_class`` and ``n_pixels`` is
+    positive; InputError (one line, naming the folder) otherwise."""
     try:
-        FaderConfig.from_dict(meta["config"])
+        config_class.from_dict(meta["config"])
         if int(meta["n_pixels"]) < 1:
             raise ValueError("n_pixels < 1")
     except InputError as exc:
         raise InputError(f"{d}: config.json is invalid ({exc})") from None
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise InputError(f"{d}: config.json is invalid ({exc.__class__.__name__}: {exc})") from None
-    return meta
 
 
 REFERENCE_KEYS = ("label_min", "label_max", "latent_mean", "latent_cov", "latent_distance_threshold",

@@ -106,14 +106,7 @@ def read_starnet_dir(model_dir) -> dict:
         raise InputError(f"{d}: not a StarNet model (config.json has no format {FORMAT!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"{d}: StarNet folder format {meta['format_version']} is newer than this chemtwin reads")
-    try:
-        StarNetConfig.from_dict(meta["config"])
-        if int(meta["n_pixels"]) < 1:
-            raise ValueError("n_pixels < 1")
-    except InputError as exc:
-        raise InputError(f"{d}: config.json is invalid ({exc})") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InputError(f"{d}: config.json is invalid ({exc.__class__.__name__}: {exc})") from None
+    model_folder.check_config(d, meta, StarNetConfig)
     return meta
 
 
