@@ -64,5 +64,10 @@ class LabelErrors:
                 out[:, names.index(name)] = relation(out[:, names.index("LOGG")])
         return out.astype(np.asarray(labels).dtype)
 
+    def quoted(self) -> dict:
+        """{label: 1-sigma}: the errors a survey quotes with its labels (TEFF_ERR, LOGG_ERR), the random
+        part; the systematic part is what a survey does not know of its own labels."""
+        return {"TEFF": self.teff_random, "LOGG": self.logg_random}
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

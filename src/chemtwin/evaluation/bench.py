@@ -31,6 +31,9 @@ Two protocols (``BenchConfig.protocol``) decide what the methods are given:
                          the same tags ranked with the twin metric (L2 after whitening by
                          the scatter between the training set's twins): extra supervision
                          the papers did not use, so separate rows
+* ``fader_decoded``, ``cae_decoded``
+                         the latents ranked in the decoded-twin metric (L2 after whitening by the
+                         scatter between the model's own decoder-made twins): twin-free
 
 The methods are the registry's (``chemtwin.methods.METHODS``): by default every method
 whose inputs a bench can provide, each given what it declares it needs (the training set, a
@@ -275,7 +278,10 @@ def _train(model_dir: Path, train_path: Path, val_path: Path, kind: str, cfg: Be
 
 def _evaluate(name: str, sc: Scenario, folder: BenchFolder, cfg: BenchConfig, progress: bool):
     """(result, ranks) of one method on the scenario's validation set, given what it needs."""
-    method = get_method(name).with_options(holdout_stars=cfg.holdout_stars, jacobian_file=str(folder.jacobians))
+    # what a survey quotes of its TEFF/LOGG errors reaches the methods that can use it (the decoded-twin metric)
+    quoted = tuple(cfg.label_errors.quoted().items()) if cfg.survey else None
+    method = get_method(name).with_options(holdout_stars=cfg.holdout_stars, jacobian_file=str(folder.jacobians),
+                                           label_errors=quoted)
     labelled = "pipeline" if cfg.survey and method.learns_labels else "train"
     inputs = {"train": str(folder.dataset(labelled, sc.name)), "seed": cfg.seed, "progress": progress}
     if method.model_kind is not None:

@@ -276,7 +276,8 @@ def _information(cfg: dict) -> str:
             "FE_H). The model-based methods have another code than the one that made the spectra, at every SNR: "
             "the synthesizer with other atomic data (log gf off by 0.1 dex per line, 10% of the lines missing). "
             "The Payne fits with an emulator of that code, and The Cannon trains on the labels that "
-            f"pipeline fitted to {cfg.get('pipeline_label_stars', 0):,} training stars. Only the scores and the "
+            f"pipeline fitted to {cfg.get('pipeline_label_stars', 0):,} training stars. The decoded-twin metric is "
+            "told the random errors, as a survey quotes TEFF_ERR and LOGG_ERR. Only the scores and the "
             "oracle read the true labels.")
 
 
@@ -313,7 +314,9 @@ def write_report(root, results: dict) -> Path:
         f"{cfg['latent_dim']}), ranks with the {cfg['metric'].upper()} distance (the oracle, The Cannon and The Payne "
         "rank whitened abundances). Each model is trained at the SNR it is evaluated at. Rows marked *+ twin metric* "
         "rank the same tags with L2 after whitening them by the scatter between the training set's twins, "
-        "supervision the published methods did not use."
+        "supervision the published methods did not use. Rows marked *+ decoded-twin metric* whiten them by the "
+        "scatter between twins the model makes itself (its decoder renders a training star at another star's "
+        "TEFF/LOGG, noise is added, both are encoded again): no twin is used, so a survey can do the same."
         + (" **Quick run**: small sets and short training, a smoke test of the whole pipeline, "
            "not a measurement of the method." if cfg.get("quick") else ""),
         "",

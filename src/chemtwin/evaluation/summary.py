@@ -61,7 +61,8 @@ def _differs(p1: float, n1: int, p2: float, n2: int) -> bool:
 
 def run_summary(results: dict) -> list[str]:
     """The "What this run says" section: bullet lines computed from the table's rank-0 fractions
-    (best method per scenario, the fader against the oracle and the no-adversary cae, and whether
+    (best method per scenario, the fader against the oracle and the no-adversary cae, what the
+    twin-free decoded-twin metric adds to the fader, and whether
     each method keeps its score on the mismatched spectra).  Empty when there is nothing to compare."""
     rows = [r for r in results["rows"] if r.get("frac_rank0") is not None]
     by = {(r["method"], r["scenario"]): r for r in rows}
@@ -99,6 +100,10 @@ def run_summary(results: dict) -> list[str]:
     if adv:
         lines.append("* **What the adversary buys** (fader vs the same network without it, cae): " + "; ".join(adv)
                      + '. "Level with" = within 2 binomial standard errors.')
+    metric = [c for c in (compare("fader_decoded", "fader", sc) for sc in scenarios) if c]
+    if metric:
+        lines.append("* **What the twin-free metric buys** (fader latents ranked in the decoded-twin metric vs with "
+                     + results.get("config", {}).get("metric", "l1").upper() + "): " + "; ".join(metric) + ".")
     for sc in scenarios:
         if not info[sc][1]:
             continue

@@ -21,7 +21,7 @@ from chemtwin.methods.payne import PayneLabels
 from chemtwin.methods.polyres import Polyres
 from chemtwin.methods.raw import Raw
 from chemtwin.methods.starnet import StarNetLabels
-from chemtwin.methods.twin_metric import TwinMetricOn
+from chemtwin.methods.twin_metric import DecodedTwinMetricOn, TwinMetricOn
 
 __all__ = ["METHODS", "get_method", "Method", "MetricWrapper", "Inputs", "Tags", "Fitted", "INPUTS"]
 
@@ -37,6 +37,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     TwinMetricOn(Fader()),
     TwinMetricOn(Cae()),
     TwinMetricOn(Polyres()),
+    DecodedTwinMetricOn(Fader()),
+    DecodedTwinMetricOn(Cae()),
     CycleStarNetPayne(),  # a Cycle-StarNet folder: run only when asked (the bench trains none)
     CycleStarNetLatent(),
     TrainedModel(),      # any model folder (chemtwin evaluate MODEL_DIR DATA.h5)

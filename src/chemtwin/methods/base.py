@@ -74,6 +74,7 @@ class Fitted:
     info: dict                                    # the result's "model" entry
     tag: Callable[..., Tags]
     condition: tuple = ()                         # labels the tags are conditioned on (leakage is measured)
+    model: object = None                          # the fitted model, for a metric that learns from it (a ChemTwin)
 
 
 class Method:

@@ -136,7 +136,7 @@ class TrainedModel(Method):
             return Tags(err["z"], err["mse_reconstruction"], err["mse_swapped"],
                         {"n_swapped_pairs": err["n_swapped_pairs"]})
 
-        return Fitted(model_info(model, path), tag, tuple(model.condition))
+        return Fitted(model_info(model, path), tag, tuple(model.condition), model)
 
 
 @dataclass(frozen=True)

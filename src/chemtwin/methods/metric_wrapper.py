@@ -11,7 +11,7 @@ errors) stay those of the base; only the ranked tags change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -64,14 +64,17 @@ class MetricWrapper(Method):
         return self.base.result_name
 
     def with_options(self, **settings) -> "MetricWrapper":
-        return replace(self, base=self.base.with_options(**settings))
+        """The wrapper's own options from ``settings``, and the base's."""
+        own = {f.name for f in fields(self)} - {"base"}
+        given = {k: v for k, v in settings.items() if k in own and v is not None}
+        return replace(self, base=self.base.with_options(**settings), **given)
 
     def check(self, ds) -> None:
         """Fail before the slow passes when ``ds`` (the learning set) cannot teach the metric."""
 
-    def learn(self, tags: np.ndarray, ds) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    def learn(self, tags: np.ndarray, ds, fitted: Fitted) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
         """(transform of tags, the result's entry describing it) learned from the base's ``tags``
-        of the stars of ``ds``."""
+        of the stars of ``ds`` (``fitted``: the base, fitted)."""
         raise NotImplementedError
 
     def fit(self, inputs: Inputs, target=None) -> Fitted:
@@ -81,7 +84,7 @@ class MetricWrapper(Method):
         with open_dataset(source) as ds:
             self.check(ds)
             fitted = self.base.fit(inputs, target)
-            transform, entry = self.learn(fitted.tag(ds, evaluated=False).values, ds)
+            transform, entry = self.learn(fitted.tag(ds, evaluated=False).values, ds, fitted)
 
         def tag(ds, evaluated: bool = True) -> Tags:
             tags = fitted.tag(ds, evaluated)
