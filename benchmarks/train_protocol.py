@@ -13,6 +13,9 @@ set the doppelganger fractions (rank 0, < 0.1% and < 1% of N, median rank), the
 reconstruction and swapped-latent MSE (all from ``chemtwin.evaluation``), and how well
 ridge, 10-nearest-neighbour and small-MLP regressions recover TEFF and LOGG from z (R^2;
 low = disentangled).  ``--quick`` runs the same with 600/300 pairs and 1 + 2 minutes.
+``--pairs TRAIN,VAL`` and ``--snr`` change the sets (a learning curve at the medium bench's size:
+``--presets fast --pairs 3000,1500 --snr 100 --minutes 1.5,3,6,12``).  Every checkpoint is also
+ranked in the twin-free decoded-twin metric learned from the training set (``decoded_*`` keys).
 ``evaluate_model`` is reusable on its own.
 """
 
@@ -28,16 +31,22 @@ import time
 from pathlib import Path
 
 
-def evaluate_model(model_dir, val_path) -> dict:
+RANK_KEYS = ("frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank")
+
+
+def evaluate_model(model_dir, val_path, train_path=None) -> dict:
     """``chemtwin evaluate``'s figures: doppelganger fractions, reconstruction and swapped MSE,
-    and how well TEFF and LOGG are recovered from z (``condition_r2``; low = disentangled)."""
+    and how well TEFF and LOGG are recovered from z (``condition_r2``; low = disentangled); with
+    ``train_path``, also the ranks in the decoded-twin metric learned from it (``decoded_*``)."""
     from chemtwin.evaluation.evaluate import evaluate
 
     res = evaluate("model", str(val_path), model=str(model_dir), progress=False)
-    out = {k: res[k] for k in ("n_stars", "frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank",
-                               "mse_reconstruction", "mse_swapped")}
+    out = {k: res[k] for k in ("n_stars", *RANK_KEYS, "mse_reconstruction", "mse_swapped")}
     for name, scores in res["condition_r2"].items():
         out.update({f"{name.lower()}_r2_{reg}": r2 for reg, r2 in scores.items()})
+    if train_path is not None:
+        res = evaluate("fader_decoded", str(val_path), model=str(model_dir), train=str(train_path), progress=False)
+        out.update({f"decoded_{k}": res[k] for k in RANK_KEYS})
     return out
 
 
@@ -61,12 +70,12 @@ def _train(cmd: list[str], log_path: Path) -> dict:
     return {"wall_s": time.monotonic() - t, "peak_rss_gb": peak / 2**30}
 
 
-def _generate(path: Path, n_groups: int, seed: int) -> None:
+def _generate(path: Path, n_groups: int, seed: int, snr: str) -> None:
     if path.exists():
         return
     from chemtwin.cli import main
 
-    rc = main(["generate", "-o", str(path), "--n-groups", str(n_groups), "--seed", str(seed)])
+    rc = main(["generate", "-o", str(path), "--n-groups", str(n_groups), "--seed", str(seed), "--snr", snr])
     if rc != 0:
         raise SystemExit(f"chemtwin generate failed for {path}")
 
@@ -80,18 +89,23 @@ def main() -> None:
     ap.add_argument("--minutes", default=None, help="evaluation times, comma-separated (default 30,60; quick 1,2)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--pairs", default=None, metavar="TRAIN,VAL",
+                    help="training and validation pairs (default 25000,12500; quick 600,300)")
+    ap.add_argument("--snr", default="inf", help="SNR of both sets (default inf)")
     args = ap.parse_args()
 
     n_train, n_val = (600, 300) if args.quick else (25_000, 12_500)
+    if args.pairs:
+        n_train, n_val = (int(n) for n in args.pairs.split(","))
     minutes = [float(m) for m in (args.minutes or ("1,2" if args.quick else "30,60")).split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train, val = work / f"train_{n_train}.h5", work / f"val_{n_val}.h5"
+    train, val = work / f"train_{n_train}_snr{args.snr}.h5", work / f"val_{n_val}_snr{args.snr}.h5"
     t = time.monotonic()
-    _generate(train, n_train, seed=1)
-    _generate(val, n_val, seed=2)
+    _generate(train, n_train, seed=1, snr=args.snr)
+    _generate(val, n_val, seed=2, snr=args.snr)
     results = {
-        "protocol": {"train_pairs": n_train, "val_pairs": n_val, "snr": "inf", "minutes": minutes, "threads": args.threads,
+        "protocol": {"train_pairs": n_train, "val_pairs": n_val, "snr": args.snr, "minutes": minutes, "threads": args.threads,
                      "device": args.device, "generate_s": time.monotonic() - t},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": sys.version.split()[0]},
         "presets": {},
@@ -116,7 +130,7 @@ def main() -> None:
                    "train_time_s": hist[-1]["time_s"], "epochs": hist[-1]["epoch"], "steps": hist[-1]["step"],
                    "spectra_seen": spectra, "throughput_spectra_per_s": spectra / max(hist[-1]["time_s"], 1e-9)}
             te = time.monotonic()
-            row.update(evaluate_model(model_dir, val))
+            row.update(evaluate_model(model_dir, val, train))
             row["eval_s"] = time.monotonic() - te
             rows.append(row)
             print(json.dumps({"preset": preset, **row}), flush=True)
