@@ -127,7 +127,7 @@ def test_bad_input():
 
 def test_a_trained_model_through_the_method_row_and_the_whiten_command(tmp_path, capsys):
     """``fader_decoded``: a real ChemTwin, its metric learnt from its training file without the groups."""
-    from chemtwin.data.dataset import open_dataset
+    from chemtwin.data.dataset import DatasetWriter, open_dataset
     from chemtwin.evaluation.evaluate import evaluate
     from chemtwin.methods import get_method
     from chemtwin.tagging.estimator import ChemTwin
@@ -157,6 +157,17 @@ def test_a_trained_model_through_the_method_row_and_the_whiten_command(tmp_path,
     with h5py.File(white) as f:
         np.testing.assert_allclose(f["z"][:], z, rtol=1e-4, atol=1e-4)
         assert f.attrs["twin_metric_pairs"] == 200 and f.attrs["twin_metric_seed"] == 0
+    # a survey's file: no star in a known group; the metric never reads the groups, so it is the same
+    survey = tmp_path / "survey.h5"
+    with open_dataset(train) as ds:
+        batch = ds.read()
+        with DatasetWriter(survey, ds.wavelength, list(ds.label_names)) as w:
+            w.append(batch.flux, batch.ivar, batch.labels, np.full(ds.n_stars, -1))
+    assert main(["-q", "whiten", str(latents), "--model", str(tmp_path / "m"), "--spectra", str(survey),
+                 "--pairs", "200", "--out", str(tmp_path / "survey_white.h5")]) == 0
+    with h5py.File(white) as f, h5py.File(tmp_path / "survey_white.h5") as g:
+        assert np.array_equal(f["z"][:], g["z"][:])
+
     # with the labels' errors: another metric, recorded in the file
     assert main(["-q", "whiten", str(latents), "--model", str(tmp_path / "m"), "--spectra", str(train),
                  "--pairs", "200", "--label-errors", "TEFF=50,LOGG=0.07", "--out", str(white), "--overwrite"]) == 0
@@ -172,7 +183,9 @@ def test_a_trained_model_through_the_method_row_and_the_whiten_command(tmp_path,
                           (["--model", str(tmp_path / "nowhere"), "--spectra", str(train)], "nowhere"),
                           (["--model", str(tmp_path / "m"), "--spectra", str(tmp_path / "missing.h5")], "missing.h5"),
                           (["--model", str(tmp_path / "m"), "--spectra", str(train), "--label-errors", "TEFF=-5"],
-                           "--label-errors"),
+                           "finite and >= 0"),
+                          (["--model", str(tmp_path / "m"), "--spectra", str(train), "--label-errors", "=5"],
+                           "conditioned on"),
                           (["--model", str(tmp_path / "m"), "--spectra", str(train), "--label-errors", "TEFF"],
                            "NAME=VALUE"),
                           (["--model", str(tmp_path / "m"), "--spectra", str(train), "--label-errors", "FE_H=0.1"],
