@@ -1,4 +1,4 @@
-"""Blind chemical tagging: how many twin groups does density clustering recover, per space?
+"""Blind chemical tagging: how many twin groups does clustering recover, per space?
 
 Issue 6 must-show: 500 groups x 10 stars at SNR 100, recovered-group fraction for fader
 latents vs polynomial-residual space vs true abundances + Cramer-Rao noise.  This script
@@ -17,10 +17,12 @@ are clustered as they are (``--scale none``): put each in its natural metric fir
 oracle's abundances whitened by the Cramer-Rao covariance, the residuals projected on
 their principal components).
 
-For each space the script runs HDBSCAN (or DBSCAN) over a small grid of settings and
-reports (a) the *default* setting (``--default-min-cluster-size``, eom) and (b) the
+For each space the script runs the clustering of ``chemtwin cluster`` (Ward, default; or
+HDBSCAN, DBSCAN) over a small grid of settings and reports (a) the *default* setting
+(``--default-min-cluster-size``; Ward's twin-free cut, HDBSCAN eom, DBSCAN's knee) and (b) the
 best setting of the grid by recovered fraction.  (b) is tuned on the truth, so it is an
-optimistic ceiling, labelled as such.  Metrics (chemtwin.search.cluster.clustering_metrics,
+optimistic ceiling, labelled as such.  Ward's grid scales its twin-free cut by
+``--threshold-factor``.  Metrics (chemtwin.search.cluster_metrics.clustering_metrics,
 docs/search.md): purity, completeness, recovered fraction at purity >= 0.5 and >= 2/3
 (completeness >= 0.5 in both).
 
@@ -28,18 +30,20 @@ docs/search.md): purity, completeness, recovered fraction at purity >= 0.5 and >
 
 The issue-6 table from scratch (``--generate DIR``): a validation set of 500 groups x 10
 stars at SNR 100 and a separate training set of twin pairs at SNR 100 are generated, and
-three spaces are built for the same validation stars:
+four spaces are built for the same validation stars:
 
 * ``fader``: latents of a fader trained with ``chemtwin train --time-limit`` (default 300 s;
   ``--quick`` 30 s) on the training set, embedded with ``chemtwin embed``;
+* ``fader_decoded``: the same latents in the decoded-twin metric (``chemtwin whiten --model
+  --spectra`` on the training set; twin-free);
 * ``polyres``: polynomial residuals in TEFF, LOGG (degree 4) projected on 50 principal
   components (chemtwin.tagging.polyres), fitted on the training set;
 * ``oracle``: true abundances + Cramer-Rao noise (chemtwin.tagging.oracle.draw_abundances),
   whitened by the pooled Cramer-Rao covariance.
 
-Fairness: every space gets the same HDBSCAN grid (and the same default row), in its own
-natural coordinates and the metric its doppelganger ranks use: fader and polyres L1 (as
-in the paper), the oracle L2 (whitened = Mahalanobis).  No per-dimension
+Fairness: every space gets the same grid (and the same default row), in its own natural
+coordinates.  Ward uses L2 in every space; HDBSCAN and DBSCAN the metric its doppelganger
+ranks use: fader and polyres L1 (as in the paper), the oracle L2 (whitened = Mahalanobis).  No per-dimension
 standardization by default (see docs/search.md: it inflates near-empty latent or PCA
 dimensions and would undo the oracle's whitening; a global scale does not change HDBSCAN).
 A space can carry its own metric as ``NAME=PATH#KEY@l2``.
@@ -68,7 +72,8 @@ except ImportError:  # running from a checkout without installing
 from chemtwin.core.files import json_safe
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
-from chemtwin.search.cluster import cluster_latents, clustering_metrics
+from chemtwin.search.cluster import cluster_latents
+from chemtwin.search.cluster_metrics import clustering_metrics
 from chemtwin.search.latents import open_latents, write_latents
 
 
@@ -150,6 +155,9 @@ def build_spaces(folder: Path, args) -> tuple[list[str], dict]:
                 raise InputError(f"chemtwin {argv[0]} failed")
 
     step("fader_train_embed", fader, train_and_embed)
+    decoded = folder / "fader_decoded.h5"
+    step("fader_decoded_metric", decoded, lambda: chemtwin(["--quiet", "whiten", str(fader), "--model", str(model),
+                                                             "--spectra", str(train), "--out", str(decoded)]))
 
     polyres = folder / "polyres_pca50.h5"
 
@@ -172,11 +180,14 @@ def build_spaces(folder: Path, args) -> tuple[list[str], dict]:
         record["oracle_jacobians"] = stats
 
     step("oracle", oracle, oracle_space)
-    return [f"fader={fader}@l1", f"polyres={polyres}@l1", f"oracle={oracle}@l2"], record
+    return [f"fader={fader}@l1", f"fader_decoded={decoded}@l2", f"polyres={polyres}@l1", f"oracle={oracle}@l2"], record
 
 
 def grid(args):
-    if args.method == "hdbscan":
+    if args.method == "ward":
+        for mcs, factor in itertools.product(args.min_cluster_size, args.threshold_factor):
+            yield {"min_cluster_size": mcs, "threshold_factor": factor}
+    elif args.method == "hdbscan":
         for mcs, sel in itertools.product(args.min_cluster_size, args.selection):
             yield {"min_cluster_size": mcs, "selection": sel}
     else:
@@ -185,7 +196,15 @@ def grid(args):
 
 
 def run_setting(z, group, method, setting, args, metric):
-    if method == "hdbscan":
+    if method == "ward":
+        from chemtwin.search.cluster import scale_latents
+
+        x = scale_latents(z, args.scale)
+        auto = _auto_threshold(x)
+        res = cluster_latents(x, "ward", min_cluster_size=setting["min_cluster_size"],
+                              threshold=setting["threshold_factor"] * auto)
+        setting = {**setting, "threshold": res.params["threshold"]}
+    elif method == "hdbscan":
         res = cluster_latents(z, "hdbscan", min_cluster_size=setting["min_cluster_size"], metric=metric,
                               scale=args.scale, selection=setting["selection"])
     else:
@@ -201,10 +220,22 @@ def run_setting(z, group, method, setting, args, metric):
     return setting, m
 
 
+_THRESHOLDS: dict = {}
+
+
+def _auto_threshold(x: np.ndarray) -> float:
+    """The twin-free cut of ``chemtwin cluster`` (computed once per space; the grid scales it)."""
+    key = (x.shape, hash(x.tobytes()))
+    if key not in _THRESHOLDS:
+        _THRESHOLDS[key] = cluster_latents(x, "ward", min_cluster_size=2).params["threshold"]
+    return _THRESHOLDS[key]
+
+
 def evaluate(specs: list[str], args) -> dict:
     out = {"method": args.method, "metric": args.metric, "scale": args.scale, "spaces": []}
     for spec in specs:
         name, path, key, metric = parse_space(spec, args.metric)
+        metric = "l2" if args.method == "ward" else metric  # Ward is defined for L2 only
         z, group = load_space(path, key)
         sizes = np.bincount(group[group >= 0]) if (group >= 0).any() else np.array([], int)
         entry = {"name": name, "path": str(path), "key": key, "metric": metric, "n_stars": int(len(z)),
@@ -216,7 +247,8 @@ def evaluate(specs: list[str], args) -> dict:
             print(f"{name:<12} {json.dumps(json_safe(setting)):<50} recovered {m['recovered_fraction']:.3f} "
                   f"purity {m['purity']:.3f} completeness {m['completeness']:.3f}", file=sys.stderr, flush=True)
         default = [r for r in entry["runs"] if r["setting"]["min_cluster_size"] == args.default_min_cluster_size
-                   and r["setting"].get("selection", "eom") == "eom" and r["setting"].get("eps_factor", 1.0) == 1.0]
+                   and r["setting"].get("selection", "eom") == "eom" and r["setting"].get("eps_factor", 1.0) == 1.0
+                   and r["setting"].get("threshold_factor", 1.0) == 1.0]
         entry["default"] = default[0] if default else entry["runs"][0]
         entry["best"] = max(entry["runs"], key=lambda r: (np.nan_to_num(r["recovered_fraction"], nan=-1.0), r["purity"]))
         out["spaces"].append(entry)
@@ -273,13 +305,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="--generate: seed of the data, training and oracle draws")
     p.add_argument("--quick", action="store_true",
                    help="--generate: 40 groups, 300 training pairs, 30 s of training (a smoke test, not the table)")
-    p.add_argument("--method", choices=("hdbscan", "dbscan"), default="hdbscan", help="clustering algorithm (default hdbscan)")
+    p.add_argument("--method", choices=("ward", "hdbscan", "dbscan"), default="ward",
+                   help="clustering algorithm (default ward, as chemtwin cluster)")
     p.add_argument("--metric", choices=("l1", "l2"), default="l1", help="distance (default l1)")
     p.add_argument("--scale", choices=("none", "standard"), default="none", help="per-dimension scaling (default none)")
     p.add_argument("--min-cluster-size", type=int, nargs="+", default=[3, 5, 8], help="grid of min cluster sizes (default 3 5 8)")
     p.add_argument("--selection", nargs="+", choices=("eom", "leaf"), default=["eom", "leaf"], help="hdbscan selections in the grid")
     p.add_argument("--eps-factor", type=float, nargs="+", default=[0.75, 1.0, 1.25],
                    help="dbscan: eps = this factor x the knee of the k-distance curve (grid; default 0.75 1 1.25)")
+    p.add_argument("--threshold-factor", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5],
+                   help="ward: cut = this factor x the twin-free knee threshold (grid; default 0.5 0.75 1 1.25 1.5)")
     p.add_argument("--default-min-cluster-size", type=int, default=5, help="the 'default' row's min cluster size (default 5)")
     p.add_argument("--min-group-size", type=int, default=2, help="true groups smaller than this are not scored (default 2)")
     p.add_argument("--json", default=None, help="write all runs to this JSON file")

@@ -16,10 +16,11 @@ from chemtwin.search.cluster import (
     _drop_small,
     auto_eps,
     cluster_latents,
-    clustering_metrics,
+    knee_threshold,
     project_2d,
     scale_latents,
 )
+from chemtwin.search.cluster_metrics import clustering_metrics
 from chemtwin.search.latents import write_latents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,51 @@ def test_dbscan_explicit_and_auto_eps():
         cluster_latents(z, "dbscan", eps=-1.0)
 
 
+def test_ward_finds_groups_at_a_cut_it_chooses_without_twins():
+    z, group = groups_in_space(n_groups=40, size=10, n_field=30, seed=1)
+    res = cluster_latents(z)  # the defaults: Ward, threshold "auto"
+    assert res.params["method"] == "ward" and res.params["metric"] == "l2"
+    m = clustering_metrics(res.labels, group)
+    assert m["recovered_fraction"] >= 0.95 and m["purity"] >= 0.95, m
+    # The cut lies above the groups' own scale (two members 0.05 * sqrt(2 * 8) apart) and below
+    # the distance between the closest two group centres.
+    centres = np.stack([z[group == g].mean(axis=0) for g in range(40)])
+    closest = min(np.linalg.norm(centres[i] - centres[j]) for i in range(40) for j in range(i))
+    assert 0.05 * np.sqrt(16) < res.params["threshold"] < closest
+    # a latent in other units gives the same clusters: the cut moves with the scale
+    wide = cluster_latents(1000 * z)
+    np.testing.assert_array_equal(wide.labels, res.labels)
+    assert wide.params["threshold"] == pytest.approx(1000 * res.params["threshold"], rel=1e-4)
+    # an explicit cut: 0 leaves every star alone (noise); beyond every merge, one cluster
+    assert (cluster_latents(z, threshold=0.0).labels == -1).all()
+    assert set(cluster_latents(z, threshold=1e6).labels) == {0}
+    with pytest.raises(InputError, match="l2"):
+        cluster_latents(z, "ward", metric="l1")
+
+
+def test_ward_on_a_neighbour_graph_matches_the_full_tree(monkeypatch):
+    import chemtwin.search.cluster as cluster
+
+    z, group = groups_in_space(n_groups=30, size=10, n_field=20, seed=5)
+    full = cluster_latents(z)
+    monkeypatch.setattr(cluster, "WARD_DENSE_MAX", 100)  # as for a survey of millions
+    graph = cluster._knn_graph(z, cluster.WARD_NEIGHBOURS)
+    assert graph.shape == (len(z), len(z)) and graph.nnz == len(z) * cluster.WARD_NEIGHBOURS
+    assert graph.diagonal().sum() == 0
+    sparse = cluster_latents(z)
+    assert clustering_metrics(sparse.labels, full.labels)["ari"] == pytest.approx(1.0)
+
+
+def test_knee_threshold_splits_noise_sized_from_population_sized_merges():
+    rng = np.random.default_rng(0)
+    noise = np.exp(rng.normal(0.0, 0.2, 900))  # merges of one chemistry: about 1
+    spread = np.exp(rng.normal(np.log(30), 0.3, 100))  # merges across chemistries: about 30
+    t = knee_threshold(np.concatenate([spread, noise]))
+    assert noise.max() * 0.8 <= t < spread.min()
+    assert knee_threshold(np.array([0.0, 0.0])) == 0.0
+    assert knee_threshold(np.full(5, 2.0)) == 2.0
+
+
 def test_scale_and_helpers():
     z = np.column_stack([np.arange(10.0), 100 * np.arange(10.0), np.ones(10)])
     s = scale_latents(z, "standard")
@@ -151,12 +197,15 @@ def test_cli_cluster_writes_labels_metrics_and_plot(tmp_path, capsys):
         np.testing.assert_array_equal(f["star_id"].asstr()[:], ids)
         np.testing.assert_array_equal(f["group"][:], group)
         metrics = json.loads(f.attrs["metrics"])
-        assert f.attrs["method"] == "hdbscan"
+        assert f.attrs["method"] == "ward"
     assert metrics == pytest.approx(clustering_metrics(labels, group))
     assert metrics["recovered_fraction"] >= 0.95
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(js.read_text())["metrics"]["n_groups"] == 20
-    # dbscan through the CLI, and without groups in the file
+    # hdbscan and dbscan through the CLI, and without groups in the file
+    assert main(["cluster", str(lat), "--out", str(tmp_path / "h.h5"), "--method", "hdbscan", "--metric", "l1"]) == 0
+    with h5py.File(tmp_path / "h.h5", "r") as f:
+        assert clustering_metrics(f["cluster"][:], group)["recovered_fraction"] >= 0.95
     nogroup = write_latents(tmp_path / "nogroup.h5", z)
     assert main(["cluster", str(nogroup), "--out", str(tmp_path / "d.h5"), "--method", "dbscan", "--eps", "auto"]) == 0
     assert "no twin groups" in capsys.readouterr().out
@@ -171,6 +220,10 @@ def test_cli_cluster_writes_labels_metrics_and_plot(tmp_path, capsys):
         (["cluster", "{lat}", "--out", "{lat}"], "exists"),
         (["cluster", "{tmp}/missing.h5", "--out", "{tmp}/a.h5"], "no such file"),
         (["cluster", "{lat}", "--out", "{tmp}/a.h5", "--min-cluster-size", "1"], "min_cluster_size"),
+        (["cluster", "{lat}", "--out", "{tmp}/a.h5", "--threshold", "-1"], "--threshold"),
+        (["cluster", "{lat}", "--out", "{tmp}/a.h5", "--threshold", "nan"], "--threshold"),
+        (["cluster", "{lat}", "--out", "{tmp}/a.h5", "--method", "hdbscan", "--threshold", "3"], "ward only"),
+        (["cluster", "{lat}", "--out", "{tmp}/a.h5", "--metric", "l1"], "l2"),
     ],
 )
 def test_cli_cluster_bad_input(tmp_path, capsys, argv, message):
@@ -202,7 +255,7 @@ def test_cluster_recovery_benchmark_on_synthetic_latents(tmp_path, capsys):
         f["z_copy"] = f["z"][:]
     specs.append(f"tight_copy={tmp_path / 'tight.h5'}#z_copy")
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = bench.main(specs + ["--min-cluster-size", "5", "--selection", "eom", "leaf",
+    rc = bench.main(specs + ["--method", "hdbscan", "--min-cluster-size", "5", "--selection", "eom", "leaf",
                              "--json", str(out_json), "--markdown", str(out_md)])
     assert rc == 0
     result = json.loads(out_json.read_text())
@@ -216,6 +269,17 @@ def test_cluster_recovery_benchmark_on_synthetic_latents(tmp_path, capsys):
     assert by_name["tight_copy"]["default"]["recovered_fraction"] == tight["default"]["recovered_fraction"]
     table = out_md.read_text()
     assert "| tight |" in table and "recovered (p>=0.5)" in table
+    # the default, Ward: its default row is chemtwin cluster's twin-free cut; the grid scales it
+    assert bench.main(specs[:1] + ["--min-cluster-size", "5", "--json", str(out_json)]) == 0
+    ward = json.loads(out_json.read_text())["spaces"][0]
+    assert [r["setting"]["threshold_factor"] for r in ward["runs"]] == [0.5, 0.75, 1.0, 1.25, 1.5]
+    assert ward["metric"] == "l2" and ward["default"]["setting"]["threshold_factor"] == 1.0
+    with h5py.File(tmp_path / "tight.h5", "r") as f:
+        z_tight, g_tight = f["z"][:], f["group"][:]
+    auto = cluster_latents(z_tight, min_cluster_size=5)
+    assert ward["default"]["setting"]["threshold"] == pytest.approx(auto.params["threshold"])
+    assert ward["default"]["recovered_fraction"] == pytest.approx(
+        clustering_metrics(auto.labels, g_tight)["recovered_fraction"])
     # dbscan variant and bad input
     assert bench.main([specs[0], "--method", "dbscan", "--min-cluster-size", "5", "--eps-factor", "1"]) == 0
     nogroup = write_latents(tmp_path / "nogroup.h5", np.ones((5, 3), np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -9,15 +10,8 @@ import numpy as np
 from chemtwin.cli.arguments import positive_fraction, positive_int
 from chemtwin.core.files import prepare_output, write_json
 from chemtwin.errors import InputError
-from chemtwin.search.cluster import (
-    METHODS,
-    SCALES,
-    SKLEARN_METRIC,
-    cluster_latents,
-    clustering_metrics,
-    plot_clusters,
-    write_clusters,
-)
+from chemtwin.search.cluster import METHODS, SCALES, SKLEARN_METRIC, cluster_latents, plot_clusters, write_clusters
+from chemtwin.search.cluster_metrics import clustering_metrics
 from chemtwin.search.latents import open_latents
 from chemtwin.search.tables import FORMATS, output_format
 
@@ -35,7 +29,10 @@ def register(subparsers) -> None:
                    ".fits / .ecsv: a table (APOGEE_ID, CLUSTER, PROBABILITY, GROUP)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="hdf5 (default), fits (binary table) or ecsv; default: from the --out suffix")
-    p.add_argument("--method", choices=METHODS, default="hdbscan", help="clustering algorithm (default hdbscan)")
+    p.add_argument("--method", choices=METHODS, default="ward", help="clustering algorithm (default ward)")
+    p.add_argument("--threshold", type=_threshold, default="auto",
+                   help="ward: merge height at which the tree is cut, in latent units, or 'auto' (default: the knee "
+                        "of the sorted log merge heights, docs/search.md)")
     p.add_argument("--min-cluster-size", type=positive_int, default=5, help="smallest cluster reported (default 5)")
     p.add_argument("--min-samples", type=positive_int, default=None,
                    help="neighbours (self included) for a core point; default = --min-cluster-size")
@@ -43,7 +40,8 @@ def register(subparsers) -> None:
                    "(the knee of the sorted distances to the min-samples-th neighbour)")
     p.add_argument("--selection", choices=("eom", "leaf"), default="eom",
                    help="hdbscan cluster selection: eom (default) or leaf (finer clusters; try it for many small groups)")
-    p.add_argument("--metric", choices=sorted(SKLEARN_METRIC), default="l1", help="distance between latents (default l1)")
+    p.add_argument("--metric", choices=sorted(SKLEARN_METRIC), default=None,
+                   help="distance between latents (default: l2 for ward, which is defined for it; l1 otherwise)")
     p.add_argument("--scale", choices=SCALES, default="none",
                    help="none (default: the latent's own metric) or standard (unit variance per dimension)")
     p.add_argument("--min-purity", type=positive_fraction, default=0.5, help="recovered group: minimum purity of its cluster (default 0.5)")
@@ -56,6 +54,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _threshold(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'auto', got '{text}'")
+    return value
+
+
 def run(args) -> int:
     out = prepare_output(args.out, args.overwrite, inputs=(args.latents,))
     fmt = output_format(out, args.format)
@@ -63,8 +73,10 @@ def run(args) -> int:
     json_out = prepare_output(args.json, args.overwrite, inputs=(args.latents,)) if args.json else None
     if args.method == "dbscan" and args.eps is None:
         raise InputError("--method dbscan needs --eps (a radius in latent units, or 'auto')")
-    if args.method == "hdbscan" and args.eps is not None:
+    if args.method != "dbscan" and args.eps is not None:
         raise InputError("--eps applies to --method dbscan only")
+    if args.method != "ward" and args.threshold != "auto":
+        raise InputError("--threshold applies to --method ward only")
     with open_latents(args.latents) as lf:
         if lf.n_stars == 0:
             raise InputError(f"{args.latents}: holds no latents")
@@ -74,7 +86,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     result = cluster_latents(
         z, args.method, min_cluster_size=args.min_cluster_size, min_samples=args.min_samples, eps=args.eps,
-        metric=args.metric, scale=args.scale, selection=args.selection, n_jobs=args.n_jobs,
+        threshold=args.threshold, metric=args.metric, scale=args.scale, selection=args.selection, n_jobs=args.n_jobs,
     )
     seconds = time.perf_counter() - t0
     metrics = None

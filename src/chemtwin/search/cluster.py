@@ -1,15 +1,17 @@
-"""Blind chemical tagging: density clustering of latents and how well it finds twin groups.
+"""Blind chemical tagging: clustering of latents into groups of one chemistry.
 
-Clustering uses scikit-learn's HDBSCAN (default) or DBSCAN on the latents, with the
-same metric as twin search (L1 by default).  Latents are **not standardized** by
+Clustering uses scikit-learn: Ward's hierarchical clustering (default), HDBSCAN or DBSCAN.
+Ward's tree is cut where it stops merging stars that noise alone can explain, found
+without twins (:func:`knee_threshold`); why Ward and this cut are the default is in
+docs/search.md "Blind clustering".  HDBSCAN and DBSCAN use the same metric as twin search
+(L1 by default); Ward is defined for L2.  Latents are **not standardized** by
 default: the latent's own geometry is the twin metric (docs/science.md section 2), a
 global scale does not change HDBSCAN's result, and rescaling every dimension to unit
 variance would blow up dimensions that carry little chemistry (collapsed or noise
 dimensions).  ``scale="standard"`` (zero mean, unit variance per dimension) is there
 for spaces whose dimensions have unrelated units.
 
-Metrics against known twin groups (``group`` >= 0; -1 = field star, no group) are
-defined in :func:`clustering_metrics` and docs/search.md.
+Scores against known twin groups: :mod:`chemtwin.search.cluster_metrics`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import joblib
 import numpy as np
-from sklearn.cluster import DBSCAN, HDBSCAN
-from sklearn.metrics import adjusted_rand_score
+from scipy import sparse
+from sklearn.cluster import DBSCAN, HDBSCAN, AgglomerativeClustering
 
 from chemtwin import __version__
 from chemtwin.core.files import atomic_output, json_safe, new_hdf5, prepare_output, temporary_path
@@ -33,9 +38,12 @@ from chemtwin.search.tables import cluster_table, write_hdf5_table, write_table
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hdbscan", "dbscan")
+METHODS = ("ward", "hdbscan", "dbscan")
 SCALES = ("none", "standard")
 SKLEARN_METRIC = {"l1": "manhattan", "l2": "euclidean"}
+# Above this many stars Ward may merge only k-nearest neighbours: memory O(N k), not O(N^2).
+WARD_DENSE_MAX = 20_000
+WARD_NEIGHBOURS = 10
 
 
 @dataclass
@@ -87,40 +95,99 @@ def auto_eps(z: np.ndarray, min_samples: int, metric: str = "l1", quantile: floa
     d = np.sort(knn_distance(z, min_samples, metric))
     if quantile is not None:
         eps = float(np.quantile(d, quantile))
-    elif d[-1] > d[0]:
-        x = np.linspace(0.0, 1.0, d.size)
-        y = (d - d[0]) / (d[-1] - d[0])
-        eps = float(d[np.argmax(x - y)])
     else:
-        eps = float(d[-1])
+        eps = float(d[_knee(d)])
     if eps > 0:
         return eps
     return float(np.min(d[d > 0])) if np.any(d > 0) else 1e-12
 
 
+def _knee(ascending: np.ndarray) -> int:
+    """Index of the knee of an ascending curve: where the curve, both axes scaled to 0..1,
+    lies furthest below the straight line from its first to its last point."""
+    span = ascending[-1] - ascending[0]
+    if not span > 0:
+        return ascending.size - 1
+    x = np.linspace(0.0, 1.0, ascending.size)
+    return int(np.argmax(x - (ascending - ascending[0]) / span))
+
+
+def knee_threshold(heights) -> float:
+    """Where to cut Ward's tree, from its merge heights alone (no twin, no scale given).
+
+    Ward's merge height is sqrt(2 x the increase of the within-cluster sum of squares).
+    Merges inside a group of one chemistry cost what the measurement noise costs; merges
+    across groups and field stars cost the population's chemical spread, larger by a
+    factor, not an offset.  So the sorted *log* heights rise slowly over the noise-sized
+    merges, then steeply: the cut is the knee of that curve (:func:`_knee`).  The same
+    rule on a latent in any unit gives the same clusters (a log scale is shift-invariant)."""
+    h = np.sort(np.asarray(heights, np.float64))
+    h = h[h > 0]
+    if h.size == 0:
+        return 0.0
+    return float(h[_knee(np.log(h))])
+
+
+def _knn_graph(x: np.ndarray, k: int) -> sparse.csr_matrix:
+    """Connectivity for Ward: each star joined to its k nearest neighbours (FAISS, exact)."""
+    k = min(k, len(x) - 1)
+    _, rows = TwinIndex.build(np.asarray(x, np.float32), metric="l2").search(np.asarray(x, np.float32), k + 1)
+    star = np.repeat(np.arange(len(x)), k + 1)
+    graph = sparse.csr_matrix((np.ones(star.size), (star, rows.ravel())), shape=(len(x), len(x)))
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    return graph
+
+
+def _ward(x: np.ndarray, threshold) -> tuple[np.ndarray, float]:
+    """Labels of Ward's tree cut at ``threshold`` (a merge height, or "auto" = :func:`knee_threshold`)."""
+    connectivity = _knn_graph(x, WARD_NEIGHBOURS) if len(x) > WARD_DENSE_MAX else None
+    with tempfile.TemporaryDirectory(prefix="chemtwin-ward-") as cache, warnings.catch_warnings():
+        # Groups far apart leave the neighbour graph in pieces; scikit-learn then joins the pieces, as wanted.
+        warnings.filterwarnings("ignore", message="the number of connected components", category=UserWarning)
+        # The tree is built once: the cut reuses it from joblib's cache.
+        ward = dict(linkage="ward", connectivity=connectivity, memory=joblib.Memory(cache, verbose=0))
+        if threshold == "auto":
+            tree = AgglomerativeClustering(n_clusters=None, distance_threshold=0.0, **ward).fit(x)
+            threshold = knee_threshold(tree.distances_)
+        threshold = float(threshold)
+        if not np.isfinite(threshold) or threshold < 0:
+            raise InputError(f"threshold must be a number >= 0 or 'auto', got {threshold}")
+        labels = AgglomerativeClustering(n_clusters=None, distance_threshold=threshold, **ward).fit(x).labels_
+    return labels, threshold
+
+
 def cluster_latents(
     z,
-    method: str = "hdbscan",
+    method: str = "ward",
     *,
     min_cluster_size: int = 5,
     min_samples: int | None = None,
     eps: float | str | None = None,
-    metric: str = "l1",
+    threshold: float | str = "auto",
+    metric: str | None = None,
     scale: str = "none",
     selection: str = "eom",
     n_jobs: int | None = None,
 ) -> ClusterResult:
-    """Cluster latents (N, d) with HDBSCAN or DBSCAN.
+    """Cluster latents (N, d) with Ward's hierarchical clustering, HDBSCAN or DBSCAN.
 
+    * ward (default): Ward's tree (L2 only) cut at ``threshold``, a merge height, or "auto"
+      (:func:`knee_threshold`); clusters smaller than ``min_cluster_size`` become noise.
     * hdbscan: ``min_cluster_size`` (smallest group reported), ``min_samples`` (density
       smoothing; default = min_cluster_size), ``selection`` "eom" (excess of mass,
       favours big clusters) or "leaf" (finest clusters; often better for many small
       twin groups).
     * dbscan: ``eps`` (radius, or "auto" = the knee of :func:`auto_eps`) and ``min_samples``
       (default = min_cluster_size; points within eps, the star itself counted).
+
+    ``metric``: l2 for ward, l1 (default) or l2 for the others.
     """
     if method not in METHODS:
         raise InputError(f"unknown clustering method '{method}' (choose from {', '.join(METHODS)})")
+    metric = metric or ("l2" if method == "ward" else "l1")
+    if method == "ward" and metric != "l2":
+        raise InputError(f"ward clustering is defined for the l2 metric, not {metric}")
     if metric not in SKLEARN_METRIC:
         raise InputError(f"unknown metric '{metric}' (choose from {', '.join(SKLEARN_METRIC)})")
     z = np.asarray(z)
@@ -136,7 +203,13 @@ def cluster_latents(
     x = scale_latents(z, scale)
     params = {"method": method, "metric": metric, "scale": scale, "min_cluster_size": int(min_cluster_size),
               "min_samples": None if min_samples is None else int(min_samples)}
-    if method == "hdbscan":
+    if method == "ward":
+        if len(x) < 2:
+            return ClusterResult(np.full(len(x), -1, np.int64), np.zeros(len(x), np.float32), params)
+        labels, params["threshold"] = _ward(x, threshold)
+        labels = _drop_small(labels, int(min_cluster_size))
+        prob = (labels >= 0).astype(np.float32)
+    elif method == "hdbscan":
         if selection not in ("eom", "leaf"):
             raise InputError(f"unknown cluster selection '{selection}' (choose eom or leaf)")
         if len(x) < 2:
@@ -186,107 +259,6 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return labels
 
 
-
-
-def _truth_ids(group: np.ndarray) -> np.ndarray:
-    """True group ids with every field star (group < 0) made its own singleton group."""
-    group = np.asarray(group, dtype=np.int64)
-    truth = group.copy()
-    field_rows = np.flatnonzero(group < 0)
-    if field_rows.size:
-        base = int(group.max()) + 1 if (group >= 0).any() else 0
-        truth[field_rows] = base + np.arange(field_rows.size)
-    return truth
-
-
-def clustering_metrics(
-    labels,
-    group,
-    min_purity: float = 0.5,
-    min_completeness: float = 0.5,
-    min_group_size: int = 2,
-) -> dict:
-    """Score found clusters against known twin groups.
-
-    Notation: a found cluster C is a set of stars with the same label >= 0 (noise, -1,
-    is no cluster); a true group G is a set of stars with the same ``group`` >= 0; a
-    field star (``group`` -1) counts as a group of its own.  Only groups with at least
-    ``min_group_size`` members are *evaluated*.
-
-    * ``purity`` of C: max_G |C ∩ G| / |C| (the share of its dominant group).
-      Reported: the member-weighted mean over found clusters,
-      sum_C max_G |C ∩ G| / sum_C |C| (``purity``), and the plain mean (``mean_cluster_purity``).
-    * ``completeness`` of G: max_C |C ∩ G| / |G| (the largest share of the group in a
-      single found cluster; 0 if all its stars are noise).  Reported: mean over
-      evaluated groups.
-    * G is **recovered** when some found cluster C has |C ∩ G| >= min_purity |C| and
-      |C ∩ G| >= min_completeness |G| (defaults 0.5 and 0.5: a cluster at least half
-      made of G, holding at least half of G).  ``recovered_fraction`` = recovered
-      evaluated groups / evaluated groups.  This follows the matching of Price-Jones &
-      Bovy (2019): a found cluster is judged by its dominant input group, by how
-      homogeneous it is and how complete it is.
-    * ``ari``: adjusted Rand index (noise stars and field stars as singletons).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    group = np.asarray(group, dtype=np.int64)
-    if labels.shape != group.shape or labels.ndim != 1:
-        raise InputError(f"labels {labels.shape} and groups {group.shape} must be 1-D and of equal length")
-    if not (0 < min_purity <= 1 and 0 < min_completeness <= 1):
-        raise InputError("min_purity and min_completeness must lie in (0, 1]")
-    n = labels.size
-    truth = _truth_ids(group)
-    _, t_inv, t_size = np.unique(truth, return_inverse=True, return_counts=True)
-    clustered = labels >= 0
-    out = {
-        "n_stars": int(n),
-        "n_clusters": int(np.unique(labels[clustered]).size),
-        "noise_fraction": float(1 - clustered.mean()) if n else 0.0,
-        "min_purity": float(min_purity),
-        "min_completeness": float(min_completeness),
-        "min_group_size": int(min_group_size),
-    }
-    evaluated = t_size >= min_group_size
-    # Field stars are singleton groups that are never evaluated, whatever min_group_size.
-    field_t = np.zeros(t_size.size, bool)
-    field_t[t_inv[group < 0]] = True
-    evaluated &= ~field_t
-    out["n_groups"] = int(evaluated.sum())
-
-    if clustered.any():
-        c_ids, c_inv, c_size = np.unique(labels[clustered], return_inverse=True, return_counts=True)
-        pair = c_inv.astype(np.int64) * t_size.size + t_inv[clustered]
-        pairs, counts = np.unique(pair, return_counts=True)
-        pc, pt = pairs // t_size.size, pairs % t_size.size
-        dominant = np.zeros(c_ids.size, np.int64)
-        np.maximum.at(dominant, pc, counts)
-        cluster_purity = dominant / c_size
-        out["purity"] = float(dominant.sum() / c_size.sum())
-        out["mean_cluster_purity"] = float(cluster_purity.mean())
-        best_share = np.zeros(t_size.size)
-        np.maximum.at(best_share, pt, counts / t_size[pt])
-        tol = 1e-9  # so that e.g. 2/3 of 3 members counts as 2
-        good = (counts >= min_purity * c_size[pc] - tol) & (counts >= min_completeness * t_size[pt] - tol)
-        recovered = np.zeros(t_size.size, bool)
-        recovered[pt[good]] = True
-    else:
-        out["purity"] = float("nan")
-        out["mean_cluster_purity"] = float("nan")
-        best_share = np.zeros(t_size.size)
-        recovered = np.zeros(t_size.size, bool)
-    if out["n_groups"]:
-        out["completeness"] = float(best_share[evaluated].mean())
-        out["n_recovered"] = int((recovered & evaluated).sum())
-        out["recovered_fraction"] = out["n_recovered"] / out["n_groups"]
-    else:
-        out["completeness"] = float("nan")
-        out["n_recovered"] = 0
-        out["recovered_fraction"] = float("nan")
-
-    found = labels.copy()
-    noise = np.flatnonzero(~clustered)
-    found[noise] = (labels.max() + 1 if clustered.any() else 0) + np.arange(noise.size)
-    out["ari"] = float(adjusted_rand_score(truth, found)) if n else float("nan")
-    return out
 
 
 def project_2d(z: np.ndarray, max_rows: int | None = None, seed: int = 0):
