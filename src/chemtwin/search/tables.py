@@ -174,7 +174,7 @@ def cluster_table(labels, probabilities, *, star_id=None, group=None, meta=None)
     t["CLUSTER"] = np.asarray(labels, np.int64)
     t["CLUSTER"].description = "found cluster, -1 = noise"
     t["PROBABILITY"] = np.asarray(probabilities, np.float32)
-    t["PROBABILITY"].description = "membership strength (HDBSCAN; 1/0 for DBSCAN)"
+    t["PROBABILITY"].description = "membership strength (HDBSCAN; 1/0 for Ward and DBSCAN)"
     if group is not None:
         t["GROUP"] = np.asarray(group, np.int64)
         t["GROUP"].description = "known twin group (-1 = none)"
