@@ -9,7 +9,7 @@ scores (rank 0 with L1 and in the decoded-twin metric) say which lambda is best;
 twin-free quantities say which lambda a survey would pick:
 
 * ``condition_leak`` (the pick): the mean of the R^2 with which a small MLP recovers TEFF and
-  LOGG from z (``evaluate``'s ``condition_r2``, 5-fold cross-validated on the validation
+  LOGG from z (``evaluate``'s ``condition_r2``, 3-fold cross-validated on up to 3,000 validation
   stars).  The adversary's job is to remove exactly that; too small a lambda leaves the labels
   in z, too large a one makes the adversarial game unstable and they come back.  It reads
   latents and TEFF/LOGG only.  The sweep picks the lambda of least leak.

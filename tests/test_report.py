@@ -68,6 +68,20 @@ def test_summary_is_computed_from_the_numbers():
     assert "quick run" in text
 
 
+def test_summary_names_the_best_method_a_survey_can_run():
+    # FULL has no row that learns from known twins: no such line
+    assert not any("without known twins" in line for line in run_summary(FULL))
+    rows = [dict(r) for r in FULL["rows"]] + [
+        _row("polyres_twin", "snr100", 0.90), _row("fader_decoded", "snr100", 0.50), _row("polyres", "snr100", 0.30)]
+    line = next(line for line in run_summary(_results(rows)) if "without known twins" in line)
+    # the supervised row (90 %) and the oracle (98.3 %) are left out; The Payne is the best non-network row
+    assert "SNR 100: The Payne, 79.2% (without the network: The Payne, 79.2%)" in line
+    rows = [r for r in rows if r["method"] != "payne"]
+    line = next(line for line in run_summary(_results(rows)) if "without known twins" in line)
+    assert "SNR 100: fader (chemtwin) + decoded-twin metric, 50.0% (without the network: polynomial residuals, 30.0%)" in line
+    assert "SNR inf" not in line  # no supervised row there
+
+
 def test_summary_copes_with_partial_results_and_json_nulls():
     assert run_summary(_results([])) == []
     only_raw = _results([_row("raw", "snrinf", 0.01, n=100)])

@@ -59,10 +59,35 @@ def _differs(p1: float, n1: int, p2: float, n2: int) -> bool:
     return abs(p1 - p2) > 2 * se
 
 
+def _best_without_twins(rows: list[dict], scenarios: list[str], label: dict) -> list[str]:
+    """Per scenario where some row learned from known twins: the best row that did not, and the
+    best of those without the network (fader, cae), so a reader sees what the network adds."""
+    def known(method):
+        m = METHODS.get(method)
+        return method == "oracle" or (m is not None and m.uses_known_twins)
+
+    def top(cands):
+        best = max(r["frac_rank0"] for r in cands)
+        return " and ".join(label_of(r["method"]) for r in cands if r["frac_rank0"] == best) + f", {pct(best)}%"
+
+    out = []
+    for sc in scenarios:
+        here = [r for r in rows if r["scenario"] == sc]
+        if not any(known(r["method"]) and r["method"] != "oracle" for r in here):
+            continue
+        free = [r for r in here if not known(r["method"])]
+        if not free:
+            continue
+        classic = [r for r in free if METHODS.get(r["method"]) is None or METHODS[r["method"]].model_kind is None]
+        out.append(f"{label[sc]}: {top(free)}" + (f" (without the network: {top(classic)})" if classic else ""))
+    return out
+
+
 def run_summary(results: dict) -> list[str]:
     """The "What this run says" section: bullet lines computed from the table's rank-0 fractions
-    (best method per scenario, the fader against the oracle and the no-adversary cae, what the
-    twin-free decoded-twin metric adds to the fader, and whether
+    (best method per scenario, and the best a survey can run without known twins; the fader
+    against the oracle and the no-adversary cae, what the twin-free decoded-twin metric adds to
+    the fader, and whether
     each method keeps its score on the mismatched spectra).  Empty when there is nothing to compare."""
     rows = [r for r in results["rows"] if r.get("frac_rank0") is not None]
     by = {(r["method"], r["scenario"]): r for r in rows}
@@ -83,6 +108,10 @@ def run_summary(results: dict) -> list[str]:
         best.append(f"{label[sc]}: {winners}, {pct(top)}%{limit}")
     if best:
         lines.append("* **Best rank-0 fraction** (the oracle aside): " + "; ".join(best) + ".")
+    survey = _best_without_twins(rows, scenarios, label)
+    if survey:
+        lines.append("* **Best without known twins** (what a survey can run; *+ twin metric* rows learn from known "
+                     "twins, the oracle from the truth): " + "; ".join(survey) + ".")
 
     def compare(a: str, b: str, sc: str) -> str | None:
         ra, rb = by.get((a, sc)), by.get((b, sc))

@@ -88,6 +88,7 @@ class Method:
     whitened: ClassVar[bool] = False
     applies_to_mismatch: ClassVar[bool] = True
     learns_labels: ClassVar[bool] = False
+    uses_known_twins: ClassVar[bool] = False      # learns from known twin groups, which a survey does not have
     wrappable: ClassVar[bool] = False
     in_default_bench: ClassVar[bool] = True       # False: a bench runs it only when asked (--methods)
     base: ClassVar[Method | None] = None          # the method a wrapper wraps

@@ -25,6 +25,7 @@ class TwinMetricOn(MetricWrapper):
     suffix: ClassVar[str] = "_twin"
     label_suffix: ClassVar[str] = " + twin metric"
     learns_what: ClassVar[str] = "stars in twin groups to learn the metric from"
+    uses_known_twins: ClassVar[bool] = True
     entry: ClassVar[str] = "twin_metric"
 
     def check(self, ds) -> None:
