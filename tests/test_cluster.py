@@ -147,6 +147,22 @@ def test_ward_on_a_neighbour_graph_matches_the_full_tree(monkeypatch):
     assert clustering_metrics(sparse.labels, full.labels)["ari"] == pytest.approx(1.0)
 
 
+def test_ward_builds_its_tree_once_for_the_automatic_cut(monkeypatch):
+    import sklearn.cluster._agglomerative as agglomerative
+
+    builds = []
+    build = agglomerative._TREE_BUILDERS["ward"]
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setitem(agglomerative._TREE_BUILDERS, "ward", counted)
+    z, _ = groups_in_space(n_groups=10, size=5, seed=6)
+    cluster_latents(z)  # heights from one fit, the cut from a second one that reads the cached tree
+    assert len(builds) == 1
+
+
 def test_knee_threshold_splits_noise_sized_from_population_sized_merges():
     rng = np.random.default_rng(0)
     noise = np.exp(rng.normal(0.0, 0.2, 900))  # merges of one chemistry: about 1
