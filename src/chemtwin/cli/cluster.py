@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from chemtwin.cli.arguments import positive_fraction, positive_int
+from chemtwin.cli.arguments import finite_non_negative_float, positive_fraction, positive_int
 from chemtwin.core.files import prepare_output, write_json
 from chemtwin.errors import InputError
 from chemtwin.search.cluster import METHODS, SCALES, SKLEARN_METRIC, cluster_latents, plot_clusters, write_clusters
@@ -55,15 +54,7 @@ def register(subparsers) -> None:
 
 
 def _threshold(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'auto', got '{text}'")
-    return value
+    return text if text == "auto" else finite_non_negative_float(text)
 
 
 def run(args) -> int:
