@@ -11,17 +11,16 @@ twin-free quantities say which lambda a survey would pick:
 * ``condition_leak`` (the pick): the mean of the R^2 with which a small MLP recovers TEFF and
   LOGG from z (``evaluate``'s ``condition_r2``, 3-fold cross-validated on up to 3,000 validation
   stars).  The adversary's job is to remove exactly that; too small a lambda leaves the labels
-  in z, too large a one makes the adversarial game unstable and they come back.  It reads
+  in z, and past the best one they came back in our sweep (docs/model.md).  It reads
   latents and TEFF/LOGG only.  The sweep picks the lambda of least leak.
-* ``chemical_information_nats`` (reported, not a pick: it prefers lambda = 0): 0.5 log det of the covariance of the latents, after what
-  TEFF/LOGG predict of them is removed (a cubic polynomial fit), over the within-twin
-  scatter of the decoder-made twins (``DecodedTwinMetric``, learned on the training spectra).
-  It is the information a Gaussian channel carries about what varies between stars other
-  than TEFF/LOGG, in units of how precisely one star's latent is known: more chemistry
-  resolved, less noise and less of the labels left in z, all raise it.  It reads spectra and
-  TEFF/LOGG only.
-  It is fooled where the decoder ignores TEFF/LOGG and reads them from z: the decoder-made
-  twins are then identical and the within-twin scatter looks small.
+* ``chemical_information_nats`` (reported, not a pick: it prefers lambda = 0): 0.5 log det of
+  the covariance of the latents, after what TEFF/LOGG predict of them is removed (a cubic
+  polynomial fit), over the within-twin scatter of the decoder-made twins
+  (``DecodedTwinMetric``, learned on the training spectra): the information a Gaussian channel
+  carries about what varies between stars besides TEFF/LOGG, in units of how precisely one
+  star's latent is known.  It reads spectra and TEFF/LOGG only.  It is fooled where the
+  decoder ignores its TEFF/LOGG input and reads them from z: the decoder-made twins are then
+  identical and the within-twin scatter looks small.
 * the reconstruction MSE, reported beside them.
 
 Every lambda's row is written to the JSON as it finishes; a rerun reuses trained models.
