@@ -147,8 +147,9 @@ def test_ward_on_a_neighbour_graph_matches_the_full_tree(monkeypatch):
     assert clustering_metrics(sparse.labels, full.labels)["ari"] == pytest.approx(1.0)
 
 
-def test_ward_builds_its_tree_once_for_the_automatic_cut(monkeypatch):
+def test_ward_builds_its_tree_once_and_cuts_it_as_scikit_learn_does(monkeypatch):
     import sklearn.cluster._agglomerative as agglomerative
+    from sklearn.cluster import AgglomerativeClustering
 
     builds = []
     build = agglomerative._TREE_BUILDERS["ward"]
@@ -158,9 +159,16 @@ def test_ward_builds_its_tree_once_for_the_automatic_cut(monkeypatch):
         return build(*args, **kwargs)
 
     monkeypatch.setitem(agglomerative._TREE_BUILDERS, "ward", counted)
-    z, _ = groups_in_space(n_groups=10, size=5, seed=6)
-    cluster_latents(z)  # heights from one fit, the cut from a second one that reads the cached tree
+    z, group = groups_in_space(n_groups=10, size=5, scatter=1.5, n_field=20, seed=6)  # groups that touch
+    auto = cluster_latents(z, min_cluster_size=2)  # the heights and the cut from one tree
     assert len(builds) == 1
+    for t in (0.5 * auto.params["threshold"], auto.params["threshold"], 3.0 * auto.params["threshold"]):
+        ours = cluster_latents(z, threshold=t, min_cluster_size=2).labels
+        theirs = AgglomerativeClustering(n_clusters=None, distance_threshold=t).fit(z).labels_
+        ids, counts = np.unique(theirs, return_counts=True)
+        theirs = np.where(counts[np.searchsorted(ids, theirs)] >= 2, theirs, -1)  # singletons are noise in ours
+        assert clustering_metrics(ours, theirs)["ari"] == pytest.approx(1.0)
+        assert (ours < 0).sum() == (theirs < 0).sum()
 
 
 def test_knee_threshold_splits_noise_sized_from_population_sized_merges():

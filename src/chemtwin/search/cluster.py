@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import joblib
 import numpy as np
 from scipy import sparse
+from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import DBSCAN, HDBSCAN, AgglomerativeClustering
 
 from chemtwin import __version__
@@ -145,19 +144,28 @@ def _ward(x: np.ndarray, threshold) -> tuple[np.ndarray, float]:
     if len(x) > WARD_DENSE_MAX:
         log.info("Ward's tree of %d stars on their %d-nearest-neighbour graph (about 1.5 min per 100,000 stars on "
                  "2 cores)", len(x), WARD_NEIGHBOURS)
-    with tempfile.TemporaryDirectory(prefix="chemtwin-ward-") as cache, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # Groups far apart leave the neighbour graph in pieces; scikit-learn then joins the pieces, as wanted.
         warnings.filterwarnings("ignore", message="the number of connected components", category=UserWarning)
-        # The tree is built once: the cut reuses it from joblib's cache.
-        ward = dict(linkage="ward", connectivity=connectivity, memory=joblib.Memory(cache, verbose=0))
-        if threshold == "auto":
-            tree = AgglomerativeClustering(n_clusters=None, distance_threshold=0.0, **ward).fit(x)
-            threshold = knee_threshold(tree.distances_)
-        threshold = float(threshold)
-        if not np.isfinite(threshold) or threshold < 0:
-            raise InputError(f"threshold must be a number >= 0 or 'auto', got {threshold}")
-        labels = AgglomerativeClustering(n_clusters=None, distance_threshold=threshold, **ward).fit(x).labels_
-    return labels, threshold
+        tree = AgglomerativeClustering(n_clusters=None, distance_threshold=0.0, linkage="ward",
+                                       connectivity=connectivity).fit(x)
+    if threshold == "auto":
+        threshold = knee_threshold(tree.distances_)
+    threshold = float(threshold)
+    if not np.isfinite(threshold) or threshold < 0:
+        raise InputError(f"threshold must be a number >= 0 or 'auto', got {threshold}")
+    return _cut(tree.children_, tree.distances_, threshold, len(x)), threshold
+
+
+def _cut(children: np.ndarray, heights: np.ndarray, threshold: float, n_stars: int) -> np.ndarray:
+    """Cluster of each star once the tree's merges below ``threshold`` are made.  As scikit-learn
+    cuts: the first N - k merges in the tree's order, k = 1 + the merges at or above the threshold."""
+    made = len(children) - int(np.count_nonzero(heights >= threshold))
+    nodes = n_stars + len(children)
+    joined = sparse.coo_matrix((np.ones(2 * made), (children[:made].ravel(), np.repeat(n_stars + np.arange(made), 2))),
+                               shape=(nodes, nodes))
+    _, component = connected_components(joined, directed=False)
+    return np.unique(component[:n_stars], return_inverse=True)[1]
 
 
 def cluster_latents(
