@@ -12,7 +12,8 @@ twin-free quantities say which lambda a survey would pick:
   LOGG from z (``evaluate``'s ``condition_r2``, 3-fold cross-validated on up to 3,000 validation
   stars).  The adversary's job is to remove exactly that; too small a lambda leaves the labels
   in z, and past the best one they came back in our sweep (docs/model.md).  It reads
-  latents and TEFF/LOGG only.  The sweep picks the lambda of least leak.
+  latents and TEFF/LOGG only.  The sweep picks the lambda of least leak: the twin-best one
+  at SNR 100, not at SNR inf, where the leak is flat (docs/model.md).
 * ``chemical_information_nats`` (reported, not a pick: it prefers lambda = 0): 0.5 log det of
   the covariance of the latents, after what TEFF/LOGG predict of them is removed (a cubic
   polynomial fit), over the within-twin scatter of the decoder-made twins
