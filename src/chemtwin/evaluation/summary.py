@@ -59,16 +59,18 @@ def _differs(p1: float, n1: int, p2: float, n2: int) -> bool:
     return abs(p1 - p2) > 2 * se
 
 
+def _top(rows: list[dict]) -> str:
+    """The best rows' names (ties joined) and their rank-0 fraction."""
+    best = max(r["frac_rank0"] for r in rows)
+    return " and ".join(label_of(r["method"]) for r in rows if r["frac_rank0"] == best) + f", {pct(best)}%"
+
+
 def _best_without_twins(rows: list[dict], scenarios: list[str], label: dict) -> list[str]:
     """Per scenario where some row learned from known twins: the best row that did not, and the
     best of those without the network (fader, cae), so a reader sees what the network adds."""
     def known(method):
         m = METHODS.get(method)
         return method == "oracle" or (m is not None and m.uses_known_twins)
-
-    def top(cands):
-        best = max(r["frac_rank0"] for r in cands)
-        return " and ".join(label_of(r["method"]) for r in cands if r["frac_rank0"] == best) + f", {pct(best)}%"
 
     out = []
     for sc in scenarios:
@@ -79,7 +81,7 @@ def _best_without_twins(rows: list[dict], scenarios: list[str], label: dict) -> 
         if not free:
             continue
         classic = [r for r in free if METHODS.get(r["method"]) is None or METHODS[r["method"]].model_kind is None]
-        out.append(f"{label[sc]}: {top(free)}" + (f" (without the network: {top(classic)})" if classic else ""))
+        out.append(f"{label[sc]}: {_top(free)}" + (f" (without the network: {_top(classic)})" if classic else ""))
     return out
 
 
@@ -101,11 +103,9 @@ def run_summary(results: dict) -> list[str]:
         cands = [r for r in rows if r["scenario"] == sc and r["method"] != "oracle"]
         if not cands:
             continue
-        top = max(r["frac_rank0"] for r in cands)
-        winners = " and ".join(label_of(r["method"]) for r in cands if r["frac_rank0"] == top)
         oracle = by.get(("oracle", sc))
         limit = f" (the Cramér–Rao oracle: {pct(oracle['frac_rank0'])}%)" if oracle else ""
-        best.append(f"{label[sc]}: {winners}, {pct(top)}%{limit}")
+        best.append(f"{label[sc]}: {_top(cands)}{limit}")
     if best:
         lines.append("* **Best rank-0 fraction** (the oracle aside): " + "; ".join(best) + ".")
     survey = _best_without_twins(rows, scenarios, label)
