@@ -72,7 +72,7 @@ except ImportError:  # running from a checkout without installing
 from chemtwin.core.files import json_safe
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
-from chemtwin.search.cluster import cluster_latents
+from chemtwin.search.cluster import cluster_latents, scale_latents
 from chemtwin.search.cluster_metrics import clustering_metrics
 from chemtwin.search.latents import open_latents, write_latents
 
@@ -195,20 +195,16 @@ def grid(args):
             yield {"min_cluster_size": mcs, "eps_factor": factor}
 
 
-def run_setting(z, group, method, setting, args, metric):
+def run_setting(z, group, method, setting, args, metric, auto_threshold=None):
     if method == "ward":
-        from chemtwin.search.cluster import scale_latents
-
-        x = scale_latents(z, args.scale)
-        auto = _auto_threshold(x)
-        res = cluster_latents(x, "ward", min_cluster_size=setting["min_cluster_size"],
-                              threshold=setting["threshold_factor"] * auto)
+        res = cluster_latents(scale_latents(z, args.scale), "ward", min_cluster_size=setting["min_cluster_size"],
+                              threshold=setting["threshold_factor"] * auto_threshold)
         setting = {**setting, "threshold": res.params["threshold"]}
     elif method == "hdbscan":
         res = cluster_latents(z, "hdbscan", min_cluster_size=setting["min_cluster_size"], metric=metric,
                               scale=args.scale, selection=setting["selection"])
     else:
-        from chemtwin.search.cluster import auto_eps, scale_latents
+        from chemtwin.search.cluster import auto_eps
 
         x = scale_latents(z, args.scale)
         eps = setting["eps_factor"] * auto_eps(x, setting["min_cluster_size"], metric)
@@ -220,17 +216,6 @@ def run_setting(z, group, method, setting, args, metric):
     return setting, m
 
 
-_THRESHOLDS: dict = {}
-
-
-def _auto_threshold(x: np.ndarray) -> float:
-    """The twin-free cut of ``chemtwin cluster`` (computed once per space; the grid scales it)."""
-    key = (x.shape, hash(x.tobytes()))
-    if key not in _THRESHOLDS:
-        _THRESHOLDS[key] = cluster_latents(x, "ward", min_cluster_size=2).params["threshold"]
-    return _THRESHOLDS[key]
-
-
 def evaluate(specs: list[str], args) -> dict:
     out = {"method": args.method, "metric": args.metric, "scale": args.scale, "spaces": []}
     for spec in specs:
@@ -240,9 +225,12 @@ def evaluate(specs: list[str], args) -> dict:
         sizes = np.bincount(group[group >= 0]) if (group >= 0).any() else np.array([], int)
         entry = {"name": name, "path": str(path), "key": key, "metric": metric, "n_stars": int(len(z)),
                  "dim": int(z.shape[1]), "n_groups": int((sizes >= args.min_group_size).sum()), "runs": []}
+        auto = None  # chemtwin cluster's twin-free cut, once per space; Ward's grid scales it
+        if args.method == "ward":
+            auto = cluster_latents(scale_latents(z, args.scale), "ward", min_cluster_size=2).params["threshold"]
         for setting in grid(args):
             t0 = time.perf_counter()
-            setting, m = run_setting(z, group, args.method, setting, args, metric)
+            setting, m = run_setting(z, group, args.method, setting, args, metric, auto)
             entry["runs"].append({"setting": setting, "seconds": round(time.perf_counter() - t0, 2), **m})
             print(f"{name:<12} {json.dumps(json_safe(setting)):<50} recovered {m['recovered_fraction']:.3f} "
                   f"purity {m['purity']:.3f} completeness {m['completeness']:.3f}", file=sys.stderr, flush=True)
