@@ -140,8 +140,9 @@ def _knn_graph(x: np.ndarray, k: int) -> sparse.csr_matrix:
 
 def _ward(x: np.ndarray, threshold) -> tuple[np.ndarray, float]:
     """Labels of Ward's tree cut at ``threshold`` (a merge height, or "auto" = :func:`knee_threshold`)."""
-    connectivity = _knn_graph(x, WARD_NEIGHBOURS) if len(x) > WARD_DENSE_MAX else None
+    connectivity = None
     if len(x) > WARD_DENSE_MAX:
+        connectivity = _knn_graph(x, WARD_NEIGHBOURS)
         log.info("Ward's tree of %d stars on their %d-nearest-neighbour graph (about 1.5 min per 100,000 stars on "
                  "2 cores)", len(x), WARD_NEIGHBOURS)
     with warnings.catch_warnings():
