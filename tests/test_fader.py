@@ -62,6 +62,48 @@ def test_masked_pixels_are_ignored_by_loss_and_encoder():
     assert recon_loss(xh, x, w) != recon_loss(xh, x, None)
 
 
+def test_encoder_gain_in_u_undoes_an_imprint_that_weakens_with_teff():
+    # the chemistry's imprint on the residual is v c / (1 + beta s), s = TEFF scaled to [-0.5, 0.5]:
+    # weights affine in u, (w0 + s w1) with w1 = beta w0, give every TEFF the same z; one weight cannot
+    p, beta = 50, 0.8
+    net = FaderNet(FaderConfig(latent_dim=1).net, p)
+    assert net.enc_gain is not None and not net.enc_gain[1].weight.any()  # it starts as the plain linear encoder
+    coef = np.zeros((len(net.exponents), p))
+    coef[0] = 1
+    net.set_statistics([3500, 0], [5500, 4], coef, np.full(p, 0.1), False, False)
+    net.eval()
+    v = torch.randn(p, generator=torch.Generator().manual_seed(0))
+    v /= v.norm()
+    teff = torch.linspace(3500, 5500, 9)
+    u = torch.stack([teff, torch.full_like(teff, 2.0)], dim=1)
+    s = net.scale_u(u)[:, 0]
+    x = 1 + (0.03 * v)[None, :] / (1 + beta * s)[:, None]  # one chemistry (c = 0.03) at nine TEFF
+    with torch.no_grad():
+        net.encoder.layers[0].weight.copy_(v[None, :])
+        net.encoder.layers[0].bias.zero_()
+        plain = net.encode(x, None, u)[:, 0]
+        net.enc_gain[0].weight.zero_()
+        net.enc_gain[0].weight[0] = v
+        net.enc_gain[1].weight[0, 0] = beta  # the TEFF row; LOGG's stays 0
+        gained = net.encode(x, None, u)[:, 0]
+    assert plain.max() / plain.min() > 1.5
+    torch.testing.assert_close(gained, torch.full_like(gained, 0.03), rtol=1e-4, atol=0)
+
+
+def test_encoder_gain_reads_the_leading_principal_components_and_starts_at_zero():
+    torch.manual_seed(0)
+    net = FaderNet(FaderConfig(latent_dim=4).net, 40)
+    r = torch.randn(500, 40) * torch.linspace(3, 0.1, 40)  # 40 directions of falling variance
+    net.init_from_pca(r)
+    q = net.enc_gain[0].weight
+    assert q.shape == (12, 40) and not net.enc_gain[1].weight.any()
+    torch.testing.assert_close(q[:4], net.encoder.layers[0].weight)  # the gain's first components are z's own
+    projected = r @ q.T
+    torch.testing.assert_close(projected.var(dim=0), torch.ones(12), rtol=0.05, atol=0)  # whitened
+    # the 12 components hold the most variance 12 directions can
+    assert (projected @ torch.linalg.pinv(q).T).var(dim=0).sum() > 0.97 * r[:, :12].var(dim=0).sum()
+
+
 def test_joint_bins_from_training_range():
     net = FaderNet(FaderConfig(n_cat=10, baseline_degree=0).net, 5)
     net.set_statistics([4000, 1.0], [5000, 3.0], np.ones((1, 5)), np.ones(5), False, False)
@@ -107,8 +149,10 @@ def test_a_config_of_the_flat_layout_loads_into_its_parts_and_is_written_back_th
     cfg = FaderConfig.from_dict(json.loads(json.dumps(OLD_LAYOUT)))
     assert cfg.model == "cae" and cfg.net.latent_dim == 8 and cfg.net.encoder_hidden == (2048, 512, 128)
     assert cfg.optim.lr == 1e-5 and cfg.optim.batch_size == 128 and cfg.run.time_limit == 60.0 and cfg.run.seed == 3
-    assert json.loads(json.dumps(cfg.to_dict())) == OLD_LAYOUT
-    assert list(cfg.to_dict()) == list(OLD_LAYOUT)
+    # a knob added since is written back as the value the old model was trained with
+    assert cfg.net.encoder_u_gain is False
+    assert json.loads(json.dumps(cfg.to_dict())) == {**OLD_LAYOUT, "encoder_u_gain": False}
+    assert [k for k in cfg.to_dict() if k != "encoder_u_gain"] == list(OLD_LAYOUT)
     assert FaderConfig.from_dict({**OLD_LAYOUT, "time_limit": "inf"}).run.time_limit == float("inf")
 
 

@@ -125,7 +125,10 @@ class FaderNet(nn.Module):
     ``baseline_degree`` in the scaled conditioned labels, least-squares fitted to the
     training set (degree 0 = the mean spectrum).  The encoder sees (x - b(u)) / scale and
     the decoder returns b(u) + scale * MLP(z, u), so the networks only model what the
-    labels u do not explain in that simple way; the loss is still on x itself.
+    labels u do not explain in that simple way; the loss is still on x itself.  With
+    ``encoder_u_gain`` the encoder adds sum_k u_k G_k Q r (u scaled; Q: 3d components started
+    at the principal components, G_k at 0): the chemistry's imprint on r scales with
+    TEFF/LOGG, so the weights that read it must too.
 
     Buffers: ``u_lo``/``u_hi`` (k,) training range of the conditioned labels (u is scaled
     to [-0.5, 0.5] over it); ``bin_edges`` (k, n_cat + 1) equal-width adversary bins over
@@ -145,7 +148,11 @@ class FaderNet(nn.Module):
         self.latent_dim = d
         self.enc_skip = nn.Linear(n_pixels, d, bias=False) if cfg.linear_skip and cfg.encoder_hidden else None
         self.dec_skip = nn.Linear(d, n_pixels, bias=False) if cfg.linear_skip else None
-        for layer in (self.enc_skip, self.dec_skip):
+        # the gain reads the residual through a few more principal components than z keeps (3 d)
+        # and starts at 0: a P x (d k) matrix would start its Adam steps as noise on every pixel
+        self.enc_gain = nn.Sequential(nn.Linear(n_pixels, 3 * d, bias=False),
+                                      nn.Linear(3 * d, d * k, bias=False)) if cfg.encoder_u_gain else None
+        for layer in (self.enc_skip, self.dec_skip, None if self.enc_gain is None else self.enc_gain[1]):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
         self.latent_norm = nn.BatchNorm1d(d, affine=False, momentum=0.01) if cfg.latent_norm else None
@@ -198,9 +205,12 @@ class FaderNet(nn.Module):
     def encode(self, x, w, u):
         """z from flux x (N, P), pixel weights w (N, P or None; 0 = masked) and raw labels u (N, k)."""
         r = self.residual(x, w, u)
-        z = self.encoder(r, self.scale_u(u))
+        s = self.scale_u(u)
+        z = self.encoder(r, s)
         if self.enc_skip is not None:
             z = z + self.enc_skip(r)
+        if self.enc_gain is not None:
+            z = z + torch.einsum("nkd,nk->nd", self.enc_gain(r).view(len(r), s.shape[1], -1), s)
         return z if self.latent_norm is None else self.latent_norm(z)
 
     @torch.no_grad()
@@ -208,13 +218,17 @@ class FaderNet(nn.Module):
         """Aim the encoder's first layer and the decoder's last layer at the leading principal
         components of training residuals ``r`` (N, P): a head start, both stay trainable."""
         first, last = self.encoder.layers[0], self.decoder.layers[-1]
-        wanted = max(first.out_features, self.latent_dim if self.dec_skip is not None else last.in_features)
+        wanted = max(first.out_features, self.latent_dim if self.dec_skip is not None else last.in_features,
+                     0 if self.enc_gain is None else self.enc_gain[0].out_features)
         q = min(wanted, *r.shape)
         _, s, v = torch.svd_lowrank(r, q=q, niter=3)
         sd = (s / math.sqrt(len(r))).clamp_min(1e-12)
         k = min(first.out_features, q)
         first.weight[:k] = (v[:, :k] / sd[:k]).T
         first.bias[:k] = 0
+        if self.enc_gain is not None:
+            k = min(self.enc_gain[0].out_features, q)
+            self.enc_gain[0].weight[:k] = (v[:, :k] / sd[:k]).T
         if self.dec_skip is None:
             k = min(last.in_features, q)
             last.weight[:, :k] = 0.1 * v[:, :k] * sd[:k]

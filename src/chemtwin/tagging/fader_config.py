@@ -21,11 +21,12 @@ ACTIVATION_NAMES = ("silu", "selu", "leaky_relu", "relu")
 # Architecture / optimiser knobs each preset fills in when the caller leaves them None.
 PRESETS = {
     # CPU-friendly (docs/model.md): the input is the residual from a per-pixel polynomial
-    # baseline in u; a linear encoder started at its whitened principal components; a FiLM
-    # decoder with a linear path; a small, regularised, fast adversary; AdamW + cosine.
+    # baseline in u; a linear encoder with weights affine in u, started at the residual's
+    # whitened principal components; a FiLM decoder with a linear path; a small,
+    # regularised, fast adversary; AdamW + cosine.
     "fast": dict(
         baseline_degree=4, standardize=True, normalize_loss=True, pca_init=True,
-        encoder_hidden=(), encoder_direct_u=False, latent_norm=True,
+        encoder_hidden=(), encoder_direct_u=False, encoder_u_gain=True, latent_norm=True,
         decoder_hidden=(256, 256), film=True, linear_skip=True, activation="silu",
         adversary_hidden=(64, 64), adversary_square=True, adversary_factorized=True, adversary_dropout=0.3,
         optimizer="adamw", lr=3e-4, adversary_lr_factor=5.0, weight_decay=1e-5, schedule="cosine",
@@ -36,7 +37,7 @@ PRESETS = {
     # size and the batch size are not published; ours.)
     "paper": dict(
         baseline_degree=0, standardize=False, normalize_loss=False, pca_init=False,
-        encoder_hidden=(2048, 512, 128), encoder_direct_u=True, latent_norm=False,
+        encoder_hidden=(2048, 512, 128), encoder_direct_u=True, encoder_u_gain=False, latent_norm=False,
         decoder_hidden=(512, 2048, 8192), film=False, linear_skip=False, activation="selu",
         adversary_hidden=(512, 512), adversary_square=False, adversary_factorized=False, adversary_dropout=0.0,
         optimizer="adam", lr=1e-5, adversary_lr_factor=1.0, weight_decay=0.0, schedule="constant",
@@ -64,6 +65,7 @@ class NetConfig:
     activation: str | None = None
     baseline_degree: int | None = None        # per-pixel polynomial in u subtracted from x (0 = the mean spectrum)
     encoder_direct_u: bool | None = None      # u also enters the encoder's first layer directly
+    encoder_u_gain: bool | None = None        # linear encoder weights affine in u: z = W0 r + sum_k u_k G_k Q r
     film: bool | None = None                  # FiLM conditioning of every hidden layer on u
     linear_skip: bool | None = None           # linear encoder/decoder paths beside the MLPs (PCA-initialised)
     latent_norm: bool | None = None           # batch-normalise z (no affine): unit variance per dimension
@@ -147,13 +149,15 @@ PARTS = {"net": NetConfig, "optim": OptimConfig, "run": RunConfig}
 # config.json's flat order (the order of the fields before the split)
 FIELD_ORDER = (
     "model", "preset", "condition", "latent_dim", "n_cat", "encoder_hidden", "decoder_hidden", "adversary_hidden",
-    "activation", "baseline_degree", "encoder_direct_u", "film", "linear_skip", "latent_norm", "adversary_factorized",
+    "activation", "baseline_degree", "encoder_direct_u", "encoder_u_gain", "film", "linear_skip", "latent_norm", "adversary_factorized",
     "adversary_dropout", "adversary_square", "pca_init", "standardize", "normalize_loss", "lambda_adv",
     "lambda_warmup_frac", "lambda_warmup_steps", "optimizer", "lr", "adversary_lr_factor", "weight_decay", "schedule",
     "lr_warmup_frac", "min_lr_frac", "batch_size", "epochs", "time_limit", "seed", "val_fraction", "eval_max_stars",
     "max_memory_gb", "device",
 )
 _PART_OF = {f.name: part for part, cls in PARTS.items() for f in fields(cls)}
+# knobs added after model folders were first written: a config.json without one was trained without it
+_BEFORE_IT_EXISTED = {"encoder_u_gain": False}
 
 
 class FaderConfig:
@@ -184,7 +188,7 @@ class FaderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FaderConfig":
         """From a flat dict (config.json); keys it does not know are ignored."""
-        known = {k: v for k, v in d.items() if k in _PART_OF or k in ("model", "preset")}
+        known = {**_BEFORE_IT_EXISTED, **{k: v for k, v in d.items() if k in _PART_OF or k in ("model", "preset")}}
         # config.json spells inf "inf" (chemtwin.core.files.json_safe), e.g. --time-limit inf
         return cls(**{k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in known.items()})
 

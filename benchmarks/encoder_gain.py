@@ -1,0 +1,76 @@
+"""The fast encoder with and without its weights affine in TEFF/LOGG (``encoder_u_gain``), side by side.
+
+    python benchmarks/encoder_gain.py --work /tmp/gain --json /tmp/gain/results.json
+    python benchmarks/encoder_gain.py --quick --work /tmp/gain_quick                # minutes
+
+For each SNR (``--snr``, default ``100,inf``) a training and a validation set of twin pairs are
+generated (seeds 1 and 2, as ``lambda_sweep.py``), and two fast-preset faders train
+``--seconds`` each on the same data with the same seed: one with ``encoder_u_gain`` (the default
+since 2026-12-07) and one without.  Each is scored on all validation stars with
+``train_protocol.evaluate_model``: rank 0 with L1 on raw latents and in the twin-free
+decoded-twin metric, and how well TEFF/LOGG are recovered from z.  Rows are written to the JSON
+as they finish; a rerun reuses trained models.  Threads: ``--threads`` (default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import log, machine
+from train_protocol import _generate, evaluate_model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--snr", default="100,inf", help="comma-separated SNRs (default 100,inf)")
+    ap.add_argument("--pairs", default="3000,1500", metavar="TRAIN,VAL", help="twin pairs of the two sets (default 3000,1500)")
+    ap.add_argument("--seconds", type=float, default=180.0, help="training time per model (default 180)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help="300/150 pairs, 15 s per model, SNR 100 only (a smoke run)")
+    ap.add_argument("--work", default="out/encoder_gain", help="folder for data and models (default out/encoder_gain)")
+    ap.add_argument("--json", default=None, help="results file (default WORK/results.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.seconds, args.snr = "300,150", 15.0, "100"
+    if not args.seconds > 0:
+        print("encoder_gain: error: --seconds must be > 0", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from chemtwin.tagging.estimator import ChemTwin
+
+    torch.set_num_threads(args.threads)
+    n_train, n_val = (int(n) for n in args.pairs.split(","))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = Path(args.json) if args.json else work / "results.json"
+    results = {"protocol": {"train_pairs": n_train, "val_pairs": n_val, "seconds": args.seconds, "threads": args.threads,
+                            "preset": "fast"}, "machine": machine(), "rows": []}
+    for snr in args.snr.split(","):
+        train, val = work / f"train_{n_train}_snr{snr}.h5", work / f"val_{n_val}_snr{snr}.h5"
+        _generate(train, n_train, seed=1, snr=snr)
+        _generate(val, n_val, seed=2, snr=snr)
+        for gain in (False, True):
+            model_dir = work / f"fader_snr{snr}_gain{int(gain)}"
+            if not (model_dir / "model.safetensors").exists():
+                ChemTwin(encoder_u_gain=gain, time_limit=args.seconds, epochs=100_000).fit(
+                    str(train), out_dir=model_dir, overwrite=True, progress=False)
+            t0 = time.monotonic()
+            row = {"snr": snr, "encoder_u_gain": gain, **evaluate_model(model_dir, val, train)}
+            row["eval_s"] = time.monotonic() - t0
+            results["rows"].append(row)
+            log(json.dumps({k: row[k] for k in ("snr", "encoder_u_gain", "frac_rank0", "decoded_frac_rank0",
+                                                "teff_r2_mlp", "logg_r2_mlp")}))
+            tmp = out_json.with_name(out_json.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.replace(out_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
