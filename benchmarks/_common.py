@@ -16,6 +16,17 @@ import sys
 from pathlib import Path
 
 
+def add_training_run_arguments(ap, *, seconds: float, each: str, quick: str, work: str) -> None:
+    """The options of the scripts that train fast faders on twin-pair sets and score them:
+    --pairs, --seconds, --threads, --quick, --work, --json."""
+    ap.add_argument("--pairs", default="3000,1500", metavar="TRAIN,VAL", help="twin pairs of the two sets (default 3000,1500)")
+    ap.add_argument("--seconds", type=float, default=seconds, help=f"training time per {each} (default {seconds:g})")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--work", default=work, help=f"folder for data and models (default {work})")
+    ap.add_argument("--json", default=None, help="results file (default WORK/results.json)")
+
+
 def log(msg: str) -> None:
     """Progress goes to stderr, so that stdout holds the results alone."""
     print(msg, file=sys.stderr, flush=True)

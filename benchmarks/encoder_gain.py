@@ -20,19 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from _common import log, machine
+from _common import add_training_run_arguments, log, machine
 from train_protocol import _generate, evaluate_model
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--snr", default="100,inf", help="comma-separated SNRs (default 100,inf)")
-    ap.add_argument("--pairs", default="3000,1500", metavar="TRAIN,VAL", help="twin pairs of the two sets (default 3000,1500)")
-    ap.add_argument("--seconds", type=float, default=180.0, help="training time per model (default 180)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="300/150 pairs, 15 s per model, SNR 100 only (a smoke run)")
-    ap.add_argument("--work", default="out/encoder_gain", help="folder for data and models (default out/encoder_gain)")
-    ap.add_argument("--json", default=None, help="results file (default WORK/results.json)")
+    add_training_run_arguments(ap, seconds=180.0, each="model", work="out/encoder_gain",
+                               quick="300/150 pairs, 15 s per model, SNR 100 only (a smoke run)")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.seconds, args.snr = "300,150", 15.0, "100"

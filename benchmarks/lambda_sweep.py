@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import log, machine
+from _common import add_training_run_arguments, log, machine
 from train_protocol import _generate, _train, evaluate_model
 
 
@@ -73,13 +73,9 @@ def chemical_information(model_dir: Path, val: Path, train: Path, seed: int = 0)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lambdas", default="0,0.001,0.003,0.01,0.03,0.1", help="comma-separated lambda values")
-    ap.add_argument("--pairs", default="3000,1500", metavar="TRAIN,VAL", help="twin pairs of the two sets (default 3000,1500)")
     ap.add_argument("--snr", default="100", help="SNR of both sets (default 100)")
-    ap.add_argument("--seconds", type=float, default=90.0, help="training time per lambda (default 90)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="300/150 pairs, 15 s per lambda, 3 lambdas (a smoke run)")
-    ap.add_argument("--work", default="out/lambda_sweep", help="folder for data and models (default out/lambda_sweep)")
-    ap.add_argument("--json", default=None, help="results file (default WORK/results.json)")
+    add_training_run_arguments(ap, seconds=90.0, each="lambda", work="out/lambda_sweep",
+                               quick="300/150 pairs, 15 s per lambda, 3 lambdas (a smoke run)")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.seconds, args.lambdas = "300,150", 15.0, "0,0.01,0.1"
