@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import add_training_run_arguments, log, machine
+from _common import add_training_run_arguments, log, machine, write_results
 from train_protocol import _generate, evaluate_model
 
 
@@ -62,9 +62,7 @@ def main() -> int:
             results["rows"].append(row)
             log(json.dumps({k: row[k] for k in ("snr", "encoder_u_gain", "frac_rank0", "decoded_frac_rank0",
                                                 "teff_r2_mlp", "logg_r2_mlp")}))
-            tmp = out_json.with_name(out_json.name + ".tmp")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            tmp.replace(out_json)
+            write_results(out_json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

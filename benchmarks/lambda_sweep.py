@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_training_run_arguments, log, machine
+from _common import add_training_run_arguments, log, machine, write_results
 from train_protocol import _generate, _train, evaluate_model
 
 
@@ -106,9 +106,7 @@ def main() -> int:
         results["rows"].append(row)
         log(json.dumps({k: row[k] for k in ("lambda", "frac_rank0", "decoded_frac_rank0", "condition_leak",
                                             "chemical_information_nats", "mse_reconstruction")}))
-        tmp = out_json.with_name(out_json.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(out_json)
+        write_results(out_json, json.dumps(results, indent=2) + "\n")
     rows = results["rows"]
     picks = {"leak": min(rows, key=lambda r: r["condition_leak"]),
              "information": max(rows, key=lambda r: r["chemical_information_nats"])}
@@ -120,9 +118,7 @@ def main() -> int:
         results[f"best_{key}"] = best[key]
         for name, picked in picks.items():
             results[f"picked_by_{name}_{key}"] = picked[key]
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out_json)
+    write_results(out_json, json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k.startswith(("picked", "best"))}, indent=2))
     return 0
 
