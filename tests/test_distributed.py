@@ -215,6 +215,11 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
                 # Adam turns the rounding noise of that zero into lr-sized steps, which differ from
                 # run to run (and shift the latent's running mean alike).  Everything else agrees.
                 continue
+            if key == "latent_norm.running_var":
+                # a buffer, not an Adam weight: an average of batch variances near 1, whose rows the two
+                # runs sum in another order; float32 rounds it at 1.2e-7 (one ulp), so a few ulps apart
+                np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=0, err_msg=f"{name}: {key}")
+                continue
             lr = 3e-4 * (5.0 if key.startswith("adversary") else 1.0)  # the "fast" preset's lr, x5 for the adversary
             _assert_same_adam_weights(two[key].double().numpy(), one[key].double().numpy(),
                                       steps=steps[name], lr=lr, err_msg=f"{name}: {key}")
