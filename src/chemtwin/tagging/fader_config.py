@@ -149,8 +149,8 @@ PARTS = {"net": NetConfig, "optim": OptimConfig, "run": RunConfig}
 # config.json's flat order (the order of the fields before the split)
 FIELD_ORDER = (
     "model", "preset", "condition", "latent_dim", "n_cat", "encoder_hidden", "decoder_hidden", "adversary_hidden",
-    "activation", "baseline_degree", "encoder_direct_u", "encoder_u_gain", "film", "linear_skip", "latent_norm", "adversary_factorized",
-    "adversary_dropout", "adversary_square", "pca_init", "standardize", "normalize_loss", "lambda_adv",
+    "activation", "baseline_degree", "encoder_direct_u", "encoder_u_gain", "film", "linear_skip", "latent_norm",
+    "adversary_factorized", "adversary_dropout", "adversary_square", "pca_init", "standardize", "normalize_loss", "lambda_adv",
     "lambda_warmup_frac", "lambda_warmup_steps", "optimizer", "lr", "adversary_lr_factor", "weight_decay", "schedule",
     "lr_warmup_frac", "min_lr_frac", "batch_size", "epochs", "time_limit", "seed", "val_fraction", "eval_max_stars",
     "max_memory_gb", "device",
