@@ -82,6 +82,24 @@ def test_summary_names_the_best_method_a_survey_can_run():
     assert "SNR inf" not in line  # no supervised row there
 
 
+def test_summary_sets_the_network_against_the_model_fitting_methods():
+    line = next(line for line in run_summary(FULL) if "fitted with a model" in line)
+    # the paper protocol hands The Payne the generator's own model: it wins, and the line says so
+    assert "the models are the ones that made the spectra" in line
+    assert "SNR 100: fader (chemtwin) 44.7 vs The Payne 79.2% (-34.5 points, below)" in line
+    # a survey's models are imperfect: the best twin-free network row against the best model row
+    rows = [dict(r) for r in FULL["rows"] if r["scenario"] == "snr100" and r["method"] != "payne"] + [
+        _row("payne", "snr100", 0.06, n=600), _row("cannon", "snr100", 0.20, n=600),
+        _row("fader_decoded", "snr100", 0.348, n=600), _row("fader_twin", "snr100", 0.90, n=600)]
+    results = {"config": {"protocol": "survey"}, "rows": rows}
+    line = next(line for line in run_summary(results) if "fitted with a model" in line)
+    assert "another code's atomic data" in line
+    # the twin-supervised row (90 %) is not the network's: 44.7 % from 25,000 stars against 20 % from 600
+    assert "SNR 100: fader (chemtwin) 44.7 vs The Cannon 20.0% (+24.7 points, above)" in line
+    only_networks = {"config": {}, "rows": [r for r in rows if r["method"] not in ("payne", "cannon")]}
+    assert not any("fitted with a model" in line for line in run_summary(only_networks))
+
+
 def test_summary_copes_with_partial_results_and_json_nulls():
     assert run_summary(_results([])) == []
     only_raw = _results([_row("raw", "snrinf", 0.01, n=100)])
