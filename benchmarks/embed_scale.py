@@ -45,7 +45,9 @@ from _common import log, print_or_write_json
 
 import h5py
 
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+
+from chemtwin.data.dataset_writer import DatasetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT / "out" / "train_protocol" / "train_25000.h5"

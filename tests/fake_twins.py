@@ -36,7 +36,7 @@ def fake_twins(n_groups=200, n_pixels=200, group_size=2, seed=0, ivar_value=1e4,
 
 
 def write_fake(path, n_groups=200, n_pixels=200, seed=0, label_names=LABEL_NAMES, **kw):
-    from chemtwin.data.dataset import DatasetWriter
+    from chemtwin.data.dataset_writer import DatasetWriter
 
     flux, ivar, labels, group = fake_twins(n_groups, n_pixels, seed=seed, **kw)
     cols = [LABEL_NAMES.index(n) for n in label_names]

@@ -25,7 +25,8 @@ from chemtwin.data.broadening import (
     rotation_profile,
     rotational_broadening,
 )
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 
 GRID = get_grid("aspcap")

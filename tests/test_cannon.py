@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from chemtwin.cli import main
-from chemtwin.data.dataset import DatasetWriter
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 from chemtwin.tagging.cannon import Cannon, PolynomialVectorizer, polynomial_terms
 from chemtwin.tagging.cannon.fitting import fit_s2

@@ -130,7 +130,7 @@ def test_train_help_explains_the_progress_bar(capsys):
 
 
 def test_info_writes_its_summary_with_out(tmp_path, capsys):
-    from chemtwin.data.dataset import DatasetWriter
+    from chemtwin.data.dataset_writer import DatasetWriter
 
     data = tmp_path / "d.h5"
     with DatasetWriter(data, np.linspace(15100, 15200, 5), ["TEFF", "LOGG"], with_star_id=True) as w:

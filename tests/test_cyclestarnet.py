@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from chemtwin.cli import main
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import PayneEmulator
 from chemtwin.tagging.cyclestarnet import CycleConfig, CycleEmulator, CycleStarNet, losses

@@ -127,7 +127,8 @@ def test_bad_input():
 
 def test_a_trained_model_through_the_method_row_and_the_whiten_command(tmp_path, capsys):
     """``fader_decoded``: a real ChemTwin, its metric learnt from its training file without the groups."""
-    from chemtwin.data.dataset import DatasetWriter, open_dataset
+    from chemtwin.data.dataset import open_dataset
+    from chemtwin.data.dataset_writer import DatasetWriter
     from chemtwin.evaluation.evaluate import evaluate
     from chemtwin.methods import get_method
     from chemtwin.tagging.estimator import ChemTwin

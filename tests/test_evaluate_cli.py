@@ -9,7 +9,7 @@ import pytest
 from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 from chemtwin.cli import COMMAND_MODULES, main
-from chemtwin.data.dataset import DatasetWriter
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.evaluation.evaluate import evaluate
 from chemtwin.search.latents import write_latents
 

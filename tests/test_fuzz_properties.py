@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from chemtwin.cli import main
 from chemtwin.core.files import file_sha256
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.data.shard_folder import write_manifest
 from chemtwin.errors import InputError
 

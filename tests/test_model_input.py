@@ -16,7 +16,7 @@ import torch
 from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 from chemtwin.cli import main
-from chemtwin.data.dataset import DatasetWriter
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 from chemtwin.tagging import ChemTwin
 

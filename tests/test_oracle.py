@@ -10,7 +10,8 @@ import torch
 
 from chemtwin.cli import main
 from chemtwin.core.whitening import whitening_matrix
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
 from chemtwin.evaluation.evaluate import evaluate

@@ -216,7 +216,7 @@ def test_report_of_a_small_bench_with_100_stars(tmp_path):
 
 def _dataset(path, n, star_id):
     from chemtwin.core.grids import get_grid
-    from chemtwin.data.dataset import DatasetWriter
+    from chemtwin.data.dataset_writer import DatasetWriter
 
     wave = get_grid("aspcap").wavelength
     rng = np.random.default_rng(0)

@@ -14,7 +14,8 @@ from fake_twins import LABEL_NAMES, fake_twins
 import chemtwin.data.generate as gen
 from chemtwin.cli import main
 from chemtwin.core.files import file_sha256
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.data.generate import generate_dataset, generate_sharded
 from chemtwin.data.shard_folder import MANIFEST, grid_hash, write_manifest
 from chemtwin.data.shards import run_shards

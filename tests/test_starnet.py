@@ -132,7 +132,7 @@ def test_labels_file_flags_stars_without_a_measured_pixel(data, tmp_path):
     sn = StarNet(labels=("TEFF",), epochs=1, **TINY).fit(data, out_dir=model, progress=False)
     flux, ivar, labels, group = fake_twins(n_groups=3, n_pixels=64)
     ivar[1] = 0
-    from chemtwin.data.dataset import DatasetWriter
+    from chemtwin.data.dataset_writer import DatasetWriter
 
     path = tmp_path / "holes.h5"
     with DatasetWriter(path, 15000 + np.arange(64, dtype=float), list(LABEL_NAMES)) as w:

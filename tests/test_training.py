@@ -15,7 +15,8 @@ import torch
 from fake_twins import LABEL_NAMES, fake_twins, write_fake
 
 from chemtwin.cli import main
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 from chemtwin.tagging.model_folder import read_history
 from chemtwin.tagging.training_data import Loader, split_by_group

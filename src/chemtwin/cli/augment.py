@@ -10,7 +10,8 @@ from chemtwin.cli.arguments import add_output, positive_int, seed
 from chemtwin.core.files import prepare_output
 from chemtwin.data.augment import CHIP_NAMES, Augmenter
 from chemtwin.data.broadening import MACRO_KINDS
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 
 

@@ -37,7 +37,7 @@ from chemtwin.data.allstar import (
     select_mirror,
 )
 from chemtwin.data.apogee import DR17_LAYOUT, read_spectrum
-from chemtwin.data.dataset import DatasetWriter
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.data.preprocess import CONTINUUM_MASKS, DEFAULT_DEGREE, preprocess
 from chemtwin.data.shards import dask_client
 from chemtwin.errors import InputError

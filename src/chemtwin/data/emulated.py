@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from chemtwin.core.files import prepare_output
 from chemtwin.core.grids import identify_grid
 from chemtwin.data.augment import check_snr
-from chemtwin.data.dataset import DatasetWriter
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.data.generate import CHUNK_STARS, add_noise
 from chemtwin.errors import InputError
 from chemtwin.spectral_models.payne import PayneEmulator, emulator_population

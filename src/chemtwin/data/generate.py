@@ -24,7 +24,7 @@ from chemtwin.core.files import check_free_space, prepare_output
 from chemtwin.core.grids import get_grid
 from chemtwin.core.threads import torch_threads
 from chemtwin.data.augment import check_snr
-from chemtwin.data.dataset import DatasetWriter
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.data.label_errors import LabelErrors
 from chemtwin.data.population import RedGiantPrior, twin_groups
 from chemtwin.data.shard_folder import MANIFEST, grid_hash

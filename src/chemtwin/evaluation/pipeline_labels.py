@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from chemtwin.data.dataset import DatasetWriter, open_dataset
+from chemtwin.data.dataset import open_dataset
+
+from chemtwin.data.dataset_writer import DatasetWriter
 from chemtwin.errors import InputError
 from chemtwin.methods.label_fit import READ_BATCH
 from chemtwin.spectral_models.payne import PayneEmulator

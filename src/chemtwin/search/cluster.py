@@ -30,7 +30,7 @@ from sklearn.cluster import DBSCAN, HDBSCAN, AgglomerativeClustering
 
 from chemtwin import __version__
 from chemtwin.core.files import atomic_output, json_safe, new_hdf5, prepare_output, temporary_path
-from chemtwin.data.dataset import write_star_columns
+from chemtwin.data.dataset_writer import write_star_columns
 from chemtwin.errors import InputError
 from chemtwin.search.index import TwinIndex
 from chemtwin.search.tables import cluster_table, write_hdf5_table, write_table

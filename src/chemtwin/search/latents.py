@@ -58,7 +58,7 @@ from chemtwin.core.files import (
     read_hdf5,
 )
 from chemtwin.core.hdf5_seal import seal
-from chemtwin.data.dataset import write_star_columns
+from chemtwin.data.dataset_writer import write_star_columns
 from chemtwin.data.shard_folder import ShardSet
 from chemtwin.errors import InputError
 from chemtwin.search.tables import label_unit, star_columns, write_hdf5_table

@@ -9,7 +9,7 @@ Layout (HDF5, ``LAYOUT_VERSION`` 1, attribute ``layout_version``; docs/baselines
                   parameter: ``RV``)
 * per-star columns of the method (``chi2``, ``reduced_chi2``, ``n_pixels``, ``converged``; the
   Payne adds ``n_iter``, ``at_edge``, ``rv``, ``rv_err``), each (N,)
-* ``group`` and ``star_id`` copied from the dataset (``chemtwin.data.dataset.write_star_columns``)
+* ``group`` and ``star_id`` copied from the dataset (``chemtwin.data.dataset_writer.write_star_columns``)
 * attributes: ``chemtwin_version``, ``layout_version`` and the method's (``method``, ``model``,
   ``data``, ``rows``, ``fit_seconds``, ...)
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 from chemtwin import __version__
 from chemtwin.core.files import atomic_output, check_free_space, new_hdf5
-from chemtwin.data.dataset import write_star_columns
+from chemtwin.data.dataset_writer import write_star_columns
 
 log = logging.getLogger(__name__)
 
