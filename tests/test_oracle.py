@@ -96,6 +96,26 @@ def test_covariance_is_the_chemical_block_of_the_inverse_fisher(jac):
     assert (np.diag(fixed) <= np.diag(cov[0]) * (1 + 1e-9)).all()
 
 
+def test_known_labels_give_the_block_of_the_free_labels_only(jac):
+    labels, j = jac
+    ivar = np.full(j.shape[:2], 1e4)
+    jd = j[0].astype(np.float64)
+    free = [k for k, name in enumerate(LABEL_NAMES) if name not in ("TEFF", "LOGG")]
+    sub = jd[:, free]
+    chem_in_free = [free.index(k) for k in CHEM_COLUMNS]
+    direct = np.linalg.inv(sub.T @ (sub * 1e4))[np.ix_(chem_in_free, chem_in_free)]
+    given = cramer_rao_covariance(j, ivar, known=("TEFF", "LOGG"))
+    np.testing.assert_allclose(given[0], direct, rtol=1e-5, atol=1e-14)
+    # knowing TEFF and LOGG can only tighten the bound, and it does for some abundance
+    free_all = cramer_rao_covariance(j, ivar)
+    assert (np.diagonal(given, axis1=1, axis2=2) <= np.diagonal(free_all, axis1=1, axis2=2) * (1 + 1e-9)).all()
+    assert (np.diagonal(given, axis1=1, axis2=2) < 0.99 * np.diagonal(free_all, axis1=1, axis2=2)).any()
+    with pytest.raises(InputError, match="non-chemical"):
+        cramer_rao_covariance(j, ivar, known=("MG_FE",))
+    with pytest.raises(InputError, match="non-chemical"):
+        cramer_rao_covariance(j, ivar, known=("TEMPERATURE",))
+
+
 def test_covariance_scales_as_one_over_snr_squared(jac):
     _, j = jac
     cov = {snr: cramer_rao_covariance(j, np.full(j.shape[1], snr**2)) for snr in (30.0, 100.0, 300.0)}
@@ -202,6 +222,12 @@ def test_higher_snr_finds_more_twins_and_the_cache_is_reused(sets):
     for key in ("frac_rank0", "frac_rank_lt_1pct", "median_rank", "rank_cdf"):
         assert again[key] == res[30.0][key]
     assert not list(d.glob("*.tmp*"))
+    # given TEFF and LOGG exactly, every abundance is known at least as well, from the same cache
+    given = evaluate(Oracle(jacobian_file=cache, known_labels=("TEFF", "LOGG")), paths[10.0], progress=False)
+    assert given["oracle"]["jacobian_cache"]["computed"] == 0
+    assert "TEFF" not in given["model"]["free_labels"] and "FE_H" in given["model"]["free_labels"]
+    for name in CHEMICAL_LABELS:
+        assert given["oracle"]["sigma_median"][name] <= res[10.0]["oracle"]["sigma_median"][name] * (1 + 1e-9)
 
 
 def test_stale_cache_is_recomputed(tmp_path, monkeypatch):

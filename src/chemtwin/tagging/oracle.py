@@ -218,21 +218,34 @@ def _gram(jac: torch.Tensor, weight: np.ndarray) -> np.ndarray:
     return (j.transpose(1, 2) @ (j * w[:, :, None])).numpy()
 
 
+def _free_columns(known: tuple[str, ...]) -> list[int]:
+    """Columns of the labels left free when ``known`` are held at their true values."""
+    unknown = [name for name in known if name not in LABEL_NAMES]
+    if unknown or any(name in CHEMICAL_LABELS for name in known):
+        raise InputError(f"known labels must be non-chemical labels ({', '.join(n for n in LABEL_NAMES if n not in CHEMICAL_LABELS)}), "
+                         f"got {', '.join(known)}", "known_labels")
+    return [k for k, name in enumerate(LABEL_NAMES) if name not in known]
+
+
 def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
-                          source: str = "data") -> np.ndarray:
-    """Chemical block of (s G)^-1 per star: 0 for s = inf, NaN for s = 0 (no usable pixel)."""
+                          source: str = "data", known: tuple[str, ...] = ()) -> np.ndarray:
+    """Chemical block of (s G)^-1 per star over the labels not ``known``: 0 for s = inf, NaN for
+    s = 0 (no usable pixel)."""
+    free = _free_columns(known)
+    names = [LABEL_NAMES[k] for k in free]
+    chem = [free.index(k) for k in CHEM_COLUMNS]
     n_stars = len(gram)
     out = np.full((n_stars, len(CHEM_COLUMNS), len(CHEM_COLUMNS)), np.nan)
     usable = scale > 0
     if not usable.any():
         return out
-    g = gram[usable]
+    g = gram[usable][:, free][:, :, free]
     diag = np.einsum("nii->ni", g)
     dead = diag <= 0
     if dead.any():
         n, k = np.argwhere(dead)[0]
         raise InputError(f"{source}: star {row0 + int(np.flatnonzero(usable)[n])}: its spectrum does not depend on "
-                         f"{LABEL_NAMES[k]} at any usable pixel (singular Fisher matrix)")
+                         f"{names[k]} at any usable pixel (singular Fisher matrix)")
     d = 1.0 / np.sqrt(diag)
     scaled = g * d[:, :, None] * d[:, None, :]
     eigval, eigvec = np.linalg.eigh(scaled)
@@ -242,20 +255,22 @@ def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
         k = int(np.argmax(np.abs(eigvec[n, :, 0])))
         raise InputError(f"{source}: star {row0 + int(np.flatnonzero(usable)[n])}: singular Fisher matrix "
                          f"(eigenvalue ratio {eigval[n, 0] / eigval[n, -1]:.1e}); its spectrum does not "
-                         f"constrain {LABEL_NAMES[k]} independently of the other labels")
+                         f"constrain {names[k]} independently of the other labels")
     inv = np.einsum("nik,nk,njk->nij", eigvec, 1.0 / eigval, eigvec) * d[:, :, None] * d[:, None, :]
     s = scale[usable]
     cov = np.where(np.isinf(s)[:, None, None], 0.0, inv / np.where(np.isinf(s), 1.0, s)[:, None, None])
-    cov = cov[:, CHEM_COLUMNS][:, :, CHEM_COLUMNS]
+    cov = cov[:, chem][:, :, chem]
     out[usable] = 0.5 * (cov + cov.transpose(0, 2, 1))
     return out
 
 
-def cramer_rao_covariance(jacobian, ivar) -> np.ndarray:
+def cramer_rao_covariance(jacobian, ivar, known: tuple[str, ...] = ()) -> np.ndarray:
     """Cramer-Rao covariance of the chemical labels (FE_H + 16 X_FE), (N, 17, 17), float64.
 
     ``jacobian`` (N, P, 21) from :func:`synthesizer_jacobian`; ``ivar`` (N, P), or (P,) or a
-    number for all stars.  All 21 labels are free: the chemical block of ``inv(J^T diag(ivar) J)``.
+    number for all stars.  The labels not ``known`` are free: the chemical block of
+    ``inv(J^T diag(ivar) J)`` over them (all 21 by default; ``known=("TEFF", "LOGG")`` is the
+    bound for a method given TEFF and LOGG exactly).
     ivar = 0 pixels are ignored, ivar = inf gives 0, all-zero ivar gives NaN; a singular
     Fisher matrix raises InputError naming the star and label (see the module docstring).
     """
@@ -268,7 +283,7 @@ def cramer_rao_covariance(jacobian, ivar) -> np.ndarray:
     if ivar.shape != tuple(jac.shape[:2]):
         raise InputError(f"ivar must be (N, P) = {tuple(jac.shape[:2])}, (P,) or a number, got {ivar.shape}")
     scale, weight = _ivar_pattern(ivar)
-    return _covariance_from_gram(_gram(jac, weight), scale, source="jacobian")
+    return _covariance_from_gram(_gram(jac, weight), scale, source="jacobian", known=tuple(known))
 
 
 def draw_abundances(labels, covariance, seed: int = 0) -> np.ndarray:
@@ -377,10 +392,13 @@ def _fisher_grams(ds, labels: np.ndarray, grid: str, *, jacobian_file, batch_siz
 
 
 def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: int | None = None,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+                      progress: bool = True, known: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict]:
     """Cramer-Rao covariance (N, 17, 17) of every star of an open dataset made by ``chemtwin
     generate``, with its true labels (N, 21) and cache statistics; the Jacobians go through
-    ``jacobian_file``."""
+    ``jacobian_file``.  ``known``: non-chemical labels held at their true values (the bound for a
+    method given them exactly, e.g. ``("TEFF", "LOGG")`` in the bench's paper protocol); the
+    others are free."""
+    _free_columns(tuple(known))
     grid = _check_generated(ds)
     labels = np.asarray(ds.true_labels(list(LABEL_NAMES)), dtype=np.float64)  # a survey's errors are not the oracle's
     synth_pixels = len(_synthesizer(grid, torch.float32).wavelength)
@@ -390,5 +408,6 @@ def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: 
                                        threads=threads, progress=progress)
     cov = np.full((ds.n_stars, len(CHEM_COLUMNS), len(CHEM_COLUMNS)), np.nan)
     for a in range(0, ds.n_stars, 4096):
-        cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path))
+        cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path),
+                                                  tuple(known))
     return cov, labels, stats
