@@ -220,10 +220,10 @@ def _gram(jac: torch.Tensor, weight: np.ndarray) -> np.ndarray:
 
 def _free_columns(known: tuple[str, ...]) -> list[int]:
     """Columns of the labels left free when ``known`` are held at their true values."""
-    unknown = [name for name in known if name not in LABEL_NAMES]
-    if unknown or any(name in CHEMICAL_LABELS for name in known):
-        raise InputError(f"known labels must be non-chemical labels ({', '.join(n for n in LABEL_NAMES if n not in CHEMICAL_LABELS)}), "
-                         f"got {', '.join(known)}", "known_labels")
+    allowed = [name for name in LABEL_NAMES if name not in CHEMICAL_LABELS]
+    if any(name not in allowed for name in known):
+        raise InputError(f"known labels must be non-chemical labels ({', '.join(allowed)}), got {', '.join(known)}",
+                         "known_labels")
     return [k for k, name in enumerate(LABEL_NAMES) if name not in known]
 
 
