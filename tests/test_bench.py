@@ -139,6 +139,22 @@ def test_cli_options_reach_the_config_and_no_mismatch_means_none(tmp_path):
     assert [(r["method"], r["scenario"], r["n_stars"]) for r in rows] == [("raw", "snrinf", 8)]
 
 
+def test_the_paper_protocol_gives_the_oracle_teff_and_logg_exactly(tmp_path):
+    common = ["-q", "bench", "--n-train-pairs", "30", "--n-val-pairs", "20", "--snr", "100", "--methods", "oracle"]
+    assert main([*common, "-o", str(tmp_path / "paper"), "--protocol", "paper", "--mismatch-snr", "none"]) == 0
+    assert main([*common, "-o", str(tmp_path / "survey")]) == 0
+    row = {p: json.loads((tmp_path / p / "results.json").read_text())["rows"][0] for p in ("paper", "survey")}
+    assert row["paper"]["given_labels"] == {"TEFF": 0.0, "LOGG": 0.0}
+    assert row["survey"]["given_labels"] == {"TEFF": 50.0, "LOGG": 0.07}
+    sigma = {p: json.loads((tmp_path / p / "evals" / "snr100" / "oracle.json").read_text())["oracle"]["sigma_median"]
+             for p in row}
+    # TEFF/LOGG given exactly bound every abundance at least as tightly as given with errors
+    assert all(sigma["paper"][n] <= sigma["survey"][n] * (1 + 1e-9) for n in sigma["paper"])
+    assert "The oracle's bound is that of a method given TEFF and LOGG exactly" in (
+        tmp_path / "paper" / "report.md").read_text()
+    assert "given TEFF and LOGG with the quoted random errors" in (tmp_path / "survey" / "report.md").read_text()
+
+
 def test_a_finished_bench_given_more_methods_computes_only_their_rows(tmp_path, capsys):
     out = tmp_path / "b"
     small = ["-q", "bench", "-o", str(out), "--n-train-pairs", "30", "--n-val-pairs", "20", "--snr", "inf",
@@ -154,6 +170,15 @@ def test_a_finished_bench_given_more_methods_computes_only_their_rows(tmp_path, 
     assert list(again["step_seconds"]) == ["evaluate oracle, SNR inf"]
     assert (out / "evals" / "snrinf" / "raw.json").read_text() == raw_json
     assert "oracle (Cramer-Rao)" in (out / "report.md").read_text()
+    # the survey protocol's oracle is the bound for a method given TEFF/LOGG with the quoted errors
+    oracle = next(r for r in again["rows"] if r["method"] == "oracle")
+    assert oracle["given_labels"] == {"TEFF": 50.0, "LOGG": 0.07}
+    # a row computed with other settings (here: by a chemtwin that recorded none) is evaluated again
+    stale = out / "evals" / "snrinf" / "oracle.json"
+    stale.write_text(json.dumps({k: v for k, v in json.loads(stale.read_text()).items() if k != "settings"}))
+    assert main([*small, "--methods", "raw,oracle"]) == 0
+    assert list(json.loads((out / "results.json").read_text())["step_seconds"]) == ["evaluate oracle, SNR inf"]
+    assert (out / "evals" / "snrinf" / "raw.json").read_text() == raw_json
     # anything else that changes the data or the models is still refused
     assert main([*small, "--methods", "raw", "--seed", "1"]) == 2
     assert "other settings" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 evaluation on generated sets, the Fisher cache and bad input."""
 
 import json
+import math
 
 import h5py
 import numpy as np
@@ -96,7 +97,7 @@ def test_covariance_is_the_chemical_block_of_the_inverse_fisher(jac):
     assert (np.diag(fixed) <= np.diag(cov[0]) * (1 + 1e-9)).all()
 
 
-def test_known_labels_give_the_block_of_the_free_labels_only(jac):
+def test_labels_given_exactly_give_the_block_of_the_free_labels_only(jac):
     labels, j = jac
     ivar = np.full(j.shape[:2], 1e4)
     jd = j[0].astype(np.float64)
@@ -104,16 +105,41 @@ def test_known_labels_give_the_block_of_the_free_labels_only(jac):
     sub = jd[:, free]
     chem_in_free = [free.index(k) for k in CHEM_COLUMNS]
     direct = np.linalg.inv(sub.T @ (sub * 1e4))[np.ix_(chem_in_free, chem_in_free)]
-    given = cramer_rao_covariance(j, ivar, known=("TEFF", "LOGG"))
+    given = cramer_rao_covariance(j, ivar, given={"TEFF": 0.0, "LOGG": 0.0})
     np.testing.assert_allclose(given[0], direct, rtol=1e-5, atol=1e-14)
     # knowing TEFF and LOGG can only tighten the bound, and it does for some abundance
     free_all = cramer_rao_covariance(j, ivar)
     assert (np.diagonal(given, axis1=1, axis2=2) <= np.diagonal(free_all, axis1=1, axis2=2) * (1 + 1e-9)).all()
     assert (np.diagonal(given, axis1=1, axis2=2) < 0.99 * np.diagonal(free_all, axis1=1, axis2=2)).any()
     with pytest.raises(InputError, match="non-chemical"):
-        cramer_rao_covariance(j, ivar, known=("MG_FE",))
+        cramer_rao_covariance(j, ivar, given={"MG_FE": 0.0})
     with pytest.raises(InputError, match="non-chemical"):
-        cramer_rao_covariance(j, ivar, known=("TEMPERATURE",))
+        cramer_rao_covariance(j, ivar, given={"TEMPERATURE": 0.0})
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(InputError, match="finite number >= 0"):
+            cramer_rao_covariance(j, ivar, given={"TEFF": bad})
+
+
+def test_labels_given_with_errors_add_their_information_to_the_fisher_matrix(jac):
+    _, j = jac
+    ivar = np.full(j.shape[:2], 1e4)
+    jd = j[0].astype(np.float64)
+    k_teff, k_logg = LABEL_NAMES.index("TEFF"), LABEL_NAMES.index("LOGG")
+    prior = np.zeros(len(LABEL_NAMES))
+    prior[k_teff], prior[k_logg] = 1 / 50.0**2, 1 / 0.07**2
+    direct = np.linalg.inv(jd.T @ (jd * 1e4) + np.diag(prior))[np.ix_(CHEM_COLUMNS, CHEM_COLUMNS)]
+    quoted = cramer_rao_covariance(j, ivar, given={"TEFF": 50.0, "LOGG": 0.07})
+    np.testing.assert_allclose(quoted[0], direct, rtol=1e-5, atol=1e-14)
+    # between the spectrum alone and the labels given exactly; a vanishing error is the exact limit
+    var = {key: np.diagonal(cramer_rao_covariance(j, ivar, given=g), axis1=1, axis2=2)
+           for key, g in (("free", {}), ("exact", {"TEFF": 0.0, "LOGG": 0.0}),
+                          ("tiny", {"TEFF": 1e-6, "LOGG": 1e-9}))}
+    q = np.diagonal(quoted, axis1=1, axis2=2)
+    assert (q <= var["free"] * (1 + 1e-9)).all() and (q >= var["exact"] * (1 - 1e-9)).all()
+    assert (q < 0.99 * var["free"]).any() and (q > 1.01 * var["exact"]).any()
+    np.testing.assert_allclose(var["tiny"], var["exact"], rtol=1e-4)
+    # noiseless pixels: the spectrum alone fixes everything, the prior changes nothing
+    assert (cramer_rao_covariance(j, np.inf, given={"TEFF": 50.0}) == 0).all()
 
 
 def test_covariance_scales_as_one_over_snr_squared(jac):
@@ -223,7 +249,7 @@ def test_higher_snr_finds_more_twins_and_the_cache_is_reused(sets):
         assert again[key] == res[30.0][key]
     assert not list(d.glob("*.tmp*"))
     # given TEFF and LOGG exactly, every abundance is known at least as well, from the same cache
-    given = evaluate(Oracle(jacobian_file=cache, known_labels=("TEFF", "LOGG")), paths[10.0], progress=False)
+    given = evaluate(Oracle(jacobian_file=cache, given_labels=(("TEFF", 0.0), ("LOGG", 0.0))), paths[10.0], progress=False)
     assert given["oracle"]["jacobian_cache"]["computed"] == 0
     assert "TEFF" not in given["model"]["free_labels"] and "FE_H" in given["model"]["free_labels"]
     for name in CHEMICAL_LABELS:
@@ -315,3 +341,29 @@ def test_cli_oracle(sets, tmp_path, capsys):
     assert main(["evaluate", str(bad), "--method", "oracle", "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not by the embedded synthesizer" in err[0]
+
+
+def test_cli_oracle_given_labels(sets, tmp_path, capsys):
+    d, paths = sets
+    cache = tmp_path / "jac.h5"
+    res = {}
+    for name, given in (("free", []), ("exact", ["--given-labels", "TEFF=0,LOGG=0"]),
+                        ("quoted", ["--given-labels", "TEFF=50,LOGG=0.07"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["-q", "evaluate", str(paths[10.0]), "--method", "oracle", "--json", str(out),
+                     "--jacobians", str(cache), *given]) == 0
+        res[name] = json.loads(out.read_text())
+    assert res["quoted"]["model"]["given_labels"] == {"TEFF": 50.0, "LOGG": 0.07}
+    assert "TEFF" in res["quoted"]["model"]["free_labels"] and "TEFF" not in res["exact"]["model"]["free_labels"]
+    sigma = {k: np.array([r["oracle"]["sigma_median"][n] for n in CHEMICAL_LABELS]) for k, r in res.items()}
+    assert (sigma["exact"] <= sigma["quoted"] * (1 + 1e-9)).all() and (sigma["quoted"] <= sigma["free"] * (1 + 1e-9)).all()
+    assert (sigma["quoted"] < 0.99 * sigma["free"]).any()
+    for argv, message in [(["--method", "oracle", "--given-labels", "TEFF=-1"], "finite and >= 0"),
+                          (["--method", "oracle", "--given-labels", "TEFF"], "NAME=VALUE"),
+                          (["--method", "oracle", "--given-labels", "MG_FE=0.1"], "non-chemical"),
+                          (["--method", "raw", "--given-labels", "TEFF=50"], "--given-labels is for --method oracle")]:
+        out = tmp_path / "bad.json"
+        assert main(["evaluate", str(paths[10.0]), *argv, "--json", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()

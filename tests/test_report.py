@@ -68,6 +68,17 @@ def test_summary_is_computed_from_the_numbers():
     assert "quick run" in text
 
 
+def test_the_physical_limit_line_says_what_the_oracle_was_given():
+    def line(given):
+        rows = [dict(r, **({"given_labels": given} if r["method"] == "oracle" else {})) for r in FULL["rows"]]
+        return next(x for x in run_summary(_results(rows)) if "physical limit" in x)
+
+    assert "the oracle fits every label" in line(None)  # a row from before the bench gave it labels
+    assert "the oracle is given TEFF and LOGG exactly" in line({"TEFF": 0.0, "LOGG": 0.0})
+    quoted = line({"TEFF": 50.0, "LOGG": 0.07})
+    assert "with the errors a survey quotes (TEFF 50, LOGG 0.07)" in quoted and "exactly" not in quoted
+
+
 def test_summary_names_the_best_method_a_survey_can_run():
     # FULL has no row that learns from known twins: no such line
     assert not any("without known twins" in line for line in run_summary(FULL))

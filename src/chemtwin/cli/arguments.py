@@ -80,6 +80,17 @@ def positive_fraction(text: str) -> float:
     return _checked(text, float, lambda value: 0 < value <= 1, "a number in (0, 1]")
 
 
+def label_sigmas(text: str) -> dict:
+    """``"TEFF=50,LOGG=0.07"`` -> {"TEFF": 50.0, "LOGG": 0.07}: labels with their 1-sigma errors
+    (finite, >= 0; which labels are allowed is the user's to check)."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        out[name.strip() or "?"] = _checked(item, lambda _: float(value), lambda v: 0 <= v < math.inf,
+                                            "NAME=VALUE, VALUE finite and >= 0 (e.g. TEFF=50,LOGG=0.07)")
+    return out
+
+
 def name_list(values: list[str] | None) -> list[str] | None:
     """The names given to a ``nargs="+"`` option, space- or comma-separated; None when there are none."""
     if values is None:

@@ -4,7 +4,7 @@
     chemtwin evaluate MODEL_DIR DATA.h5 --twin-metric --train TRAIN.h5 --json OUT.json
     chemtwin evaluate DATA.h5 --method raw --json OUT.json
     chemtwin evaluate DATA.h5 --method polyres --train TRAIN.h5 --json OUT.json
-    chemtwin evaluate DATA.h5 --method oracle --json OUT.json [--jacobians FILE]
+    chemtwin evaluate DATA.h5 --method oracle --json OUT.json [--jacobians FILE] [--given-labels TEFF=50,LOGG=0.07]
     chemtwin evaluate DATA.h5 --method cannon|payne --train TRAIN.h5 [--emulator EMU.npz] --json OUT.json
     chemtwin evaluate --latents LATENTS.h5 [DATA.h5] --json OUT.json
     chemtwin evaluate --latents LATENTS.h5 --members OCCAM.fits --json OUT.json   (open clusters)
@@ -26,10 +26,11 @@ JSON adds ``membership`` and ``clusters`` (per cluster: counts, rank fractions,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
-from chemtwin.cli.arguments import non_negative_int, positive_int, seed, wants_progress
+from chemtwin.cli.arguments import label_sigmas, non_negative_int, positive_int, seed, wants_progress
 from chemtwin.core.files import prepare_output, write_json
 from chemtwin.core.ranks import check_metric
 from chemtwin.errors import InputError
@@ -92,6 +93,10 @@ def register(subparsers) -> None:
     p.add_argument("--jacobians", metavar="FILE",
                    help="oracle: HDF5 cache of the synthesizer's Fisher matrices, reused by datasets with the same "
                         "labels (e.g. one validation set at several SNRs); written if missing or stale")
+    p.add_argument("--given-labels", type=label_sigmas, default=None, metavar="TEFF=0,LOGG=0",
+                   help="oracle: the non-chemical labels the methods you compare with are given, with their "
+                        "1-sigma errors (0: exactly; e.g. your catalogue's TEFF_ERR, LOGG_ERR); the bound then "
+                        "adds that information (default: none, the bound of the spectrum alone)")
     p.add_argument("--latents", metavar="LATENTS.h5",
                    help="rank-only evaluation of a latent file (`chemtwin embed` output, with `z` and `group`)")
     p.add_argument("--members", metavar="TABLE",
@@ -123,10 +128,14 @@ def _chosen_method(args):
             others = "/".join(n for n, m in METHODS.items() if m.wrappable and "model" not in m.needs)
             raise InputError(f"--twin-metric is for a model or --method {others}")
         method = TwinMetricOn(method)
+    if args.given_labels is not None and "given_labels" not in {f.name for f in dataclasses.fields(method)}:
+        raise InputError("--given-labels is for --method oracle")
     condition = tuple(c.strip() for c in args.condition.split(",") if c.strip())
     return method.with_options(degree=args.degree, n_components=args.components, condition=condition,
                                max_train_stars=args.train_stars, time_limit=args.time_limit,
-                               jacobian_file=args.jacobians, batch_size=args.batch_size, device=args.device)
+                               jacobian_file=args.jacobians,
+                               given_labels=tuple(args.given_labels.items()) if args.given_labels else None,
+                               batch_size=args.batch_size, device=args.device)
 
 
 def _inputs(method, args) -> dict:

@@ -21,7 +21,7 @@ import logging
 
 from tqdm.auto import tqdm
 
-from chemtwin.cli.arguments import positive_int, seed, wants_progress
+from chemtwin.cli.arguments import label_sigmas, positive_int, seed, wants_progress
 from chemtwin.core.files import prepare_output
 from chemtwin.data.dataset import open_dataset
 from chemtwin.errors import InputError
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--pairs", type=positive_int, default=5000,
                    help="decoded-twin metric: stars of DATA.h5 drawn to make twins of (default 5000)")
     p.add_argument("--seed", type=seed, default=0, help="decoded-twin metric: seed of the draws (default 0)")
-    p.add_argument("--label-errors", default=None, metavar="TEFF=50,LOGG=0.07",
+    p.add_argument("--label-errors", type=label_sigmas, default=None, metavar="TEFF=50,LOGG=0.07",
                    help="decoded-twin metric: the 1-sigma errors your TEFF/LOGG carry (e.g. the catalogue's typical "
                         "TEFF_ERR, LOGG_ERR); the model's twins are then made with labels that are off by as much "
                         "(default: exact labels)")
@@ -98,7 +98,7 @@ def _metric(args):
             metric = TwinMetric().fit(tr.read(), tr.group)
         return metric, {"twin_metric": f"twin metric of {metric.n_groups_} training groups",
                         "twin_metric_train": str(args.train), "twin_metric_groups": metric.n_groups_}
-    errors = _label_errors(args.label_errors)
+    errors = args.label_errors or {}
     model = ChemTwin.load(args.model)
     with open_dataset(args.spectra) as ds:
         metric = DecodedTwinMetric(args.pairs, args.seed, errors).fit_dataset(model, ds)
@@ -106,15 +106,3 @@ def _metric(args):
                     "twin_metric_model": str(args.model), "twin_metric_spectra": str(args.spectra),
                     "twin_metric_pairs": metric.n_pairs_, "twin_metric_seed": args.seed,
                     "twin_metric_label_errors": json.dumps(metric.label_errors)}
-
-
-def _label_errors(text: str | None) -> dict:
-    """``"TEFF=50,LOGG=0.07"`` -> {"TEFF": 50.0, "LOGG": 0.07} (values are checked by the metric)."""
-    out = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        name, _, value = item.partition("=")
-        try:
-            out[name.strip() or "?"] = float(value)
-        except ValueError:
-            raise InputError(f"--label-errors: {item!r} is not NAME=VALUE (e.g. TEFF=50,LOGG=0.07)") from None
-    return out

@@ -268,7 +268,8 @@ def _information(cfg: dict) -> str:
     """What the methods were given: the bench's protocol (runs before protocols were the paper's)."""
     if cfg.get("protocol", "paper") == "paper":
         return ("Information: the **paper protocol**. Every method is given the exact TEFF and LOGG; The Cannon "
-                "trains on the true labels; The Payne fits with an emulator of the synthesizer that made the spectra.")
+                "trains on the true labels; The Payne fits with an emulator of the synthesizer that made the spectra. "
+                "The oracle's bound is that of a method given TEFF and LOGG exactly.")
     e = cfg.get("label_errors", {})
     return ("Information: the **survey protocol**, only what a survey has. TEFF and LOGG carry survey-like errors "
             f"wherever a method reads them (random {e.get('teff_random', '?'):g} K and {e.get('logg_random', '?'):g} "
@@ -278,7 +279,8 @@ def _information(cfg: dict) -> str:
             "The Payne fits with an emulator of that code, and The Cannon trains on the labels that "
             f"pipeline fitted to {cfg.get('pipeline_label_stars', 0):,} training stars. The decoded-twin metric is "
             "told the random errors, as a survey quotes TEFF_ERR and LOGG_ERR. Only the scores and the "
-            "oracle read the true labels.")
+            "oracle read the true labels; the oracle's bound is that of a method given TEFF and LOGG with the "
+            "quoted random errors.")
 
 
 def write_report(root, results: dict) -> Path:

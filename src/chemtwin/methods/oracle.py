@@ -25,18 +25,20 @@ class Oracle(Method):
     jacobian_file: object = None   # HDF5 cache of the Fisher matrices, shared by sets with the same labels
     jacobian_batch: int = 32       # stars per Jacobian computation
     threads: int | None = None
-    known_labels: tuple = ()       # non-chemical labels held at their true values (the bound for a method given them)
+    given_labels: tuple = ()       # ((label, 1-sigma), ...): TEFF/LOGG as a method is given them (0: exactly);
+                                   # the others are free.  The bench sets it from its protocol.
 
     def fit(self, inputs: Inputs, target=None) -> Fitted:
         seed = inputs.seed
         # the grid is the tagged dataset's: filled in by tag()
         info = {"path": None, "class": "CramerRaoOracle", "grid": None, "seed": seed,
-                "free_labels": [n for n in LABEL_NAMES if n not in self.known_labels]}
+                "given_labels": dict(self.given_labels),
+                "free_labels": [n for n in LABEL_NAMES if dict(self.given_labels).get(n) != 0]}
 
         def tag(ds, evaluated: bool = True) -> Tags:
             cov, labels, stats = oracle_covariance(ds, jacobian_file=self.jacobian_file, batch_size=self.jacobian_batch,
                                                    threads=self.threads, progress=inputs.progress,
-                                                   known=tuple(self.known_labels))
+                                                   given=dict(self.given_labels))
             info["grid"] = stats["grid"]
             tags = draw_abundances(labels, cov, seed) @ whitening_matrix(cov).T
             sigma = np.sqrt(np.einsum("nii->ni", cov))

@@ -7,6 +7,10 @@ TEFF, LOGG, VMICRO, VMACRO and the 17 abundances) and per-pixel inverse variance
 
     F = J^T diag(w) J,        C = [F^-1]_chem          (17 x 17: FE_H and the 16 X_FE)
 
+That is the bound from the spectrum alone.  A method given TEFF/LOGG with its spectrum (the
+bench's protocols) has more: ``given`` labels add 1/sigma^2 to F's diagonal (the information
+in a quoted TEFF_ERR, LOGG_ERR), and a label given exactly is held at its true value.
+
 The oracle draws each star's abundance estimate as ``truth + L z`` (``L L^T = C``, ``z``
 standard normal from ``seed``), then ranks twins in the *whitened* abundance space:
 ``t = W^-1 x`` with ``W`` the Cholesky factor of the mean of ``C`` over the stars (the
@@ -56,6 +60,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -218,20 +223,29 @@ def _gram(jac: torch.Tensor, weight: np.ndarray) -> np.ndarray:
     return (j.transpose(1, 2) @ (j * w[:, :, None])).numpy()
 
 
-def _free_columns(known: tuple[str, ...]) -> list[int]:
-    """Columns of the labels left free when ``known`` are held at their true values."""
+def _given_columns(given) -> tuple[list[int], np.ndarray]:
+    """The labels left free and the prior information on each, from ``given`` ({label: 1-sigma}
+    of a non-chemical label a method is given with the spectrum; 0: exactly).  Exact labels are
+    held at their true values (dropped); the others get 1/sigma^2 on the Fisher diagonal."""
+    given = dict(given)
     allowed = [name for name in LABEL_NAMES if name not in CHEMICAL_LABELS]
-    if any(name not in allowed for name in known):
-        raise InputError(f"known labels must be non-chemical labels ({', '.join(allowed)}), got {', '.join(known)}",
-                         "known_labels")
-    return [k for k, name in enumerate(LABEL_NAMES) if name not in known]
+    if any(name not in allowed for name in given):
+        raise InputError(f"given labels must be non-chemical labels ({', '.join(allowed)}), got {', '.join(given)}",
+                         "given_labels")
+    bad = [name for name, sigma in given.items() if not (isinstance(sigma, (int, float)) and 0 <= sigma < math.inf)]
+    if bad:
+        raise InputError(f"the error of a given label must be a finite number >= 0, got {bad[0]} = {given[bad[0]]!r}",
+                         "given_labels")
+    free = [k for k, name in enumerate(LABEL_NAMES) if given.get(name) != 0]
+    prior = np.array([1.0 / given[LABEL_NAMES[k]] ** 2 if LABEL_NAMES[k] in given else 0.0 for k in free])
+    return free, prior
 
 
 def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
-                          source: str = "data", known: tuple[str, ...] = ()) -> np.ndarray:
-    """Chemical block of (s G)^-1 per star over the labels not ``known``: 0 for s = inf, NaN for
-    s = 0 (no usable pixel)."""
-    free = _free_columns(known)
+                          source: str = "data", given=()) -> np.ndarray:
+    """Chemical block of (s G + P)^-1 per star over the free labels, P the prior information of
+    the ``given`` labels (:func:`_given_columns`): 0 for s = inf, NaN for s = 0 (no usable pixel)."""
+    free, prior = _given_columns(given)
     names = [LABEL_NAMES[k] for k in free]
     chem = [free.index(k) for k in CHEM_COLUMNS]
     n_stars = len(gram)
@@ -239,7 +253,9 @@ def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
     usable = scale > 0
     if not usable.any():
         return out
-    g = gram[usable][:, free][:, :, free]
+    s = scale[usable]
+    # in units of the scale: G + P / s, so that (G + P / s)^-1 / s = (s G + P)^-1 (no prior when noiseless)
+    g = gram[usable][:, free][:, :, free] + np.einsum("n,k,kj->nkj", 1.0 / s, prior, np.eye(len(free)))
     diag = np.einsum("nii->ni", g)
     dead = diag <= 0
     if dead.any():
@@ -257,20 +273,20 @@ def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
                          f"(eigenvalue ratio {eigval[n, 0] / eigval[n, -1]:.1e}); its spectrum does not "
                          f"constrain {names[k]} independently of the other labels")
     inv = np.einsum("nik,nk,njk->nij", eigvec, 1.0 / eigval, eigvec) * d[:, :, None] * d[:, None, :]
-    s = scale[usable]
     cov = np.where(np.isinf(s)[:, None, None], 0.0, inv / np.where(np.isinf(s), 1.0, s)[:, None, None])
     cov = cov[:, chem][:, :, chem]
     out[usable] = 0.5 * (cov + cov.transpose(0, 2, 1))
     return out
 
 
-def cramer_rao_covariance(jacobian, ivar, known: tuple[str, ...] = ()) -> np.ndarray:
+def cramer_rao_covariance(jacobian, ivar, given=()) -> np.ndarray:
     """Cramer-Rao covariance of the chemical labels (FE_H + 16 X_FE), (N, 17, 17), float64.
 
     ``jacobian`` (N, P, 21) from :func:`synthesizer_jacobian`; ``ivar`` (N, P), or (P,) or a
-    number for all stars.  The labels not ``known`` are free: the chemical block of
-    ``inv(J^T diag(ivar) J)`` over them (all 21 by default; ``known=("TEFF", "LOGG")`` is the
-    bound for a method given TEFF and LOGG exactly).
+    number for all stars.  The chemical block of ``inv(J^T diag(ivar) J + P)``: every label free
+    by default (P = 0); ``given`` ({label: 1-sigma}, non-chemical labels) is the bound for a method
+    given those labels with those errors: 1/sigma^2 on P's diagonal, a label given exactly
+    (sigma 0) held at its true value.
     ivar = 0 pixels are ignored, ivar = inf gives 0, all-zero ivar gives NaN; a singular
     Fisher matrix raises InputError naming the star and label (see the module docstring).
     """
@@ -283,7 +299,7 @@ def cramer_rao_covariance(jacobian, ivar, known: tuple[str, ...] = ()) -> np.nda
     if ivar.shape != tuple(jac.shape[:2]):
         raise InputError(f"ivar must be (N, P) = {tuple(jac.shape[:2])}, (P,) or a number, got {ivar.shape}")
     scale, weight = _ivar_pattern(ivar)
-    return _covariance_from_gram(_gram(jac, weight), scale, source="jacobian", known=tuple(known))
+    return _covariance_from_gram(_gram(jac, weight), scale, source="jacobian", given=dict(given))
 
 
 def draw_abundances(labels, covariance, seed: int = 0) -> np.ndarray:
@@ -392,13 +408,14 @@ def _fisher_grams(ds, labels: np.ndarray, grid: str, *, jacobian_file, batch_siz
 
 
 def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: int | None = None,
-                      progress: bool = True, known: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict]:
+                      progress: bool = True, given=()) -> tuple[np.ndarray, np.ndarray, dict]:
     """Cramer-Rao covariance (N, 17, 17) of every star of an open dataset made by ``chemtwin
     generate``, with its true labels (N, 21) and cache statistics; the Jacobians go through
-    ``jacobian_file``.  ``known``: non-chemical labels held at their true values (the bound for a
-    method given them exactly, e.g. ``("TEFF", "LOGG")`` in the bench's paper protocol); the
-    others are free."""
-    _free_columns(tuple(known))
+    ``jacobian_file``.  ``given``: {label: 1-sigma} of the non-chemical labels a method is given
+    (:func:`cramer_rao_covariance`; the bench's paper protocol gives TEFF/LOGG exactly, its survey
+    protocol with the errors a survey quotes); the others are free."""
+    given = dict(given)
+    _given_columns(given)
     grid = _check_generated(ds)
     labels = np.asarray(ds.true_labels(list(LABEL_NAMES)), dtype=np.float64)  # a survey's errors are not the oracle's
     synth_pixels = len(_synthesizer(grid, torch.float32).wavelength)
@@ -408,6 +425,5 @@ def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: 
                                        threads=threads, progress=progress)
     cov = np.full((ds.n_stars, len(CHEM_COLUMNS), len(CHEM_COLUMNS)), np.nan)
     for a in range(0, ds.n_stars, 4096):
-        cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path),
-                                                  tuple(known))
+        cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path), given)
     return cov, labels, stats
