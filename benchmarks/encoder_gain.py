@@ -1,12 +1,13 @@
-"""The fast encoder with and without its weights affine in TEFF/LOGG (``encoder_u_gain``), side by side.
+"""The fast encoder with its weights fixed, affine or polynomial in TEFF/LOGG (``encoder_u_gain``), side by side.
 
     python benchmarks/encoder_gain.py --work /tmp/gain --json /tmp/gain/results.json
+    python benchmarks/encoder_gain.py --degrees 1,2 --work /tmp/gain2
     python benchmarks/encoder_gain.py --quick --work /tmp/gain_quick                # minutes
 
 For each SNR (``--snr``, default ``100,inf``) a training and a validation set of twin pairs are
-generated (seeds 1 and 2, as ``lambda_sweep.py``), and two fast-preset faders train
-``--seconds`` each on the same data with the same seed: one with ``encoder_u_gain`` (the default
-since 2026-12-07) and one without.  Each is scored on all validation stars with
+generated (seeds 1 and 2, as ``lambda_sweep.py``), and one fast-preset fader per degree of the
+encoder's weights in u (``--degrees``, default ``0,1``: fixed weights, and affine, the default since
+2026-12-07) trains ``--seconds`` on the same data with the same seed.  Each is scored on all validation stars with
 ``train_protocol.evaluate_model``: rank 0 with L1 on raw latents and in the twin-free
 decoded-twin metric, and how well TEFF/LOGG are recovered from z.  Rows are written to the JSON
 as they finish; a rerun reuses trained models.  Threads: ``--threads`` (default 2).
@@ -27,6 +28,8 @@ from train_protocol import _generate, evaluate_model
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--snr", default="100,inf", help="comma-separated SNRs (default 100,inf)")
+    ap.add_argument("--degrees", default="0,1", help="comma-separated degrees of the encoder's weights in u, 0-3 "
+                                                     "(default 0,1)")
     add_training_run_arguments(ap, seconds=180.0, each="model", work="out/encoder_gain",
                                quick="300/150 pairs, 15 s per model, SNR 100 only (a smoke run)")
     args = ap.parse_args()
@@ -34,6 +37,13 @@ def main() -> int:
         args.pairs, args.seconds, args.snr = "300,150", 15.0, "100"
     if not args.seconds > 0:
         print("encoder_gain: error: --seconds must be > 0", file=sys.stderr)
+        return 2
+    try:
+        degrees = [int(d) for d in args.degrees.split(",")]
+    except ValueError:
+        degrees = [-1]
+    if not all(0 <= d <= 3 for d in degrees):
+        print(f"encoder_gain: error: --degrees must be integers from 0 to 3, got {args.degrees}", file=sys.stderr)
         return 2
 
     import torch
@@ -51,8 +61,8 @@ def main() -> int:
         train, val = work / f"train_{n_train}_snr{snr}.h5", work / f"val_{n_val}_snr{snr}.h5"
         _generate(train, n_train, seed=1, snr=snr)
         _generate(val, n_val, seed=2, snr=snr)
-        for gain in (False, True):
-            model_dir = work / f"fader_snr{snr}_gain{int(gain)}"
+        for gain in degrees:
+            model_dir = work / f"fader_snr{snr}_gain{gain}"
             if not (model_dir / "model.safetensors").exists():
                 ChemTwin(encoder_u_gain=gain, time_limit=args.seconds, epochs=100_000).fit(
                     str(train), out_dir=model_dir, overwrite=True, progress=False)

@@ -90,6 +90,42 @@ def test_encoder_gain_in_u_undoes_an_imprint_that_weakens_with_teff():
     torch.testing.assert_close(gained, torch.full_like(gained, 0.03), rtol=1e-4, atol=0)
 
 
+def test_a_quadratic_gain_undoes_an_imprint_that_is_quadratic_in_teff():
+    # imprint v c / (1 + beta s + gamma s^2): weights of degree 2 in u undo it exactly, degree 1 cannot
+    p, beta, gamma = 40, 0.5, 1.5
+    teff = torch.linspace(3500, 5500, 9)
+    u = torch.stack([teff, torch.full_like(teff, 2.0)], dim=1)
+    v = torch.randn(p, generator=torch.Generator().manual_seed(1))
+    v /= v.norm()
+    spread = {}
+    for degree in (1, 2):
+        net = FaderNet(FaderConfig(latent_dim=1, encoder_u_gain=degree).net, p)
+        assert net.enc_gain[1].weight.shape == (len(net.gain_exponents), 3)
+        coef = np.zeros((len(net.exponents), p))
+        coef[0] = 1
+        net.set_statistics([3500, 0], [5500, 4], coef, np.full(p, 0.1), False, False)
+        net.eval()
+        s = net.scale_u(u)[:, 0]
+        x = 1 + (0.03 * v)[None, :] / (1 + beta * s + gamma * s**2)[:, None]
+        monomials = [tuple(e) for e in net.gain_exponents.tolist()]
+        with torch.no_grad():
+            net.encoder.layers[0].weight.copy_(v[None, :])
+            net.encoder.layers[0].bias.zero_()
+            net.enc_gain[0].weight.zero_()
+            net.enc_gain[0].weight[0] = v
+            net.enc_gain[1].weight[monomials.index((1, 0)), 0] = beta
+            if degree == 2:
+                net.enc_gain[1].weight[monomials.index((2, 0)), 0] = gamma
+            z = net.encode(x, None, u)[:, 0]
+        spread[degree] = (z.max() / z.min()).item()
+    assert len(monomials) == 5  # TEFF, LOGG, TEFF^2, TEFF LOGG, LOGG^2
+    assert spread[1] > 1.05 and spread[2] == pytest.approx(1.0, abs=1e-4)
+    # a config.json of the affine gain's first version says "true": the same network (degree 1)
+    assert FaderConfig.from_dict({**FaderConfig().to_dict(), "encoder_u_gain": True}).net.encoder_u_gain == 1
+    with pytest.raises(InputError, match="encoder_u_gain"):
+        FaderConfig(encoder_u_gain=4)
+
+
 def test_encoder_gain_reads_the_leading_principal_components_and_starts_at_zero():
     torch.manual_seed(0)
     net = FaderNet(FaderConfig(latent_dim=4).net, 40)
@@ -150,8 +186,8 @@ def test_a_config_of_the_flat_layout_loads_into_its_parts_and_is_written_back_th
     assert cfg.model == "cae" and cfg.net.latent_dim == 8 and cfg.net.encoder_hidden == (2048, 512, 128)
     assert cfg.optim.lr == 1e-5 and cfg.optim.batch_size == 128 and cfg.run.time_limit == 60.0 and cfg.run.seed == 3
     # a knob added since is written back as the value the old model was trained with
-    assert cfg.net.encoder_u_gain is False
-    assert json.loads(json.dumps(cfg.to_dict())) == {**OLD_LAYOUT, "encoder_u_gain": False}
+    assert cfg.net.encoder_u_gain == 0
+    assert json.loads(json.dumps(cfg.to_dict())) == {**OLD_LAYOUT, "encoder_u_gain": 0}
     assert [k for k in cfg.to_dict() if k != "encoder_u_gain"] == list(OLD_LAYOUT)
     assert FaderConfig.from_dict({**OLD_LAYOUT, "time_limit": "inf"}).run.time_limit == float("inf")
 

@@ -126,9 +126,9 @@ class FaderNet(nn.Module):
     training set (degree 0 = the mean spectrum).  The encoder sees (x - b(u)) / scale and
     the decoder returns b(u) + scale * MLP(z, u), so the networks only model what the
     labels u do not explain in that simple way; the loss is still on x itself.  With
-    ``encoder_u_gain`` the encoder adds sum_k u_k G_k Q r (u scaled; Q: 3d components started
-    at the principal components, G_k at 0): the chemistry's imprint on r scales with
-    TEFF/LOGG, so the weights that read it must too.
+    ``encoder_u_gain`` = D the encoder adds sum_m m(u) G_m Q r over the monomials m of the scaled
+    u of degree 1..D (Q: 3d components started at the principal components, G_m at 0): the
+    chemistry's imprint on r changes with TEFF/LOGG, so the weights that read it must too.
 
     Buffers: ``u_lo``/``u_hi`` (k,) training range of the conditioned labels (u is scaled
     to [-0.5, 0.5] over it); ``bin_edges`` (k, n_cat + 1) equal-width adversary bins over
@@ -150,8 +150,10 @@ class FaderNet(nn.Module):
         self.dec_skip = nn.Linear(d, n_pixels, bias=False) if cfg.linear_skip else None
         # the gain reads the residual through a few more principal components than z keeps (3 d)
         # and starts at 0: a P x (d k) matrix would start its Adam steps as noise on every pixel
+        self.gain_exponents = poly_exponents(k, cfg.encoder_u_gain)[1:]  # the monomials of u the weights follow
         self.enc_gain = nn.Sequential(nn.Linear(n_pixels, 3 * d, bias=False),
-                                      nn.Linear(3 * d, d * k, bias=False)) if cfg.encoder_u_gain else None
+                                      nn.Linear(3 * d, d * len(self.gain_exponents), bias=False)) \
+            if cfg.encoder_u_gain else None
         for layer in (self.enc_skip, self.dec_skip, None if self.enc_gain is None else self.enc_gain[1]):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
@@ -210,7 +212,8 @@ class FaderNet(nn.Module):
         if self.enc_skip is not None:
             z = z + self.enc_skip(r)
         if self.enc_gain is not None:
-            z = z + torch.einsum("nkd,nk->nd", self.enc_gain(r).view(len(r), s.shape[1], -1), s)
+            m = poly_features(s, self.gain_exponents)
+            z = z + torch.einsum("nmd,nm->nd", self.enc_gain(r).view(len(r), m.shape[1], -1), m)
         return z if self.latent_norm is None else self.latent_norm(z)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ PRESETS = {
     # regularised, fast adversary; AdamW + cosine.
     "fast": dict(
         baseline_degree=4, standardize=True, normalize_loss=True, pca_init=True,
-        encoder_hidden=(), encoder_direct_u=False, encoder_u_gain=True, latent_norm=True,
+        encoder_hidden=(), encoder_direct_u=False, encoder_u_gain=1, latent_norm=True,
         decoder_hidden=(256, 256), film=True, linear_skip=True, activation="silu",
         adversary_hidden=(64, 64), adversary_square=True, adversary_factorized=True, adversary_dropout=0.3,
         optimizer="adamw", lr=3e-4, adversary_lr_factor=5.0, weight_decay=1e-5, schedule="cosine",
@@ -37,7 +37,7 @@ PRESETS = {
     # size and the batch size are not published; ours.)
     "paper": dict(
         baseline_degree=0, standardize=False, normalize_loss=False, pca_init=False,
-        encoder_hidden=(2048, 512, 128), encoder_direct_u=True, encoder_u_gain=False, latent_norm=False,
+        encoder_hidden=(2048, 512, 128), encoder_direct_u=True, encoder_u_gain=0, latent_norm=False,
         decoder_hidden=(512, 2048, 8192), film=False, linear_skip=False, activation="selu",
         adversary_hidden=(512, 512), adversary_square=False, adversary_factorized=False, adversary_dropout=0.0,
         optimizer="adam", lr=1e-5, adversary_lr_factor=1.0, weight_decay=0.0, schedule="constant",
@@ -65,7 +65,9 @@ class NetConfig:
     activation: str | None = None
     baseline_degree: int | None = None        # per-pixel polynomial in u subtracted from x (0 = the mean spectrum)
     encoder_direct_u: bool | None = None      # u also enters the encoder's first layer directly
-    encoder_u_gain: bool | None = None        # linear encoder weights affine in u: z = W0 r + sum_k u_k G_k Q r
+    encoder_u_gain: int | None = None         # degree in u of the linear encoder's weights: z = W0 r + sum_m m(u) G_m Q r
+                                              # over the monomials m of degree 1..this (0: fixed weights; a bool
+                                              # from an older config.json: True = 1)
     film: bool | None = None                  # FiLM conditioning of every hidden layer on u
     linear_skip: bool | None = None           # linear encoder/decoder paths beside the MLPs (PCA-initialised)
     latent_norm: bool | None = None           # batch-normalise z (no affine): unit variance per dimension
@@ -84,7 +86,9 @@ class NetConfig:
         if not self.condition or len(set(self.condition)) != len(self.condition):
             raise InputError(f"condition labels must be distinct and not empty, got {','.join(self.condition) or 'none'}",
                              "condition")
-        _invalid({"n_cat": self.n_cat >= 2, "activation": self.activation in ACTIVATION_NAMES}, self)
+        self.encoder_u_gain = int(self.encoder_u_gain)
+        _invalid({"n_cat": self.n_cat >= 2, "activation": self.activation in ACTIVATION_NAMES,
+                  "encoder_u_gain": 0 <= self.encoder_u_gain <= 3}, self)
 
 
 @dataclass
@@ -157,7 +161,7 @@ FIELD_ORDER = (
 )
 _PART_OF = {f.name: part for part, cls in PARTS.items() for f in fields(cls)}
 # knobs added after model folders were first written: a config.json without one was trained without it
-_BEFORE_IT_EXISTED = {"encoder_u_gain": False}
+_BEFORE_IT_EXISTED = {"encoder_u_gain": 0}
 
 
 class FaderConfig:
