@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import sys
 from pathlib import Path
@@ -37,16 +36,10 @@ def peak_rss_mib() -> float:
 
 
 def machine() -> dict:
-    """What a timing depends on: CPU model and count, Python and torch versions, the load at the start."""
-    import torch
+    """What a timing depends on (``chemtwin.evaluation.summary.machine_record``)."""
+    from chemtwin.evaluation.summary import machine_record
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg()}
+    return machine_record()
 
 
 def write_results(path: str | os.PathLike, text: str) -> None:

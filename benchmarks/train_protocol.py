@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import machine
 
 RANK_KEYS = ("frac_rank0", "frac_rank_lt_0p1pct", "frac_rank_lt_1pct", "median_rank")
 
@@ -107,7 +106,7 @@ def main() -> None:
     results = {
         "protocol": {"train_pairs": n_train, "val_pairs": n_val, "snr": args.snr, "minutes": minutes, "threads": args.threads,
                      "device": args.device, "generate_s": time.monotonic() - t},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "presets": {},
     }
     out_json = Path(args.json) if args.json else work / "results.json"

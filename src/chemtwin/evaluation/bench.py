@@ -50,14 +50,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
 import resource
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
-import torch
 
 from chemtwin.core.files import check_free_space, json_safe, write_json
 from chemtwin.core.ranks import check_metric
@@ -69,7 +66,7 @@ from chemtwin.errors import InputError
 from chemtwin.evaluation.bench_folder import BenchFolder
 from chemtwin.evaluation.evaluate import evaluate
 from chemtwin.evaluation.report import write_report
-from chemtwin.evaluation.summary import software_record
+from chemtwin.evaluation.summary import machine_record, software_record
 from chemtwin.methods import METHODS, Method, get_method
 from chemtwin.evaluation.pipeline_labels import write_pipeline_labels
 from chemtwin.methods.label_fit import independent_labels
@@ -196,20 +193,6 @@ class Scenario:
     def label(self) -> str:
         snr = "inf" if math.isinf(self.snr) else f"{self.snr:g}"
         return f"SNR {snr}" + (" mismatch" if self.mismatch else "")
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_average_at_start": list(os.getloadavg())}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _config_record(cfg: BenchConfig) -> dict:
@@ -353,7 +336,7 @@ def run_bench(out_dir, cfg: BenchConfig, *, overwrite: bool = False, progress: b
     payne = cfg.needs_emulator() or cfg.needs_pipeline_labels()
     pipeline = scenarios if cfg.needs_pipeline_labels() else []
     steps = _Steps(2 * len(scenarios) + len(models) * len(scenarios) + int(payne) + len(pipeline) + len(evals))
-    mach = machine()
+    mach = machine_record()
     errors = cfg.label_errors if cfg.survey else None
 
     for sc in scenarios:

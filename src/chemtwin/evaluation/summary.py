@@ -5,6 +5,8 @@ written from the numbers of the results table (never canned claims)."""
 from __future__ import annotations
 
 import math
+import os
+import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +46,24 @@ def source_commit(package_dir=None) -> str:
         return commit + (" (with uncommitted changes)" if status.returncode == 0 and status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown"
+
+
+def machine_record() -> dict:
+    """Where it ran, what a timing depends on: CPU model and count, torch threads, Python and
+    torch versions, the GPU if any, the load average at the start."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_at_start": list(os.getloadavg())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def software_record() -> dict:
