@@ -17,7 +17,7 @@ from chemtwin.data.generate import generate_dataset
 from chemtwin.errors import InputError
 from chemtwin.evaluation.evaluate import evaluate
 from chemtwin.methods.oracle import Oracle
-from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
+from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES, default_vmacro, default_vmicro
 from chemtwin.spectral_models.lines import LineSynthesizer
 from chemtwin.tagging.oracle import (
     CHEM_COLUMNS,
@@ -115,9 +115,13 @@ def test_labels_given_exactly_give_the_block_of_the_free_labels_only(jac):
         cramer_rao_covariance(j, ivar, given={"MG_FE": 0.0})
     with pytest.raises(InputError, match="non-chemical"):
         cramer_rao_covariance(j, ivar, given={"TEMPERATURE": 0.0})
-    for bad in (-1.0, math.inf, math.nan):
+    for bad in (-1.0, math.inf, math.nan, 1e-200, True, "50"):
         with pytest.raises(InputError, match="finite number >= 0"):
             cramer_rao_covariance(j, ivar, given={"TEFF": bad})
+    with pytest.raises(InputError, match="label -> 1-sigma pairs"):
+        cramer_rao_covariance(j, ivar, given=("TEFF", "LOGG"))
+    with pytest.raises(InputError, match="non-chemical"):
+        Oracle(given_labels=(("MG_FE", 0.1),))  # refused when the method is made, before any data is read
 
 
 def test_labels_given_with_errors_add_their_information_to_the_fisher_matrix(jac):
@@ -140,6 +144,35 @@ def test_labels_given_with_errors_add_their_information_to_the_fisher_matrix(jac
     np.testing.assert_allclose(var["tiny"], var["exact"], rtol=1e-4)
     # noiseless pixels: the spectrum alone fixes everything, the prior changes nothing
     assert (cramer_rao_covariance(j, np.inf, given={"TEFF": 50.0}) == 0).all()
+
+
+def test_velocities_that_follow_logg_are_tied_to_it(tmp_path):
+    from chemtwin.data.population import RedGiantPrior
+    from chemtwin.tagging.oracle import oracle_covariance, velocities_follow_logg
+
+    path = generate_dataset(tmp_path / "tied.h5", 3, 2, snr=30.0, seed=6, progress=False)
+    with open_dataset(path) as ds:
+        cov, labels, stats = oracle_covariance(ds, given={"TEFF": 0.0, "LOGG": 0.0}, progress=False)
+        ivar = np.asarray(ds.read().ivar, dtype=np.float64)
+    assert stats["velocities"] == "tied to LOGG" and velocities_follow_logg(labels)
+    # the direct computation: LOGG's column carries the velocities' response through the relations
+    j = synthesizer_jacobian(labels, progress=False).astype(np.float64)
+    logg = labels[:, COL("LOGG")]
+    slope = {"VMICRO": np.where((default_vmicro(logg) > 0.5) & (default_vmicro(logg) < 3.0), -0.325, 0.0),
+             "VMACRO": np.where((default_vmacro(logg) > 2.0) & (default_vmacro(logg) < 8.0), -1.0, 0.0)}
+    j[:, :, COL("LOGG")] += sum(slope[n][:, None] * j[:, :, COL(n)] for n in slope)
+    free = [k for k, name in enumerate(LABEL_NAMES) if name not in ("TEFF", "LOGG", "VMICRO", "VMACRO")]
+    for n in range(len(labels)):
+        jf = j[n][:, free]
+        direct = np.linalg.inv(jf.T @ (jf * ivar[n][:, None]))
+        chem = [free.index(k) for k in CHEM_COLUMNS]
+        np.testing.assert_allclose(cov[n], direct[np.ix_(chem, chem)], rtol=1e-4)
+    # with star-to-star scatter the velocities are free parameters of the data again
+    scattered = generate_dataset(tmp_path / "free.h5", 3, 2, snr=30.0, seed=6, progress=False,
+                                 prior=RedGiantPrior(vmicro_scatter=0.2, vmacro_scatter=0.5))
+    with open_dataset(scattered) as ds:
+        loose, labels2, stats2 = oracle_covariance(ds, given={"TEFF": 0.0, "LOGG": 0.0}, progress=False)
+    assert stats2["velocities"] == "free" and not velocities_follow_logg(labels2)
 
 
 def test_covariance_scales_as_one_over_snr_squared(jac):
@@ -249,9 +282,12 @@ def test_higher_snr_finds_more_twins_and_the_cache_is_reused(sets):
         assert again[key] == res[30.0][key]
     assert not list(d.glob("*.tmp*"))
     # given TEFF and LOGG exactly, every abundance is known at least as well, from the same cache
-    given = evaluate(Oracle(jacobian_file=cache, given_labels=(("TEFF", 0.0), ("LOGG", 0.0))), paths[10.0], progress=False)
+    exact = Oracle(jacobian_file=cache, given_labels=(("TEFF", 0.0), ("LOGG", 0.0)))
+    given = evaluate(exact, paths[10.0], progress=False)
     assert given["oracle"]["jacobian_cache"]["computed"] == 0
     assert "TEFF" not in given["model"]["free_labels"] and "FE_H" in given["model"]["free_labels"]
+    # the generator's velocities follow LOGG: not free parameters of these spectra
+    assert given["model"]["velocities"] == "tied to LOGG" and "VMICRO" not in given["model"]["free_labels"]
     for name in CHEMICAL_LABELS:
         assert given["oracle"]["sigma_median"][name] <= res[10.0]["oracle"]["sigma_median"][name] * (1 + 1e-9)
 
@@ -356,10 +392,12 @@ def test_cli_oracle_given_labels(sets, tmp_path, capsys):
     assert res["quoted"]["model"]["given_labels"] == {"TEFF": 50.0, "LOGG": 0.07}
     assert "TEFF" in res["quoted"]["model"]["free_labels"] and "TEFF" not in res["exact"]["model"]["free_labels"]
     sigma = {k: np.array([r["oracle"]["sigma_median"][n] for n in CHEMICAL_LABELS]) for k, r in res.items()}
-    assert (sigma["exact"] <= sigma["quoted"] * (1 + 1e-9)).all() and (sigma["quoted"] <= sigma["free"] * (1 + 1e-9)).all()
+    assert (sigma["exact"] <= sigma["quoted"] * (1 + 1e-9)).all()
+    assert (sigma["quoted"] <= sigma["free"] * (1 + 1e-9)).all()
     assert (sigma["quoted"] < 0.99 * sigma["free"]).any()
     for argv, message in [(["--method", "oracle", "--given-labels", "TEFF=-1"], "finite and >= 0"),
                           (["--method", "oracle", "--given-labels", "TEFF"], "NAME=VALUE"),
+                          (["--method", "oracle", "--given-labels", "TEFF=50,TEFF=60"], "given twice"),
                           (["--method", "oracle", "--given-labels", "MG_FE=0.1"], "non-chemical"),
                           (["--method", "raw", "--given-labels", "TEFF=50"], "--given-labels is for --method oracle")]:
         out = tmp_path / "bad.json"

@@ -86,6 +86,8 @@ def label_sigmas(text: str) -> dict:
     out = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
+        if name.strip() in out:
+            raise argparse.ArgumentTypeError(f"label {name.strip()} given twice in '{text}'")
         out[name.strip() or "?"] = _checked(item, lambda _: float(value), lambda v: 0 <= v < math.inf,
                                             "NAME=VALUE, VALUE finite and >= 0 (e.g. TEFF=50,LOGG=0.07)")
     return out

@@ -22,8 +22,9 @@ Two protocols (``BenchConfig.protocol``) decide what the methods are given:
   emulator is then the wrong model.
 
 * ``fader``, ``cae``     latents of the trained models (``chemtwin.tagging``)
-* ``oracle``             Cramer-Rao limit from the synthesizer's Jacobian at the true labels
-                         (not for the paper's mismatch scenario, whose spectra its model did not make)
+* ``oracle``             Cramer-Rao limit from the synthesizer's Jacobian at the true labels, for a
+                         method given TEFF/LOGG as the protocol gives them (not for the paper's
+                         mismatch scenario, whose spectra its model did not make)
 * ``polyres``            Price-Jones & Bovy polynomial residuals + PCA
 * ``raw``                raw spectra, L1 (a random subset of query stars on big sets)
 * ``cannon``, ``payne``  abundances estimated by The Cannon / The Payne, whitened
@@ -41,7 +42,8 @@ model of its kind that the bench trains, the Payne emulator the bench trains).
 
 Same seed -> same labels in every scenario, so the oracle's Jacobians are computed once
 and rows are comparable across SNRs.  Each step writes its output under ``out_dir`` (the
-layout: ``chemtwin.evaluation.bench_folder``) and is skipped when that output exists; an
+layout: ``chemtwin.evaluation.bench_folder``) and is skipped when that output exists (an
+evaluation: when it was made with the same method settings, ``settings_record``); an
 interrupted bench resumes where it stopped (a model half-trained resumes from its
 checkpoint).  ``write_report`` turns ``results.json`` into ``report.md`` and the figures.
 """
@@ -271,7 +273,7 @@ def _configured(name: str, folder: BenchFolder, cfg: BenchConfig) -> Method:
 
 
 # Options that say where or how fast a method runs, not what it computes.
-RUN_ONLY_OPTIONS = {"jacobian_file", "jacobian_batch", "threads", "batch_size", "device"}
+RUN_ONLY_OPTIONS = {"jacobian_file", "jacobian_batch", "threads", "n_jobs", "batch_size", "device"}
 
 
 def settings_record(method: Method) -> dict:

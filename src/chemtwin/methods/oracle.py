@@ -13,7 +13,7 @@ import numpy as np
 from chemtwin.core.whitening import whitening_matrix
 from chemtwin.methods.base import Fitted, Inputs, Method, Tags
 from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES
-from chemtwin.tagging.oracle import draw_abundances, oracle_covariance
+from chemtwin.tagging.oracle import check_given, draw_abundances, oracle_covariance
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,25 @@ class Oracle(Method):
     given_labels: tuple = ()       # ((label, 1-sigma), ...): TEFF/LOGG as a method is given them (0: exactly);
                                    # the others are free.  The bench sets it from its protocol.
 
+    def __post_init__(self):
+        check_given(self.given_labels)
+
     def fit(self, inputs: Inputs, target=None) -> Fitted:
         seed = inputs.seed
-        # the grid is the tagged dataset's: filled in by tag()
-        info = {"path": None, "class": "CramerRaoOracle", "grid": None, "seed": seed,
-                "given_labels": dict(self.given_labels),
-                "free_labels": [n for n in LABEL_NAMES if dict(self.given_labels).get(n) != 0]}
+        given = check_given(self.given_labels)
+        # the grid, and whether the velocities follow LOGG, are the tagged dataset's: filled in by tag()
+        info = {"path": None, "class": "CramerRaoOracle", "grid": None, "seed": seed, "given_labels": given,
+                "velocities": None, "free_labels": None}
 
         def tag(ds, evaluated: bool = True) -> Tags:
             cov, labels, stats = oracle_covariance(ds, jacobian_file=self.jacobian_file, batch_size=self.jacobian_batch,
                                                    threads=self.threads, progress=inputs.progress,
-                                                   given=dict(self.given_labels))
-            info["grid"] = stats["grid"]
+                                                   given=given)
+            info.update(grid=stats["grid"], velocities=stats["velocities"])
+            held = {n for n, sigma in given.items() if sigma == 0}
+            if stats["velocities"] == "tied to LOGG":
+                held |= {"VMICRO", "VMACRO"}
+            info["free_labels"] = [n for n in LABEL_NAMES if n not in held]
             tags = draw_abundances(labels, cov, seed) @ whitening_matrix(cov).T
             sigma = np.sqrt(np.einsum("nii->ni", cov))
             finite = np.isfinite(sigma).all(axis=1)

@@ -61,6 +61,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -76,7 +77,13 @@ from tqdm.auto import tqdm
 from chemtwin.core.threads import torch_threads
 from chemtwin.data.spectra import check_ivar
 from chemtwin.errors import InputError
-from chemtwin.spectral_models.labels import CHEMICAL_LABELS, LABEL_NAMES, check_in_range
+from chemtwin.spectral_models.labels import (
+    CHEMICAL_LABELS,
+    LABEL_NAMES,
+    check_in_range,
+    default_vmacro,
+    default_vmicro,
+)
 from chemtwin.spectral_models.linelist import DEFAULT_LINELIST, LEGACY_LINELIST
 from chemtwin.spectral_models.lines import R_MAX, LineSynthesizer
 from chemtwin.tagging.oracle_cache import (
@@ -88,12 +95,15 @@ from chemtwin.tagging.oracle_cache import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["synthesizer_jacobian", "cramer_rao_covariance", "draw_abundances", "oracle_covariance", "GENERATOR", "RCOND"]
+__all__ = ["synthesizer_jacobian", "cramer_rao_covariance", "draw_abundances", "oracle_covariance", "check_given",
+           "velocities_follow_logg", "GENERATOR", "RCOND"]
 
 GENERATOR = "chemtwin.lines"  # the `generator` attribute of datasets made by the embedded synthesizer
 RCOND = 1e-10  # smallest eigenvalue / largest of the scaled Fisher matrix before it counts as singular
 CHEM_COLUMNS = [LABEL_NAMES.index(name) for name in CHEMICAL_LABELS]
 VMACRO_COLUMN = LABEL_NAMES.index("VMACRO")
+VMICRO_COLUMN = LABEL_NAMES.index("VMICRO")
+LOGG_COLUMN = LABEL_NAMES.index("LOGG")
 # Augmentations that change the spectrum itself (no longer the synthesizer's flux at the labels);
 # noise, telluric masks and bad pixels only change ivar and are fine.
 _SPECTRUM_CHANGING_AUGMENTS = ("rv_max", "vsini_max", "vmacro_max", "persistence")
@@ -223,22 +233,54 @@ def _gram(jac: torch.Tensor, weight: np.ndarray) -> np.ndarray:
     return (j.transpose(1, 2) @ (j * w[:, :, None])).numpy()
 
 
-def _given_columns(given) -> tuple[list[int], np.ndarray]:
-    """The labels left free and the prior information on each, from ``given`` ({label: 1-sigma}
-    of a non-chemical label a method is given with the spectrum; 0: exactly).  Exact labels are
-    held at their true values (dropped); the others get 1/sigma^2 on the Fisher diagonal."""
-    given = dict(given)
+def check_given(given) -> dict:
+    """``given`` ({label: 1-sigma} or ((label, 1-sigma), ...)) as a dict, or InputError: non-chemical
+    labels only, each sigma a finite number >= 0 whose 1/sigma^2 is finite (0: given exactly)."""
+    try:
+        given = dict(given)
+    except (TypeError, ValueError):
+        raise InputError(f"given labels must be label -> 1-sigma pairs, got {given!r}", "given_labels") from None
     allowed = [name for name in LABEL_NAMES if name not in CHEMICAL_LABELS]
     if any(name not in allowed for name in given):
         raise InputError(f"given labels must be non-chemical labels ({', '.join(allowed)}), got {', '.join(given)}",
                          "given_labels")
-    bad = [name for name, sigma in given.items() if not (isinstance(sigma, (int, float)) and 0 <= sigma < math.inf)]
-    if bad:
-        raise InputError(f"the error of a given label must be a finite number >= 0, got {bad[0]} = {given[bad[0]]!r}",
-                         "given_labels")
+    for name, sigma in given.items():
+        real = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
+        # 1/sigma^2 must be a finite number: a sigma so small that it is not is "exactly" (0)
+        if not (real and 0 <= sigma < math.inf and (sigma == 0 or 0 < float(sigma) ** 2 and
+                                                    math.isfinite(1.0 / float(sigma) ** 2))):
+            raise InputError(f"the error of a given label must be a finite number >= 0 with a finite 1/sigma^2 "
+                             f"(0: exactly), got {name} = {sigma!r}", "given_labels")
+    return {name: float(sigma) for name, sigma in given.items()}
+
+
+def _given_columns(given) -> tuple[list[int], np.ndarray]:
+    """The labels left free and the prior information on each, from ``given`` (:func:`check_given`).
+    Exact labels are held at their true values (dropped); the others get 1/sigma^2 on the Fisher diagonal."""
+    given = check_given(given)
     free = [k for k, name in enumerate(LABEL_NAMES) if given.get(name) != 0]
     prior = np.array([1.0 / given[LABEL_NAMES[k]] ** 2 if LABEL_NAMES[k] in given else 0.0 for k in free])
     return free, prior
+
+
+def _tie_velocities(gram: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The Gram matrices in the labels (..., LOGG, dVMICRO, dVMACRO, ...) with VMICRO = f(LOGG) +
+    dVMICRO, VMACRO = g(LOGG) + dVMACRO (the synthesizer's relations): the LOGG column becomes
+    J_LOGG + f' J_VMICRO + g' J_VMACRO.  With dVMICRO = dVMACRO = 0 held (given exactly) this is
+    the Fisher matrix of a population whose velocities follow LOGG, as the generator's default does."""
+    logg = labels[:, LOGG_COLUMN]
+    step = 1e-4
+    t = np.broadcast_to(np.eye(len(LABEL_NAMES)), gram.shape).copy()
+    for column, relation in ((VMICRO_COLUMN, default_vmicro), (VMACRO_COLUMN, default_vmacro)):
+        t[:, column, LOGG_COLUMN] = (relation(logg + step) - relation(logg - step)) / (2 * step)
+    return np.einsum("nki,nkl,nlj->nij", t, gram, t)
+
+
+def velocities_follow_logg(labels: np.ndarray) -> bool:
+    """Whether every star's VMICRO and VMACRO are the synthesizer's relations of its LOGG (no scatter)."""
+    logg = labels[:, LOGG_COLUMN]
+    return bool(np.allclose(labels[:, VMICRO_COLUMN], default_vmicro(logg), rtol=0, atol=1e-4)
+                and np.allclose(labels[:, VMACRO_COLUMN], default_vmacro(logg), rtol=0, atol=1e-4))
 
 
 def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
@@ -257,7 +299,7 @@ def _covariance_from_gram(gram: np.ndarray, scale: np.ndarray, row0: int = 0,
     # in units of the scale: G + P / s, so that (G + P / s)^-1 / s = (s G + P)^-1 (no prior when noiseless)
     g = gram[usable][:, free][:, :, free] + np.einsum("n,k,kj->nkj", 1.0 / s, prior, np.eye(len(free)))
     diag = np.einsum("nii->ni", g)
-    dead = diag <= 0
+    dead = ~(diag > 0)
     if dead.any():
         n, k = np.argwhere(dead)[0]
         raise InputError(f"{source}: star {row0 + int(np.flatnonzero(usable)[n])}: its spectrum does not depend on "
@@ -413,9 +455,11 @@ def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: 
     generate``, with its true labels (N, 21) and cache statistics; the Jacobians go through
     ``jacobian_file``.  ``given``: {label: 1-sigma} of the non-chemical labels a method is given
     (:func:`cramer_rao_covariance`; the bench's paper protocol gives TEFF/LOGG exactly, its survey
-    protocol with the errors a survey quotes); the others are free."""
-    given = dict(given)
-    _given_columns(given)
+    protocol with the errors a survey quotes); the others are free.  When every star's VMICRO and
+    VMACRO are the synthesizer's relations of its LOGG (the generator's default population), they
+    are not free parameters of the data: they follow LOGG (:func:`_tie_velocities`), and
+    ``stats["velocities"]`` says so ("tied to LOGG" or "free")."""
+    given = check_given(given)
     grid = _check_generated(ds)
     labels = np.asarray(ds.true_labels(list(LABEL_NAMES)), dtype=np.float64)  # a survey's errors are not the oracle's
     synth_pixels = len(_synthesizer(grid, torch.float32).wavelength)
@@ -423,7 +467,13 @@ def oracle_covariance(ds, *, jacobian_file=None, batch_size: int = 32, threads: 
         raise InputError(f"{ds.path}: {ds.n_pixels} pixels, but the synthesizer on grid {grid!r} has {synth_pixels}")
     gram, scale, stats = _fisher_grams(ds, labels, grid, jacobian_file=jacobian_file, batch_size=batch_size,
                                        threads=threads, progress=progress)
+    tied = velocities_follow_logg(labels)
+    stats["velocities"] = "tied to LOGG" if tied else "free"
+    if tied:
+        given = {**given, "VMICRO": 0.0, "VMACRO": 0.0}  # their offsets from the relations, held at 0
     cov = np.full((ds.n_stars, len(CHEM_COLUMNS), len(CHEM_COLUMNS)), np.nan)
     for a in range(0, ds.n_stars, 4096):
-        cov[a : a + 4096] = _covariance_from_gram(gram[a : a + 4096], scale[a : a + 4096], a, str(ds.path), given)
+        block = slice(a, a + 4096)
+        g = _tie_velocities(gram[block], labels[block]) if tied else gram[block]
+        cov[block] = _covariance_from_gram(g, scale[block], a, str(ds.path), given)
     return cov, labels, stats
