@@ -21,12 +21,12 @@ ACTIVATION_NAMES = ("silu", "selu", "leaky_relu", "relu")
 # Architecture / optimiser knobs each preset fills in when the caller leaves them None.
 PRESETS = {
     # CPU-friendly (docs/model.md): the input is the residual from a per-pixel polynomial
-    # baseline in u; a linear encoder with weights affine in u, started at the residual's
+    # baseline in u; a linear encoder with weights quadratic in u, started at the residual's
     # whitened principal components; a FiLM decoder with a linear path; a small,
     # regularised, fast adversary; AdamW + cosine.
     "fast": dict(
         baseline_degree=4, standardize=True, normalize_loss=True, pca_init=True,
-        encoder_hidden=(), encoder_direct_u=False, encoder_u_gain=1, latent_norm=True,
+        encoder_hidden=(), encoder_direct_u=False, encoder_u_gain=2, latent_norm=True,
         decoder_hidden=(256, 256), film=True, linear_skip=True, activation="silu",
         adversary_hidden=(64, 64), adversary_square=True, adversary_factorized=True, adversary_dropout=0.3,
         optimizer="adamw", lr=3e-4, adversary_lr_factor=5.0, weight_decay=1e-5, schedule="cosine",

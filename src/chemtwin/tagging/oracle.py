@@ -341,7 +341,7 @@ def cramer_rao_covariance(jacobian, ivar, given=()) -> np.ndarray:
     if ivar.shape != tuple(jac.shape[:2]):
         raise InputError(f"ivar must be (N, P) = {tuple(jac.shape[:2])}, (P,) or a number, got {ivar.shape}")
     scale, weight = _ivar_pattern(ivar)
-    return _covariance_from_gram(_gram(jac, weight), scale, source="jacobian", given=dict(given))
+    return _covariance_from_gram(_gram(jac, weight), scale, source="jacobian", given=check_given(given))
 
 
 def draw_abundances(labels, covariance, seed: int = 0) -> np.ndarray:
