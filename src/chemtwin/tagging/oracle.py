@@ -246,7 +246,7 @@ def check_given(given) -> dict:
                          "given_labels")
     for name, sigma in given.items():
         real = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
-        # 1/sigma^2 must be a finite number: a sigma so small that it is not is "exactly" (0)
+        # the prior 1/sigma^2 must be finite: a label known exactly is given as 0, not as a tiny sigma
         if not (real and 0 <= sigma < math.inf and (sigma == 0 or 0 < float(sigma) ** 2 and
                                                     math.isfinite(1.0 / float(sigma) ** 2))):
             raise InputError(f"the error of a given label must be a finite number >= 0 with a finite 1/sigma^2 "
